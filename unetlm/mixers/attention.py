@@ -1,0 +1,146 @@
+"""Causal self-attention block: pre-RMSNorm, RoPE, SwiGLU MLP, optional sliding window.
+
+Query i attends to keys j with j <= i, i - j < window (when window > 0) and the same
+document. FlexAttention (block-sparse, compiled) serves CUDA; elsewhere scaled-dot-product
+attention with a dense boolean mask gives the same numbers.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unetlm.mixers.base import Mixer
+from unetlm.model.layout import StageInfo
+from unetlm.recipe.errors import RecipeError
+from unetlm.recipe.structure import non_negative, positive
+
+
+@attrs.define
+class AttentionConfig:
+    head_dim: int = attrs.field(default=64, validator=positive)
+    heads: int | None = attrs.field(default=None, validator=positive)  # default: dim // head_dim
+    window: int = attrs.field(default=0, validator=non_negative)  # keys per query; 0 = unlimited
+    mlp_ratio: float = attrs.field(default=4.0, validator=positive)  # SwiGLU hidden = 2/3 * ratio * dim
+    rope_base: float = attrs.field(default=10000.0, validator=positive)
+    backend: Literal["auto", "sdpa", "flex"] = "auto"
+
+    def check_shapes(self, path: str, dim: int, fine_dim: int) -> None:
+        if self.heads is None and dim % self.head_dim:
+            raise RecipeError(
+                f"{path}.head_dim = {self.head_dim} is invalid: it must divide the stage dim {dim} "
+                f"(or set heads explicitly)"
+            )
+        if self.head_dim % 2:
+            raise RecipeError(f"{path}.head_dim = {self.head_dim} is invalid: rotary embeddings need an even head_dim")
+
+    def n_heads(self, dim: int) -> int:
+        return self.heads if self.heads is not None else dim // self.head_dim
+
+    def mlp_hidden(self, dim: int) -> int:
+        hidden = int(2 * self.mlp_ratio * dim / 3)
+        return max(8, (hidden + 7) // 8 * 8)
+
+
+def rotary_tables(length: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, hd); cos/sin (L, hd/2): rotate channel pairs (i, i + hd/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+def allowed_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc, k_doc, window: int) -> torch.Tensor:
+    """The one definition of who may see whom, used by both backends (and by generation)."""
+    ok = (k_pos <= q_pos) & (q_doc == k_doc)
+    if window > 0:
+        ok = ok & (q_pos - k_pos < window)
+    return ok
+
+
+def mean_context(length: int, window: int) -> float:
+    """Average number of keys a query attends to over a causal sequence (padding included)."""
+    if window <= 0 or window >= length:
+        return (length + 1) / 2
+    full = window * (window + 1) / 2 + (length - window) * window
+    return full / length
+
+
+class AttentionBlock(Mixer):
+    Config = AttentionConfig
+    examples = [{"head_dim": 8}, {"head_dim": 8, "window": 3}]
+
+    def __init__(self, config: AttentionConfig, dim: int) -> None:
+        super().__init__(config, dim)
+        self.heads = config.n_heads(dim)
+        self.head_dim = config.head_dim
+        inner = self.heads * self.head_dim
+        hidden = config.mlp_hidden(dim)
+        self.attn_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.out = nn.Linear(inner, dim, bias=False)
+        self.mlp_norm = nn.RMSNorm(dim, eps=1e-6)
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def _backend(self, x: torch.Tensor) -> str:
+        if self.config.backend != "auto":
+            return self.config.backend
+        return "flex" if x.is_cuda else "sdpa"
+
+    def _mask(self, info: StageInfo, backend: str, memo: dict):
+        key = ("attention-mask", backend, self.config.window)
+        if key not in memo:
+            memo[key] = build_mask(info, self.config.window, backend)
+        return memo[key]
+
+    def forward(self, x: torch.Tensor, info: StageInfo, memo: dict) -> torch.Tensor:
+        B, L, _ = x.shape
+        rope_key = ("rotary", L, self.head_dim, self.config.rope_base)
+        if rope_key not in memo:
+            memo[rope_key] = rotary_tables(L, self.head_dim, self.config.rope_base, x.device)
+        cos, sin = memo[rope_key]
+        q, k, v = self.qkv(self.attn_norm(x)).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        backend = self._backend(x)
+        mask = self._mask(info, backend, memo)
+        if backend == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+
+            y = flex_attention(q, k, v, block_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.out(y.transpose(1, 2).reshape(B, L, -1))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+    def forward_flops(self, length: int) -> float:
+        inner = self.heads * self.head_dim
+        hidden = self.config.mlp_hidden(self.dim)
+        matmul = 2.0 * length * (self.dim * 3 * inner + inner * self.dim + self.dim * 2 * hidden + hidden * self.dim)
+        attention = 4.0 * length * inner * mean_context(length, self.config.window)
+        return matmul + attention
+
+
+def build_mask(info: StageInfo, window: int, backend: str):
+    L = info.doc.shape[1]
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        doc = info.doc
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return allowed_keys(q_idx, kv_idx, doc[b, q_idx], doc[b, kv_idx], window)
+
+        return create_block_mask(mask_mod, doc.shape[0], None, L, L, device=doc.device)
+    pos = torch.arange(L, device=info.doc.device)
+    ok = allowed_keys(pos[:, None], pos[None, :], info.doc[:, :, None], info.doc[:, None, :], window)
+    return ok.unsqueeze(1)  # (B, 1, L, L)

@@ -1,0 +1,1 @@
+"""Stage layout, the U-Net composition and generation."""

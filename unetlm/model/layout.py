@@ -1,0 +1,91 @@
+"""Static-shape bookkeeping of which byte every stage position stands for.
+
+Everything here is tensor arithmetic (cumsum, scatter, gather) with shapes fixed by the
+per-stage maximum lengths: no host synchronisation, so it traces under ``torch.compile``.
+"""
+from __future__ import annotations
+
+import attrs
+import torch
+
+PAD_DOC = -1  # document id of padding positions: they only ever see each other
+
+
+@attrs.frozen
+class StageInfo:
+    """Positions of one stage, each tensor (B, L_s)."""
+
+    byte_pos: torch.Tensor  # long: the byte each position stands for (its boundary byte)
+    valid: torch.Tensor  # bool: False for padding
+    doc: torch.Tensor  # long: document id, PAD_DOC for padding
+
+    @property
+    def length(self) -> int:
+        return self.byte_pos.shape[1]
+
+
+@attrs.frozen
+class Link:
+    """How a fine stage (B, Lf) and the next coarser stage (B, Lc) relate.
+
+    ``coarse_src[k]`` is the fine index of coarse vector k's boundary: pooling may read fine
+    positions <= it. ``fine_seg[j]`` is 1 + the index of the newest coarse vector fine
+    position j may see (boundary <= j, same document), or 0 for the learned start vector.
+    """
+
+    fine: StageInfo
+    coarse: StageInfo
+    fine_is_boundary: torch.Tensor  # (B, Lf) bool
+    coarse_src: torch.Tensor  # (B, Lc) long
+    fine_seg: torch.Tensor  # (B, Lf) long in [0, Lc]
+    fine_offset: torch.Tensor  # (B, Lf) long: fine steps since that boundary
+    truncated: torch.Tensor  # (B,) long: boundaries dropped because Lc was too small
+
+
+def byte_stage(doc: torch.Tensor, valid: torch.Tensor) -> StageInfo:
+    B, T = doc.shape
+    pos = torch.arange(T, device=doc.device).expand(B, T)
+    return StageInfo(pos, valid, torch.where(valid, doc, PAD_DOC))
+
+
+def link(fine: StageInfo, byte_mask: torch.Tensor, coarse_len: int) -> Link:
+    """Build the coarse stage from a byte-level boundary mask (B, T) nested in the fine stage."""
+    B, Lf = fine.byte_pos.shape
+    is_b = byte_mask.gather(1, fine.byte_pos) & fine.valid
+    rank = is_b.long().cumsum(1)  # boundaries at or before each fine position
+    total = rank[:, -1]
+    slot = torch.where(is_b & (rank <= coarse_len), rank - 1, coarse_len)
+    fine_index = torch.arange(Lf, device=is_b.device).expand(B, Lf)
+    src = torch.zeros(B, coarse_len + 1, dtype=torch.long, device=is_b.device)
+    src = src.scatter(1, slot, fine_index)[:, :coarse_len]
+    coarse_valid = torch.arange(coarse_len, device=is_b.device)[None, :] < total[:, None]
+    coarse = StageInfo(
+        byte_pos=fine.byte_pos.gather(1, src),
+        valid=coarse_valid,
+        doc=torch.where(coarse_valid, fine.doc.gather(1, src), PAD_DOC),
+    )
+    seg = rank.clamp(max=coarse_len)
+    newest = (seg - 1).clamp(min=0)
+    same_doc = coarse.doc.gather(1, newest) == fine.doc
+    seg = torch.where((seg > 0) & same_doc, seg, 0)
+    offset = torch.where(seg > 0, fine_index - src.gather(1, newest), fine_index)
+    return Link(
+        fine=fine,
+        coarse=coarse,
+        fine_is_boundary=is_b,
+        coarse_src=src,
+        fine_seg=seg,
+        fine_offset=offset,
+        truncated=(total - coarse_len).clamp(min=0),
+    )
+
+
+def build_links(doc: torch.Tensor, valid: torch.Tensor, masks: list[torch.Tensor], lengths: list[int]) -> list[Link]:
+    """One :class:`Link` per stage transition; ``masks[i]`` marks stage i+1 boundaries in bytes."""
+    links = []
+    info = byte_stage(doc, valid)
+    for mask, length in zip(masks, lengths):
+        lk = link(info, mask, length)
+        links.append(lk)
+        info = lk.coarse
+    return links

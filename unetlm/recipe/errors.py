@@ -1,0 +1,2 @@
+class RecipeError(ValueError):
+    """A recipe is invalid. The message names the key path, the value and what is allowed."""

@@ -1,0 +1,26 @@
+"""A boundary every ``size`` positions of the finer stage (MegaByte, Hourglass)."""
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+from unetlm.recipe.structure import positive
+from unetlm.splitters.base import Splitter
+
+
+@attrs.define
+class FixedWindowConfig:
+    size: int = attrs.field(default=4, validator=positive)  # finer-stage positions per boundary
+    first: bool = False  # mark the first position of each window instead of the last
+
+
+class FixedWindowSplitter(Splitter):
+    """Counts parent positions: a boundary at the last (or first) of every ``size`` of them."""
+
+    Config = FixedWindowConfig
+    examples = [{"size": 1}, {"size": 3}, {"size": 4, "first": True}]
+
+    def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
+        index = np.cumsum(parent) - 1  # rank of each parent position (causal)
+        phase = 0 if self.config.first else self.config.size - 1
+        return parent & (index % self.config.size == phase)

@@ -1,0 +1,17 @@
+"""One shared linear map from the coarse dim to the fine dim, applied before spreading."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unetlm.model.layout import Link
+from unetlm.upsamplers.base import Upsampler
+
+
+class LinearUpsampler(Upsampler):
+    def __init__(self, config, coarse_dim: int, fine_dim: int) -> None:
+        super().__init__(config, coarse_dim, fine_dim)
+        self.proj = nn.Linear(coarse_dim, fine_dim, bias=False)
+
+    def forward(self, coarse: torch.Tensor, link: Link) -> torch.Tensor:
+        return self.spread(self.proj(self.with_start(coarse)), link)

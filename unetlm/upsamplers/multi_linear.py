@@ -1,0 +1,44 @@
+"""A shared linear map plus one linear map per offset inside the segment (AU-Net).
+
+The fine position j at offset o = j - boundary gets ``(W_shared + W_o) c``. As in the paper's
+code there are 16 offset maps and a shared one; unlike it, offsets past the last map are
+clamped to it instead of wrapping modulo 16, so offset 16 is not confused with offset 0.
+All offset maps run as one matmul on the (short) coarse side, then one gather picks, for
+each fine position, its (segment, offset) row: no Python loop, no host synchronisation.
+"""
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import nn
+
+from unetlm.model.layout import Link
+from unetlm.recipe.structure import positive
+from unetlm.upsamplers.base import Upsampler
+
+
+@attrs.define
+class MultiLinearConfig:
+    offsets: int = attrs.field(default=16, validator=positive)
+
+
+class MultiLinearUpsampler(Upsampler):
+    Config = MultiLinearConfig
+    examples = [{}, {"offsets": 2}]
+
+    def __init__(self, config: MultiLinearConfig, coarse_dim: int, fine_dim: int) -> None:
+        super().__init__(config, coarse_dim, fine_dim)
+        self.shared = nn.Linear(coarse_dim, fine_dim, bias=False)
+        self.per_offset = nn.Linear(coarse_dim, fine_dim * config.offsets, bias=False)
+
+    def forward(self, coarse: torch.Tensor, link: Link) -> torch.Tensor:
+        ext = self.with_start(coarse)  # (B, Lc+1, dc)
+        B, Lc1, _ = ext.shape
+        K, df = self.config.offsets, self.fine_dim
+        by_offset = self.per_offset(ext).view(B, Lc1 * K, df)  # row (segment, offset)
+        index = link.fine_seg * K + link.fine_offset.clamp(max=K - 1)
+        picked = by_offset.gather(1, index.unsqueeze(-1).expand(-1, -1, df))
+        return picked + self.spread(self.shared(ext), link)
+
+    def forward_flops(self, fine_len: int, coarse_len: int) -> float:
+        return 2.0 * self.coarse_dim * self.fine_dim * (self.config.offsets + 1) * (coarse_len + 1)
