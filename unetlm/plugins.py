@@ -1,20 +1,27 @@
 """Plugin hooks (pluggy) and the process-wide registry they fill.
 
 Third parties declare an entry point in the group ``unetlm`` whose module implements
-:func:`UnetlmSpec.unetlm_register`. The built-in components use the very same path
-(``unetlm.builtins``), so the plugin machinery is exercised by every run.
+:meth:`UnetlmSpec.unetlm_register`, marked with :data:`hookimpl`. The built-in components use
+the very same path (``unetlm.builtins``), so the plugin machinery is exercised by every run.
+
+Failure policy (docs/plugins.md): a plugin whose module cannot be imported, or whose hook
+raises, is skipped and named in :data:`load_failures` (and on stderr); a plugin that breaks
+the contract (unknown hook name, wrong hook arguments, no hook, a component name another
+plugin already took) raises :class:`PluginError` naming it. Nothing here imports torch.
 """
 from __future__ import annotations
 
+import difflib
+import importlib
 import importlib.metadata
 import sys
-from types import ModuleType
 
 import pluggy
 
 from unetlm.registry import Registry, RegistryError
 
-PROJECT = "unetlm"
+PROJECT = "unetlm"  # the pluggy project name and the entry-point group
+BUILTINS = "unetlm.builtins"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -30,12 +37,18 @@ class UnetlmSpec:
         """
 
 
-class PluginLoadError(RuntimeError):
-    pass
+HOOKS = ("unetlm_register",)
 
+
+class PluginError(RegistryError):
+    """A plugin breaks the plugin contract; the message names the plugin."""
+
+
+#: messages about plugins skipped by the most recent registry build
+load_failures: list[str] = []
 
 _registry: Registry | None = None
-load_failures: list[str] = []
+_manager: pluggy.PluginManager | None = None
 
 
 def _make_manager() -> pluggy.PluginManager:
@@ -44,82 +57,116 @@ def _make_manager() -> pluggy.PluginManager:
     return manager
 
 
-def _register_plugin(manager: pluggy.PluginManager, registry: Registry, plugin: object, origin: str) -> None:
-    """Register one plugin object and run its hook, attributing entries to ``origin``."""
-    manager.register(plugin, name=origin)
-    manager.check_pending()  # a misspelled hook name is an error, not silently ignored
+def _discover() -> list[tuple[str, object]]:
+    """(origin, plugin module) for the entry-point group, built-ins first; import failures are reported."""
+    builtins = None
+    plugins: list[tuple[str, object]] = []
+    for ep in sorted(importlib.metadata.entry_points(group=PROJECT), key=lambda e: e.name):
+        if ep.value == BUILTINS:
+            builtins = builtins or ep.load()
+            continue
+        origin = f"plugin {ep.dist.name if ep.dist is not None else ep.name}"
+        if any(o == origin for o, _ in plugins):  # a distribution with several entry points
+            origin = f"{origin} ({ep.name})"
+        try:
+            plugins.append((origin, ep.load()))
+        except Exception as exc:  # a broken plugin must not take the CLI down
+            _report(f"{origin} (entry point {ep.name} = {ep.value}) failed to import: {exc!r}")
+    if builtins is None:  # a source tree without installed metadata
+        builtins = importlib.import_module(BUILTINS)
+    return [("built-in", builtins), *plugins]
+
+
+def _add_plugin(manager: pluggy.PluginManager, registry: Registry, plugin: object, origin: str) -> None:
+    """Register one plugin with pluggy, check its hooks, and run its ``unetlm_register``."""
+    if manager.is_registered(plugin):
+        return
+    try:
+        manager.register(plugin, name=origin)
+    except pluggy.PluginValidationError as exc:  # e.g. hook arguments not in the spec
+        raise PluginError(f"{origin} has an invalid hook: {exc}") from None
+    except ValueError as exc:  # a second plugin under the same origin name
+        raise PluginError(f"{origin} cannot be registered: {exc}") from None
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError:
+        unknown = [c.name for c in manager.get_hookcallers(plugin) or [] if not c.has_spec()]
+        manager.unregister(plugin)
+        raise PluginError(f"{origin} implements unknown hook(s) {_hook_hints(unknown)}") from None
+    if not any(c.name in HOOKS for c in manager.get_hookcallers(plugin) or []):
+        manager.unregister(plugin)
+        raise PluginError(
+            f"{origin} implements no hook: define `unetlm_register(registry)` in the entry-point "
+            f"module and mark it with @unetlm.plugins.hookimpl"
+        )
+    others = [p for p in manager.get_plugins() if p is not plugin]
+    call = manager.subset_hook_caller("unetlm_register", remove_plugins=others)
     registry.current_origin = origin
     try:
-        hook = getattr(plugin, "unetlm_register", None)
-        if hook is None:
-            raise PluginLoadError(f"plugin {origin} defines no unetlm_register hook")
-        hook(registry=registry)
+        call(registry=registry)
+    except RegistryError as exc:  # a duplicate name or a malformed registration
+        registry.drop_origin(origin)
+        manager.unregister(plugin)
+        raise PluginError(str(exc)) from None
+    except Exception as exc:
+        registry.drop_origin(origin)
+        manager.unregister(plugin)
+        if origin == "built-in":
+            raise
+        _report(f"{origin} failed while registering its components: {exc!r}")
     finally:
         registry.current_origin = "built-in"
 
 
-def build_registry(extra_plugins: list[tuple[str, object]] | None = None) -> Registry:
-    """Load the entry-point group ``unetlm`` (built-ins included) and return a fresh registry.
-
-    A plugin that fails to load is reported by name in :data:`load_failures` and on stderr,
-    and the others still load. Two plugins claiming one component name is an error.
-    """
-    manager = _make_manager()
-    registry = Registry()
-    load_failures.clear()
-    plugins: list[tuple[str, object]] = []
-    eps = importlib.metadata.entry_points(group=PROJECT)
-    seen_builtins = False
-    for ep in sorted(eps, key=lambda e: (e.value != "unetlm.builtins", e.name)):
-        if ep.value == "unetlm.builtins":
-            if seen_builtins:
-                continue
-            seen_builtins = True
-            plugins.append(("built-in", importlib.import_module("unetlm.builtins")))
-            continue
-        dist = ep.dist.name if ep.dist is not None else ep.name
-        try:
-            plugins.append((f"plugin {dist}", ep.load()))
-        except Exception as exc:  # a broken plugin must not take the CLI down
-            _report_failure(f"plugin {dist} (entry point {ep.name} = {ep.value}) failed to load: {exc!r}")
-    if not seen_builtins:  # running from a source tree without installed metadata
-        plugins.insert(0, ("built-in", importlib.import_module("unetlm.builtins")))
-    plugins.extend(extra_plugins or [])
-    for origin, plugin in plugins:
-        try:
-            _register_plugin(manager, registry, plugin, origin)
-        except RegistryError:
-            raise
-        except pluggy.PluginValidationError as exc:
-            _report_failure(f"{origin} is invalid: {exc}")
-            manager.unregister(name=origin)
-        except Exception as exc:
-            _report_failure(f"{origin} failed while registering: {exc!r}")
-    return registry
+def _hook_hints(names: list[str]) -> str:
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, HOOKS, n=1)
+        parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(parts) + f"; the hooks are: {', '.join(HOOKS)}"
 
 
-def _report_failure(message: str) -> None:
+def _report(message: str) -> None:
     load_failures.append(message)
     print(f"unetlm: warning: {message}", file=sys.stderr)
 
 
+def _build(extra_plugins: list[tuple[str, object]] | None) -> tuple[Registry, pluggy.PluginManager]:
+    manager = _make_manager()
+    registry = Registry()
+    load_failures.clear()
+    for origin, plugin in [*_discover(), *(extra_plugins or [])]:
+        _add_plugin(manager, registry, plugin, origin)
+    return registry, manager
+
+
+def build_registry(extra_plugins: list[tuple[str, object]] | None = None) -> Registry:
+    """A fresh registry from the entry-point group ``unetlm`` (built-ins first), then ``extra_plugins``
+    given as (origin, plugin object) pairs. Skipped plugins are listed in :data:`load_failures`."""
+    return _build(extra_plugins)[0]
+
+
 def registry() -> Registry:
     """The process-wide registry, built on first use."""
-    global _registry
+    global _registry, _manager
     if _registry is None:
-        _registry = build_registry()
+        _registry, _manager = _build(None)
     return _registry
 
 
-def register_plugin(plugin: ModuleType | object, origin: str | None = None) -> None:
-    """Add a plugin object at run time (for scripts and tests) to the process-wide registry."""
+def register_plugin(plugin: object, origin: str | None = None) -> None:
+    """Add a plugin (a module or object with a hookimpl) to the process-wide registry at run time.
+
+    For scripts and tests that use a plugin without installing it; registering the same object
+    again does nothing.
+    """
     reg = registry()
+    assert _manager is not None
     name = origin or f"plugin {getattr(plugin, '__name__', type(plugin).__name__)}"
-    manager = _make_manager()
-    _register_plugin(manager, reg, plugin, name)
+    _add_plugin(_manager, reg, plugin, name)
 
 
 def reset() -> None:
     """Forget the process-wide registry so that the next use reloads the entry points."""
-    global _registry
-    _registry = None
+    global _registry, _manager
+    _registry = _manager = None

@@ -1,0 +1,1 @@
+"""Byte data: document sources, packing into static-shape batches with boundaries."""

@@ -1,0 +1,102 @@
+"""Packing documents into one token stream with document ids and stage boundaries.
+
+The stream is ``BOS doc0 BOS doc1 ...``. Boundaries are computed once per whole document (so a
+window that starts mid-document still carries the right boundaries), then windows of
+``seq_len + 1`` tokens are cut from it: inputs are the first ``seq_len``, targets the last.
+The last ``valid_fraction`` of the stream is held out for validation.
+"""
+from __future__ import annotations
+
+import attrs
+import numpy as np
+import torch
+
+from unetlm.model.splitting import split_document
+from unetlm.model.tokens import BOS
+from unetlm.splitters.base import Splitter
+
+
+@attrs.define
+class Batch:
+    tokens: torch.Tensor  # (B, T) long
+    doc: torch.Tensor  # (B, T) long
+    masks: list[torch.Tensor]  # per stage after the first: (B, T) bool
+    targets: torch.Tensor  # (B, T) long
+
+    def to(self, device) -> "Batch":
+        return Batch(
+            self.tokens.to(device), self.doc.to(device), [m.to(device) for m in self.masks], self.targets.to(device)
+        )
+
+
+@attrs.define
+class TokenStream:
+    tokens: np.ndarray  # (N,) int16
+    doc: np.ndarray  # (N,) int32
+    masks: np.ndarray  # (S-1, N) bool
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def slice(self, start: int, stop: int) -> "TokenStream":
+        return TokenStream(self.tokens[start:stop], self.doc[start:stop], self.masks[:, start:stop])
+
+    def window_batch(self, starts: np.ndarray, seq_len: int) -> Batch:
+        idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+        tokens = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        doc = torch.from_numpy(self.doc[idx[:, :-1]].astype(np.int64))
+        masks = [torch.from_numpy(self.masks[s][idx[:, :-1]]) for s in range(self.masks.shape[0])]
+        return Batch(tokens[:, :-1], doc, masks, tokens[:, 1:])
+
+
+def pack(documents: list[bytes], splitters: list[Splitter]) -> TokenStream:
+    n = sum(len(d) + 1 for d in documents)
+    tokens = np.empty(n, dtype=np.int16)
+    doc = np.empty(n, dtype=np.int32)
+    masks = np.zeros((len(splitters), n), dtype=bool)
+    pos = 0
+    for i, data in enumerate(documents):
+        end = pos + len(data) + 1
+        tokens[pos] = BOS
+        tokens[pos + 1 : end] = np.frombuffer(data, dtype=np.uint8)
+        doc[pos:end] = i
+        masks[:, pos] = True
+        masks[:, pos + 1 : end] = split_document(splitters, data)
+        pos = end
+    return TokenStream(tokens, doc, masks)
+
+
+@attrs.define
+class ByteData:
+    """Train and validation streams with deterministic batch sampling."""
+
+    train: TokenStream
+    valid: TokenStream
+    seq_len: int
+    batch_size: int
+    seed: int
+
+    @classmethod
+    def build(cls, documents: list[bytes], splitters, seq_len: int, batch_size: int, valid_fraction: float, seed: int):
+        stream = pack(documents, splitters)
+        cut = int(len(stream) * (1.0 - valid_fraction))
+        train, valid = stream.slice(0, cut), stream.slice(cut, len(stream))
+        for name, part in (("training", train), ("validation", valid)):
+            if len(part) < seq_len + 1:
+                raise ValueError(
+                    f"the {name} data holds {len(part)} tokens, fewer than one sequence of {seq_len + 1}; "
+                    f"use more data or a smaller model.seq_len"
+                )
+        return cls(train, valid, seq_len, batch_size, seed)
+
+    def train_batch(self, step: int) -> Batch:
+        """The batch of optimizer step ``step``: a pure function of (seed, step), so resuming is exact."""
+        rng = np.random.default_rng([self.seed, step])
+        starts = rng.integers(0, len(self.train) - self.seq_len, size=self.batch_size)
+        return self.train.window_batch(starts, self.seq_len)
+
+    def valid_batches(self, count: int) -> list[Batch]:
+        """``count`` fixed batches spread evenly over the validation stream."""
+        n = count * self.batch_size
+        starts = np.linspace(0, len(self.valid) - self.seq_len - 1, n).astype(np.int64)
+        return [self.valid.window_batch(starts[i : i + self.batch_size], self.seq_len) for i in range(0, n, self.batch_size)]

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, checkpoints, metrics, the loop."""
