@@ -1,8 +1,8 @@
-"""Test setup: reproducible hypothesis profiles and an importable ``strategies`` module.
+"""Test setup: reproducible hypothesis profiles, one torch thread, an importable ``strategies``.
 
 Profiles: ``ci`` (the default: derandomized, no deadline, no example database, so every run
-draws the same examples) and ``dev`` (random draws, more examples). Choose one with the
-environment variable ``HYPOTHESIS_PROFILE``.
+draws the same examples) and ``dev`` (random draws, more examples); choose one with the
+environment variable ``HYPOTHESIS_PROFILE``. ``UNETLM_TEST_THREADS`` sets torch's threads.
 """
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads slow
+# every small matmul down many times over.
+torch.set_num_threads(int(os.environ.get("UNETLM_TEST_THREADS", "1")))
 
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.differing_executors]
 settings.register_profile(

@@ -37,13 +37,20 @@ def component_cases(kind: str) -> list[tuple[str, dict]]:
 
 
 def case_id(name: str, options: dict) -> str:
-    shown = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    """A readable test id such as ``regex(preset=word)`` (long values cut to their end)."""
+
+    def short(v):
+        text = str(v)
+        return text if len(text) <= 20 else "..." + text[-12:]
+
+    shown = ",".join(f"{k}={short(v)}" for k, v in sorted(options.items()))
     return f"{name}({shown})"
 
 
-def component_params(kind: str) -> list:
-    """``component_cases`` as pytest params with readable ids."""
-    return [pytest.param(name, options, id=case_id(name, options)) for name, options in component_cases(kind)]
+def byte_splitter_cases() -> list[tuple[str, dict]]:
+    """``component_cases("splitter")`` without learned splitters (they decide from hidden
+    states inside the model and have no byte-level ``boundaries``)."""
+    return [c for c in component_cases("splitter") if not getattr(registry().get("splitter", c[0]), "learned", False)]
 
 
 def make_splitter(name: str, options: dict):
@@ -124,10 +131,10 @@ def two_stage_dict(
             "seq_len": seq_len,
             "init_std": init_std,
             "stages": [
-                {"dim": dims[0], "layers": 2, "mixer": parts["mixer"]},
+                {"dim": dims[0], "layers": 2, "mixer": dict(parts["mixer"])},
                 {
                     "dim": dims[1], "layers": 1, "max_len": max_len or seq_len,
-                    "mixer": parts["mixer"], "splitter": parts["splitter"],
+                    "mixer": dict(parts["mixer"]), "splitter": parts["splitter"],
                     "pooler": parts["pooler"], "upsampler": parts["upsampler"],
                 },
             ],
@@ -135,15 +142,20 @@ def two_stage_dict(
     }
 
 
-def two_stage_recipe(kind: str, name: str, options: dict, **kw):
-    """The first of :data:`DIM_CHOICES` that makes a valid recipe for this component."""
+def working_dims(kind: str, name: str, options: dict, **kw) -> tuple[int, int]:
+    """The first of :data:`DIM_CHOICES` that makes a valid 2-stage recipe for this component."""
     errors = []
     for dims in DIM_CHOICES:
         try:
-            return recipe_from_dict(two_stage_dict(kind, name, options, dims, **kw))
+            recipe_from_dict(two_stage_dict(kind, name, options, dims, **kw))
+            return dims
         except RecipeError as exc:
             errors.append(f"dims {dims}: {exc}")
     pytest.fail(f"{kind} {case_id(name, options)} builds in none of the tried shapes:\n" + "\n".join(errors))
+
+
+def two_stage_recipe(kind: str, name: str, options: dict, **kw):
+    return recipe_from_dict(two_stage_dict(kind, name, options, working_dims(kind, name, options, **kw), **kw))
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,11 +172,38 @@ def component_model(kind: str, name: str, options: dict, max_len: int | None = N
     return _cached_component_model(kind, name, json.dumps(options, sort_keys=True), max_len)
 
 
+def runnable(recipe):
+    """Entropy splitters that name a trained checkpoint get the (untrained) example one."""
+    if any(stage.splitter is not None and stage.splitter.name == "entropy" for stage in recipe.model.stages):
+        from unetlm.splitters.entropy import with_example_checkpoint
+
+        recipe = with_example_checkpoint(recipe)
+    return recipe
+
+
+def load_runnable(path: Path, overrides: list[str] | tuple[str, ...] = ()):
+    return runnable(load_recipe(path, overrides))
+
+
+def shortened(path: Path, seq_len: int) -> list[str]:
+    """Overrides that cut a recipe to ``seq_len`` bytes per row (every stage at most that long)."""
+    recipe = load_recipe(path)
+    overrides = [f"model.seq_len={seq_len}", f"model.stages[0].max_len={seq_len}"]
+    for i, stage in enumerate(recipe.model.stages[1:], start=1):
+        overrides.append(f"model.stages[{i}].max_len={min(stage.max_len, seq_len)}")
+    return overrides
+
+
 @functools.lru_cache(maxsize=None)
-def recipe_model(path: Path, std: float | None = 0.2):
-    """A float64 model of a recipe file (cached). ``std`` overrides init_std to make leaks loud."""
+def recipe_model(
+    path: Path, seq_len: int | None = 96, std: float | None = 0.2, dtype: torch.dtype = torch.float64,
+    extra: tuple[str, ...] = (),
+):
+    """An eval-mode model of a recipe file (cached; do not train it), rows cut to ``seq_len``
+    (None: as written); ``std`` overrides init_std (a large one makes any leak loud)."""
     from unetlm.api import build_model
 
     torch.manual_seed(0)
-    overrides = [] if std is None else [f"model.init_std={std}"]
-    return build_model(load_recipe(path, overrides)).double().eval()
+    overrides = [] if seq_len is None else shortened(path, seq_len)
+    overrides += [] if std is None else [f"model.init_std={std}"]
+    return build_model(load_runnable(path, [*overrides, *extra])).to(dtype).eval()

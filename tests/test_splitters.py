@@ -1,4 +1,4 @@
-"""The splitter contract, for every registered splitter and every one of its example configs.
+"""The splitter contract, for every registered byte-level splitter and each of its example configs.
 
 Stability: ``boundaries(x + y)[:len(x)] == boundaries(x)`` (a decision never changes once
 later bytes arrive), alone and chained (one splitter's output as the next one's parent).
@@ -6,25 +6,34 @@ A deliberately unstable pre-tokenizer splitter shows that the property check fin
 """
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import regex
 from hypothesis import example, find, given, settings
 from hypothesis import strategies as st
 
-from strategies import (
-    case_id, component_cases, component_params, documents, make_splitter, rich_bytes, with_parent,
-)
+from strategies import byte_splitter_cases, case_id, documents, make_splitter, rich_bytes, with_parent
 from unetlm.model.splitting import split_document, split_row
 from unetlm.model.tokens import BOS, PAD
 
-SPLITTERS = component_params("splitter")
-PAIRS = [
-    pytest.param(a, b, id=f"{case_id(*a)}>{case_id(*b)}")
-    for a, b in itertools.product(component_cases("splitter"), repeat=2)
-]
+# learned splitters decide inside the model from hidden states (test_causality.py, test_hnet.py)
+SPLITTERS = [pytest.param(name, options, id=case_id(name, options)) for name, options in byte_splitter_cases()]
+
+
+def _chain_pairs() -> list:
+    """Every example config chained after itself, after the word preset, and before a config
+    half the list away (another splitter, usually): each one is a parent and a child."""
+    cases = byte_splitter_cases()
+    word = ("regex", {"preset": "word"})
+    pairs = []
+    for i, case in enumerate(cases):
+        for pair in ((case, case), (word, case), (case, cases[(i + (len(cases) + 1) // 2) % len(cases)])):
+            if pair not in pairs:
+                pairs.append(pair)
+    return [pytest.param(a, b, id=f"{case_id(*a)}>{case_id(*b)}") for a, b in pairs]
+
+
+PAIRS = _chain_pairs()
 
 
 def ones(n: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -65,9 +66,12 @@ def cmd_train(args) -> int:
     from unetlm.recipe import load_recipe
     from unetlm.train.loop import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides) + (["training.compile=false"] if args.no_compile else [])
+    recipe = load_recipe(args.recipe, overrides)
     out = Path(args.out) if args.out else Path("runs") / (recipe.name or Path(args.recipe).stem)
     result = train(recipe, out, resume=args.resume, force=args.force, progress=not args.quiet)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     if "val_bpb" in result:
         print(f"validation bits per byte: {result['val_bpb']:.4f}")
     print(f"run directory: {out} (checkpoint.pt, metrics.jsonl, recipe.toml)")
@@ -77,14 +81,86 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from unetlm.train.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+    return 0
+
+
+def cmd_bench_train(args) -> int:
+    from unetlm.bench.train import bench_train, format_table
+
+    modes = tuple(m for m in ("eager", "compiled") if m not in args.skip)
+    records = bench_train(args.recipes, args.json, modes=modes, steps=args.steps, overrides=args.overrides)
+    print(format_table(records))
+    return 0
+
+
+def _read_prompts(args) -> list[bytes]:
+    prompts = [p.encode("utf-8") for p in args.prompt]
+    for path in args.prompt_file:
+        prompts.append(sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes())
+    if not prompts and not sys.stdin.isatty():
+        prompts.append(sys.stdin.buffer.read())
+    return prompts or [b""]
+
+
 def cmd_generate(args) -> int:
     from unetlm.api import load_checkpoint
-    from unetlm.model.generate import generate
+    from unetlm.model.generate import StreamPrinter, generate
 
     model, _ = load_checkpoint(args.checkpoint)
-    prompt = args.prompt.encode("utf-8")
-    text = generate(model, prompt, args.max_bytes, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    sys.stdout.write((prompt + text).decode("utf-8", errors="replace") + "\n")
+    prompts = _read_prompts(args)
+    printer = StreamPrinter(sys.stdout) if len(prompts) == 1 else None  # a batch prints row by row at the end
+    if printer is not None:
+        printer(0, prompts[0])
+    result = generate(
+        model, prompts, args.max_bytes, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed, stop=args.stop, cached=not args.recompute, on_bytes=printer,
+    )
+    if printer is not None:
+        printer.close()
+        sys.stdout.write("\n")
+    else:
+        for i, (prompt, text) in enumerate(zip(prompts, result)):
+            sys.stdout.write(f"--- [{i}]\n" + (prompt + text).decode("utf-8", errors="replace") + "\n")
+    rates = ", ".join(f"stage {i}: {r:.1%}" for i, r in enumerate(result.firing_rates))
+    print(f"[{'cached' if result.cached else 'recompute'}; stage firing rates {rates}; "
+          f"ended by {', '.join(result.reasons)}]", file=sys.stderr)
+    return 0
+
+
+def cmd_patches(args) -> int:
+    from unetlm.eval.patches import print_patches
+
+    print_patches(
+        args.checkpoint, args.file, threshold=args.threshold, relative_threshold=args.relative_threshold,
+        max_patch=args.max_patch, max_bytes=args.max_bytes,
+    )
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from unetlm.eval.report import format_table, write_json
+    from unetlm.eval.suite import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(
+            args.checkpoint, bpb_files=args.bpb, choice_files=args.choice, cute_words=args.cute_words,
+            cute_text=args.cute_text, cute_tasks=args.cute_tasks, cute_items=args.cute_items, shots=args.shots,
+            stride=args.stride, batch_size=args.batch_size, resamples=args.resamples, seed=args.seed,
+            device=args.device,
+        )
+    except ValueError as exc:
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    for row in result["bpb"]:
+        if row["truncated"]:
+            print(f"warning: {row['name']}: {row['truncated']} boundaries truncated by max_len", file=sys.stderr)
+    if args.json:
+        print(f"wrote {write_json(result, args.json)}")
     return 0
 
 
@@ -107,16 +183,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--force", action="store_true", help="resume even if the recipe changed")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="continue a prompt with a trained checkpoint")
+    p = sub.add_parser("plot", help="plot loss and validation bits/byte of runs against bytes and FLOPs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default="runs.png", help="PNG file to write (default runs.png)")
+    p.set_defaults(func=cmd_plot)
+
+    bench = sub.add_parser("bench", help="measure speed").add_subparsers(dest="bench_command", required=True)
+    p = bench.add_parser("train", help="training bytes/s and MFU, eager and compiled")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    _add_overrides(p)
+    p.add_argument("--json", required=True, help="file to write the list of records to")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per recipe and mode (after warmup)")
+    p.add_argument("--skip", action="append", default=[], choices=["eager", "compiled"], help="leave out a mode")
+    p.set_defaults(func=cmd_bench_train)
+
+    p = sub.add_parser("generate", help="continue prompts with a trained checkpoint, streaming the output")
     p.add_argument("checkpoint")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    p.add_argument("--prompt-file", action="append", default=[], metavar="FILE",
+                   help="read a prompt from FILE ('-' for stdin; repeat for a batch); stdin is read if no prompt is given")
     p.add_argument("--max-bytes", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
     p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop a row when it produces this string (repeatable)")
+    p.add_argument("--recompute", action="store_true", help="recompute the whole prefix per byte instead of caching")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("patches", help="print how a checkpoint's splitter (or an entropy model) patches a text")
+    p.add_argument("checkpoint")
+    p.add_argument("file")
+    p.add_argument("--threshold", type=float, default=None, help="global entropy threshold in nats (entropy models)")
+    p.add_argument("--relative-threshold", type=float, default=None, help="BLT's monotonic rule: H(t) - H(t-1) > this")
+    p.add_argument("--max-patch", type=int, default=None)
+    p.add_argument("--max-bytes", type=int, default=4000, help="bytes of the file to show (0: all)")
+    p.set_defaults(func=cmd_patches)
+
+    p = sub.add_parser("eval", help="bits/byte, multiple-choice and CUTE-style scores with 95%% bootstrap CIs")
+    p.add_argument("checkpoint")
+    p.add_argument("--bpb", nargs="+", default=[], metavar="FILE", help="held-out files, one row each")
+    p.add_argument("--choice", nargs="+", default=[], metavar="JSONL", help="multiple-choice tasks")
+    p.add_argument("--cute-words", metavar="FILE", help="CUTE-style tasks from a word list (one per line)")
+    p.add_argument("--cute-text", metavar="FILE", help="CUTE-style tasks from the words of a text")
+    p.add_argument("--cute-tasks", nargs="+", metavar="TASK", help="subset of tasks (default: all)")
+    p.add_argument("--cute-items", type=int, default=50, help="items per CUTE task (default 50)")
+    p.add_argument("--shots", type=int, default=3, help="solved examples per CUTE prompt (default 3)")
+    p.add_argument("--stride", type=int, help="bytes scored per bits/byte window after the first (default seq_len/2)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the CUTE items and the bootstrap")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -124,11 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from unetlm.recipe.errors import RecipeError
     from unetlm.registry import RegistryError
+    from unetlm.train.errors import TrainingError
 
     try:
         return args.func(args)
-    except (RecipeError, RegistryError) as exc:
-        print(f"unetlm: error: {exc}", file=sys.stderr)
+    except (RecipeError, RegistryError, TrainingError) as exc:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads the recipe; one reports
+            print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)

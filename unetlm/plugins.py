@@ -61,11 +61,13 @@ def _discover() -> list[tuple[str, object]]:
     """(origin, plugin module) for the entry-point group, built-ins first; import failures are reported."""
     builtins = None
     plugins: list[tuple[str, object]] = []
-    for ep in sorted(importlib.metadata.entry_points(group=PROJECT), key=lambda e: e.name):
+    eps = importlib.metadata.entry_points(group=PROJECT)
+    found = [(ep.dist.name if ep.dist is not None else ep.name, ep) for ep in eps]
+    for dist, ep in sorted(found, key=lambda item: (item[0], item[1].name)):
         if ep.value == BUILTINS:
             builtins = builtins or ep.load()
             continue
-        origin = f"plugin {ep.dist.name if ep.dist is not None else ep.name}"
+        origin = f"plugin {dist}"
         if any(o == origin for o, _ in plugins):  # a distribution with several entry points
             origin = f"{origin} ({ep.name})"
         try:

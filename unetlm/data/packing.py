@@ -89,14 +89,31 @@ class ByteData:
                 )
         return cls(train, valid, seq_len, batch_size, seed)
 
-    def train_batch(self, step: int) -> Batch:
-        """The batch of optimizer step ``step``: a pure function of (seed, step), so resuming is exact."""
+    def train_starts(self, step: int) -> np.ndarray:
+        """Window starts of the global batch of optimizer step ``step``: a pure function of (seed, step)."""
         rng = np.random.default_rng([self.seed, step])
-        starts = rng.integers(0, len(self.train) - self.seq_len, size=self.batch_size)
-        return self.train.window_batch(starts, self.seq_len)
+        return rng.integers(0, len(self.train) - self.seq_len, size=self.batch_size)
 
-    def valid_batches(self, count: int) -> list[Batch]:
-        """``count`` fixed batches spread evenly over the validation stream."""
+    def train_batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
+        """Rank ``rank``'s rows of the global batch of step ``step``: rows ``[rank*B/W, (rank+1)*B/W)``.
+
+        The global batch does not depend on the world size, so resuming (on any number of
+        processes) sees exactly the bytes an uninterrupted run would have.
+        """
+        return self.train.window_batch(shard_rows(self.train_starts(step), rank, world), self.seq_len)
+
+    def valid_batches(self, count: int, rank: int = 0, world: int = 1) -> list[Batch]:
+        """``count`` fixed global batches spread evenly over the validation stream (this rank's rows)."""
         n = count * self.batch_size
         starts = np.linspace(0, len(self.valid) - self.seq_len - 1, n).astype(np.int64)
-        return [self.valid.window_batch(starts[i : i + self.batch_size], self.seq_len) for i in range(0, n, self.batch_size)]
+        return [
+            self.valid.window_batch(shard_rows(starts[i : i + self.batch_size], rank, world), self.seq_len)
+            for i in range(0, n, self.batch_size)
+        ]
+
+
+def shard_rows(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
+    if len(rows) % world:
+        raise ValueError(f"a batch of {len(rows)} sequences does not split over {world} processes")
+    per = len(rows) // world
+    return rows[rank * per : (rank + 1) * per]

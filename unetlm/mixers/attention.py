@@ -2,7 +2,9 @@
 
 Query i attends to keys j with j <= i, i - j < window (when window > 0) and the same
 document. FlexAttention (block-sparse, compiled) serves CUDA; elsewhere scaled-dot-product
-attention with a dense boolean mask gives the same numbers.
+attention with a dense boolean mask gives the same numbers. Step by step, a KV cache holds
+the keys (a ring buffer of exactly ``window`` slots for a sliding window) and the same
+:func:`allowed_keys` rule picks the keys each query sees.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetlm.mixers.base import Mixer
+from unetlm.mixers.base import Mixer, StepInfo
 from unetlm.model.layout import StageInfo
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.structure import non_negative, positive
@@ -53,7 +55,7 @@ def rotary_tables(length: int, head_dim: int, base: float, device) -> tuple[torc
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, L, hd); cos/sin (L, hd/2): rotate channel pairs (i, i + hd/2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
 
@@ -119,8 +121,50 @@ class AttentionBlock(Mixer):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.out(y.transpose(1, 2).reshape(B, L, -1))
+        return self._mlp(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
+
+    def init_state(self, batch: int, max_len: int, device, dtype) -> KVCache:
+        window = self.config.window
+        slots = min(window, max_len) if window > 0 else max_len
+        cos, sin = rotary_tables(max_len, self.head_dim, self.config.rope_base, device)
+        shape = (batch, self.heads, slots, self.head_dim)
+        return KVCache(
+            k=torch.zeros(shape, device=device, dtype=dtype),
+            v=torch.zeros(shape, device=device, dtype=dtype),
+            pos=torch.full((batch, slots), -1, device=device, dtype=torch.long),
+            cos=cos,
+            sin=sin,
+        )
+
+    def step(self, x: torch.Tensor, state: KVCache, memo: dict) -> tuple[torch.Tensor, KVCache]:
+        info: StepInfo = memo["step"]
+        B, (_, H, slots, hd) = x.shape[0], state.k.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(B, 3, H, hd).unbind(1)
+        cos, sin = state.cos[info.pos].unsqueeze(1), state.sin[info.pos].unsqueeze(1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        slot = info.pos % slots
+        if info.uniform:  # one slot for every row
+            state.k.index_copy_(2, slot[:1], k.unsqueeze(2))
+            state.v.index_copy_(2, slot[:1], v.unsqueeze(2))
+            state.pos.index_copy_(1, slot[:1], info.pos[:, None])
+        else:
+            rows = info.write.nonzero().squeeze(1)
+            state.k[rows, :, slot[rows]], state.v[rows, :, slot[rows]] = k[rows], v[rows]
+            state.pos[rows, slot[rows]] = info.pos[rows]
+        used = min(slots, info.length)
+        mask = None  # uniform rows: the cache holds exactly the keys each query may see
+        if not info.uniform:
+            key_pos = state.pos[:, :used]
+            ok = allowed_keys(info.pos[:, None], key_pos, 0, 0, self.config.window) & (key_pos >= 0)
+            mask = (ok | ~info.write[:, None])[:, None, None, :]  # rows not advancing: any finite output
+        keys, values = state.k[:, :, :used], state.v[:, :, :used]
+        y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask)
+        x = x + self.out(y.reshape(B, -1))
+        return self._mlp(x), state
 
     def forward_flops(self, length: int) -> float:
         inner = self.heads * self.head_dim
@@ -128,6 +172,17 @@ class AttentionBlock(Mixer):
         matmul = 2.0 * length * (self.dim * 3 * inner + inner * self.dim + self.dim * 2 * hidden + hidden * self.dim)
         attention = 4.0 * length * inner * mean_context(length, self.config.window)
         return matmul + attention
+
+
+@attrs.define(eq=False)
+class KVCache:
+    """Keys and values of one block; position p sits in slot ``p % slots``."""
+
+    k: torch.Tensor  # (B, heads, slots, head_dim), rotary applied
+    v: torch.Tensor  # (B, heads, slots, head_dim)
+    pos: torch.Tensor  # (B, slots) long: the stage position held in each slot, -1 if empty
+    cos: torch.Tensor  # (max_len, head_dim / 2): rotary table by position
+    sin: torch.Tensor
 
 
 def build_mask(info: StageInfo, window: int, backend: str):

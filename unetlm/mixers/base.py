@@ -4,16 +4,34 @@ A mixer is one residual block ``(B, L, d) -> (B, L, d)``. Output position i may 
 on input positions j <= i of the same document (``info.doc``); padding has its own document
 id, so real positions never see it. ``memo`` is shared by all blocks of one stage call, so
 a mask or rotary table is built once per stage, not once per layer.
+
+Step API (cached generation, one document per row): ``init_state`` makes an empty cache;
+``step(x, state, memo)`` takes one new position per row and gives the output ``forward``
+gives there. ``memo["step"]`` is a :class:`StepInfo`. Rows whose ``write`` is False are not
+advancing: a mixer that updates its state in place must leave those rows untouched; one that
+returns a new state object may ignore ``write`` (the caller keeps the old rows).
 """
 from __future__ import annotations
 
 from typing import ClassVar
 
+import attrs
 import torch
 from torch import nn
 
 from unetlm.model.layout import StageInfo
 from unetlm.splitters.base import NoOptions
+
+
+@attrs.frozen
+class StepInfo:
+    """The new position of every row at one generation step of a stage."""
+
+    pos: torch.Tensor  # (B,) long: its index in the stage (0, 1, ...)
+    write: torch.Tensor  # (B,) bool: rows that advance; the others' outputs are ignored
+    length: int  # 1 + the largest pos of a writing row: cache slots beyond it are empty
+    all_write: bool  # every row advances
+    uniform: bool  # every row advances, all at the same pos: every cached key is visible
 
 
 class Mixer(nn.Module):

@@ -120,8 +120,19 @@ def ssd_scan(
     in group i // (h / g); seg (b, l) non-decreasing segment ids (the state restarts where the
     id changes; segment 0 continues ``initial`` (b, h, p, n)). The length is padded to a
     multiple of ``chunk`` (padding leaves the state unchanged: dt = 0). Returns y (b, l, h, p)
-    and the final state (b, h, p, n), both in the accumulation dtype (float32 or wider).
+    and the final state (b, h, p, n), both in the accumulation dtype (float32 or wider), also
+    under autocast.
     """
+    with full_precision(x):
+        return _chunked_scan(x, dt, A, B, C, seg, chunk, initial)
+
+
+def full_precision(t: torch.Tensor):
+    """Autocast off: the scan's matmuls stay in the accumulation dtype."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _chunked_scan(x, dt, A, B, C, seg, chunk, initial):
     acc = torch.promote_types(x.dtype, torch.float32)
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
@@ -149,7 +160,7 @@ def ssd_scan(
 
     # state contributed by each chunk at its end
     to_end = torch.exp(A_cum[..., -1:] - A_cum) * (seg == seg[:, :, -1:]).unsqueeze(1)
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, to_end, X)
+    states = torch.einsum("bclhn,bclhp->bchpn", B * to_end.permute(0, 2, 3, 1).unsqueeze(-1), X)
 
     # pass states from chunk to chunk (entry 0 = the initial state, in segment 0)
     if initial is None:
@@ -163,7 +174,7 @@ def ssd_scan(
 
     # output read from the state entering each chunk
     from_start = torch.exp(A_cum) * (seg == end_seg[:, :-1].unsqueeze(-1)).unsqueeze(1)
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, entering, from_start)
+    y = y + torch.einsum("bclhn,bchpn->bclhp", C * from_start.permute(0, 2, 3, 1).unsqueeze(-1), entering)
     return y.reshape(b, c * chunk, h, p)[:, :l], final
 
 
@@ -250,11 +261,11 @@ class Mamba2(nn.Module):
         z, xbc, dt = self._split(self.in_proj(u))
         xbc, conv_state = causal_conv(xbc, self.conv1d.weight, self.conv1d.bias, seg, state.conv)
         x, B, C = self._split_xbc(F.silu(xbc))
-        A = -torch.exp(self.A_log.float())
+        acc = torch.promote_types(u.dtype, torch.float32)
+        A = -torch.exp(self.A_log.to(acc))
         if self.use_kernels(u):
             y, ssm_state = kernel_scan(x, dt, A, B, C, seg, self, state.ssm)
         else:
-            acc = torch.promote_types(u.dtype, torch.float32)
             dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))
             y, ssm_state = ssd_scan(x, dt, A, B, C, seg, self.config.chunk_size, state.ssm)
             y = y + x.to(acc) * self.D.to(acc)[:, None]
@@ -274,7 +285,8 @@ class Mamba2(nn.Module):
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, heads)
         decay = torch.exp(dt * -torch.exp(self.A_log.to(acc)))
         ssm = state.ssm * decay[..., None, None] + (dt[..., None] * x).unsqueeze(-1) * B.unsqueeze(-2)
-        y = torch.einsum("bhpn,bhn->bhp", ssm, C) + x * self.D.to(acc)[:, None]
+        with full_precision(ssm):
+            y = torch.einsum("bhpn,bhn->bhp", ssm, C) + x * self.D.to(acc)[:, None]
         y = self.norm(y.flatten(-2).to(u.dtype), z)
         return self.out_proj(y), MambaState(conv, ssm)
 
@@ -353,6 +365,7 @@ class MambaBlock(Mixer):
         return self.mixer.init_state(batch, device, dtype)
 
     def step(self, x: torch.Tensor, state: MambaState, memo: dict) -> tuple[torch.Tensor, MambaState]:
+        """One position per row; returns a new state (nothing is updated in place)."""
         out, state = self.mixer.step(self.norm(x), state)
         return self._mlp(x + out), state
 

@@ -1,50 +1,268 @@
-"""Sampling a continuation by recomputing the whole prefix at each step."""
+"""Sampling continuations, cached (:class:`~unetlm.model.cascade.Cascade`) or by recompute.
+
+Both modes share the sampling rule (:func:`sample_next`), the context rule and the order in
+which random numbers are drawn, so with equal logits they produce equal bytes; the cached
+mode's logits equal the full forward's (tests check both).
+
+Context rule: a row's context is BOS + prompt + continuation, at most ``model.seq_len``
+tokens (the full forward refuses more). A longer prompt keeps its last ``seq_len`` tokens;
+when the continuation would overflow, the oldest tokens are dropped down to half of
+``seq_len`` and the model reads a context that starts mid-document, like a training row that
+does not start with BOS. The cached mode then re-reads the kept half (O(1) per byte amortised).
+"""
 from __future__ import annotations
+
+import codecs
+import sys
+from typing import Callable, Sequence
 
 import torch
 
-from unetlm.model.tokens import BOS, encode
+from unetlm.model.cascade import Cascade, stage_counts
+from unetlm.model.tokens import BOS
+
+
+class Generated(list):
+    """The continuations (one ``bytes`` per prompt) and a report on how they were made."""
+
+    def __init__(self, texts: list[bytes], firing_rates: list[float], reasons: list[str], cached: bool) -> None:
+        super().__init__(texts)
+        self.firing_rates = firing_rates  # per stage: fraction of byte steps on which it ran
+        self.reasons = reasons  # per prompt: "end" (model ended the document), "stop", "length"
+        self.cached = cached
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """(B,) next tokens from logits (B, VOCAB): bytes or BOS (end of document), never PAD.
+
+    temperature <= 0 is greedy; otherwise scale by 1/temperature, keep the ``top_k`` best
+    (0: all), keep the smallest set of best tokens whose probability reaches ``top_p``, sample.
+    """
+    logits = logits[:, : BOS + 1].to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature <= 0:
+        return logits.argmax(-1).cpu()
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, index = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p  # mass before it already reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, index, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def initial_context(prompt: bytes, seq_len: int) -> list[int]:
+    return ([BOS] + list(prompt))[-seq_len:]
+
+
+def extend_context(context: list[int], token: int, seq_len: int) -> bool:
+    """Append ``token``; past ``seq_len`` tokens drop the oldest down to half. True if dropped."""
+    context.append(token)
+    if len(context) <= seq_len:
+        return False
+    del context[: len(context) - max(1, seq_len // 2)]
+    return True
+
+
+class _Recompute:
+    """Logits by the full forward over each context (the reference)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+
+    def logits(self, contexts: list[list[int]], rows: list[int], dropped: bool) -> torch.Tensor:
+        out = [self.model(torch.tensor([contexts[b]], device=self.device)).logits[0, -1] for b in rows]
+        return torch.stack(out)
+
+    def firing_rates(self, contexts: list[list[int]]) -> list[float]:
+        counts = [stage_counts(self.model, torch.tensor(c, device=self.device)) for c in contexts if c]
+        total = sum(c[0] for c in counts)
+        return [sum(c[s] for c in counts) / max(total, 1) for s in range(len(self.model.lengths))]
+
+
+class _Cached:
+    """Logits from a :class:`Cascade`, re-read from the contexts after old tokens were dropped."""
+
+    def __init__(self, model, batch: int) -> None:
+        self.model, self.batch = model, batch
+        self.cascades: list[Cascade] = []
+
+    def logits(self, contexts: list[list[int]], rows: list[int], dropped: bool) -> torch.Tensor:
+        if self.cascades and not dropped:
+            tokens = [contexts[b][-1] if b in rows else 0 for b in range(self.batch)]
+            return self.cascades[-1].step(tokens, [b in rows for b in range(self.batch)])[rows]
+        cascade = Cascade(self.model, self.batch)
+        self.cascades.append(cascade)
+        last = {}
+        for i in range(max(len(contexts[b]) for b in rows)):
+            active = [b in rows and i < len(contexts[b]) for b in range(self.batch)]
+            step = cascade.step([contexts[b][i] if active[b] else 0 for b in range(self.batch)], active)
+            last.update((b, step[b]) for b in rows if i == len(contexts[b]) - 1)
+        return torch.stack([last[b] for b in rows])
+
+    def firing_rates(self, contexts: list[list[int]]) -> list[float]:
+        ran = sum(c.ran for c in self.cascades)
+        steps = sum(c.row_steps for c in self.cascades)
+        return [float(r) / max(steps, 1) for r in ran] if self.cascades else []
+
+
+class _StopFilter:
+    """Cuts a row's continuation at the first stop string; holds back bytes that may start one."""
+
+    def __init__(self, stops: list[bytes]) -> None:
+        self.stops = stops
+        self.longest = max((len(s) for s in stops), default=0)
+
+    def cut(self, out: bytearray) -> bool:
+        """If ``out`` now ends with a stop string, remove it and return True."""
+        hits = [len(s) for s in self.stops if out.endswith(s)]
+        if hits:
+            del out[len(out) - max(hits) :]
+        return bool(hits)
+
+    def safe(self, out: bytearray) -> int:
+        """How many leading bytes of ``out`` can no longer become part of a stop string."""
+        for k in range(min(len(out), self.longest - 1), 0, -1):
+            tail = bytes(out[-k:])
+            if any(s.startswith(tail) for s in self.stops):
+                return len(out) - k
+        return len(out)
 
 
 @torch.no_grad()
 def generate(
     model,
-    prompt: bytes,
+    prompts: Sequence[bytes],
     max_bytes: int,
     temperature: float = 1.0,
     top_k: int = 0,
+    top_p: float = 1.0,
     seed: int | None = None,
-    stop_at_end: bool = True,
-) -> bytes:
-    """Continue ``prompt`` by up to ``max_bytes`` bytes; temperature 0 means greedy.
+    stop: Sequence[bytes | str] = (),
+    cached: bool = True,
+    on_bytes: Callable[[int, bytes], None] | None = None,
+) -> Generated:
+    """Continue each prompt by up to ``max_bytes`` bytes; returns a :class:`Generated` list.
 
-    The context is cropped to the model's sequence length; generation stops early when the
-    model predicts the end of the document (BOS) and ``stop_at_end`` is set.
+    A row ends early when the model predicts the end of the document (BOS) or its continuation
+    reaches a ``stop`` string (cut off, not included). ``on_bytes(index, new_bytes)`` receives
+    each row's bytes as they become final (bytes that may start a stop string wait). ``cached``
+    runs a :class:`~unetlm.model.cascade.Cascade` (NotImplementedError, naming the component,
+    if one lacks the step API); ``cached=False`` recomputes the full forward at every byte.
     """
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu")
-    if seed is not None:
-        gen.manual_seed(seed)
-    tokens = encode(prompt).to(device)
-    out = bytearray()
+    if isinstance(prompts, (bytes, bytearray, str)):
+        raise TypeError("prompts must be a list of bytes objects, e.g. [b'The ']")
+    prompts = [bytes(p) for p in prompts]
+    if max_bytes < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need max_bytes >= 0, top_k >= 0 and 0 < top_p <= 1 (got {max_bytes}, {top_k}, {top_p})")
+    stops = _StopFilter([s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in stop if len(s)])
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
     seq_len = model.spec.seq_len
-    for _ in range(max_bytes):
-        context = tokens[-seq_len:].unsqueeze(0)
-        logits = model(context).logits[0, -1].float()
-        if not stop_at_end:
-            logits[BOS] = float("-inf")
-        logits = logits[: BOS + 1]
-        if temperature <= 0:
-            nxt = int(logits.argmax())
+    contexts = [initial_context(p, seq_len) for p in prompts]
+    outs = [bytearray() for _ in prompts]
+    shown = [0] * len(prompts)
+    reasons = ["length"] * len(prompts)
+    live = list(range(len(prompts)))
+
+    def emit(b: int, upto: int) -> None:
+        if on_bytes is not None and upto > shown[b]:
+            on_bytes(b, bytes(outs[b][shown[b] : upto]))
+        shown[b] = max(shown[b], upto)
+
+    def finish(b: int, reason: str) -> None:
+        reasons[b] = reason
+        live.remove(b)
+        emit(b, len(outs[b]))
+
+    was_training = model.training
+    model.eval()
+    try:
+        engine = _Cached(model, len(prompts)) if cached else _Recompute(model)
+        if max_bytes > 0 and live:
+            first = engine.logits(contexts, live, dropped=True)
+            logits = first.new_zeros(len(prompts), first.shape[-1])
+            logits[live] = first
+        for _ in range(max_bytes):
+            if not live:
+                break
+            tokens = sample_next(logits, temperature, top_k, top_p, generator)  # all rows: same draws
+            fed, dropped = [], False
+            for b in list(live):
+                tok = int(tokens[b])
+                if tok == BOS:
+                    finish(b, "end")
+                    continue
+                outs[b].append(tok)
+                if stops.cut(outs[b]):
+                    finish(b, "stop")
+                elif len(outs[b]) == max_bytes:
+                    finish(b, "length")
+                else:
+                    dropped |= extend_context(contexts[b], tok, seq_len)
+                    fed.append(b)
+                    emit(b, stops.safe(outs[b]))
+            if fed:
+                logits[fed] = engine.logits(contexts, fed, dropped)
+        rates = engine.firing_rates(contexts) if max_bytes > 0 and prompts else []
+    finally:
+        model.train(was_training)
+    return Generated([bytes(o) for o in outs], rates, reasons, cached)
+
+
+class StreamPrinter:
+    """An ``on_bytes`` callback that prints continuations to a text stream as bytes arrive.
+
+    Each row has its own incremental UTF-8 decoder (errors="replace"): a character split across
+    calls waits until complete, invalid bytes print as U+FFFD, and a stream that cannot encode
+    a character gets a replacement, so no byte sequence makes it raise. Row ``live`` is shown
+    as it grows; the other rows are printed by :meth:`close`, each after a ``header(index)`` line.
+    """
+
+    def __init__(self, stream=None, live: int = 0, header: Callable[[int], str] = lambda i: f"\n--- [{i}]\n") -> None:
+        self.stream = sys.stdout if stream is None else stream
+        self.live, self.header = live, header
+        self.decoders: dict[int, codecs.IncrementalDecoder] = {}
+        self.held: dict[int, list[str]] = {}
+
+    def __call__(self, index: int, data: bytes) -> None:
+        if index not in self.decoders:
+            self.decoders[index] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = self.decoders[index].decode(bytes(data))
+        if index == self.live:
+            self._write(text)
         else:
-            logits = logits / temperature
-            if top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=gen))
-        if nxt == BOS:
-            break
-        out.append(nxt)
-        tokens = torch.cat([tokens, torch.tensor([nxt], device=device)])
-    return bytes(out)
+            self.held.setdefault(index, []).append(text)
+
+    def close(self) -> None:
+        """Flush every row's decoder and print the rows that were not shown live."""
+        for index in sorted(self.decoders):
+            rest = self.decoders[index].decode(b"", final=True)
+            if index == self.live:
+                self._write(rest)
+            else:
+                self.held.setdefault(index, []).append(rest)
+        for index in sorted(self.held):
+            self._write(self.header(index) + "".join(self.held[index]))
+        self.decoders.clear()
+        self.held.clear()
+
+    def _write(self, text: str) -> None:
+        if not text:
+            return
+        try:
+            self.stream.write(text)
+        except UnicodeEncodeError:
+            encoding = getattr(self.stream, "encoding", None) or "utf-8"
+            self.stream.write(text.encode(encoding, "replace").decode(encoding))
+        self.stream.flush()

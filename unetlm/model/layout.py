@@ -11,7 +11,7 @@ import torch
 PAD_DOC = -1  # document id of padding positions: they only ever see each other
 
 
-@attrs.frozen
+@attrs.define  # not frozen: torch.compile cannot trace the __init__ of frozen attrs classes
 class StageInfo:
     """Positions of one stage, each tensor (B, L_s)."""
 
@@ -24,7 +24,7 @@ class StageInfo:
         return self.byte_pos.shape[1]
 
 
-@attrs.frozen
+@attrs.define  # not frozen: torch.compile cannot trace the __init__ of frozen attrs classes
 class Link:
     """How a fine stage (B, Lf) and the next coarser stage (B, Lc) relate.
 
@@ -50,8 +50,14 @@ def byte_stage(doc: torch.Tensor, valid: torch.Tensor) -> StageInfo:
 
 def link(fine: StageInfo, byte_mask: torch.Tensor, coarse_len: int) -> Link:
     """Build the coarse stage from a byte-level boundary mask (B, T) nested in the fine stage."""
+    return link_from_fine(fine, byte_mask.gather(1, fine.byte_pos), coarse_len)
+
+
+def link_from_fine(fine: StageInfo, fine_mask: torch.Tensor, coarse_len: int) -> Link:
+    """Build the coarse stage from a boundary mask over the fine stage's positions (B, Lf)
+    (a learned splitter's decisions); padding positions are never boundaries."""
     B, Lf = fine.byte_pos.shape
-    is_b = byte_mask.gather(1, fine.byte_pos) & fine.valid
+    is_b = fine_mask & fine.valid
     rank = is_b.long().cumsum(1)  # boundaries at or before each fine position
     total = rank[:, -1]
     slot = torch.where(is_b & (rank <= coarse_len), rank - 1, coarse_len)

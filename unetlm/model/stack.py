@@ -1,8 +1,9 @@
-"""A stack of mixer blocks run at one stage."""
+"""A stack of mixer blocks run at one stage; with ``checkpointing`` each block is recomputed in backward."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from unetlm.model.layout import StageInfo
 from unetlm.recipe.schema import Component
@@ -13,11 +14,15 @@ class Stack(nn.Module):
         super().__init__()
         cls = mixer.build_class()
         self.blocks = nn.ModuleList(cls(mixer.config, dim) for _ in range(layers))
+        self.checkpointing = False
 
     def forward(self, h: torch.Tensor, info: StageInfo) -> torch.Tensor:
         memo: dict = {}
         for block in self.blocks:
-            h = block(h, info, memo)
+            if self.checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, info, memo, use_reentrant=False)
+            else:
+                h = block(h, info, memo)
         return h
 
     def forward_flops(self, length: int) -> float:

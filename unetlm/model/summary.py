@@ -53,19 +53,17 @@ class ModelSummary:
 def summarize(model) -> ModelSummary:
     spec = model.spec
     n = len(spec.stages)
+    stage_params = model.parameter_stages()  # learned splitters included
     rows = []
     for i, stage in enumerate(spec.stages):
         last = i == n - 1
         mixers = [model.middle] if last else [model.encoders[i], model.decoders[i]]
-        modules: list[nn.Module] = list(mixers)
         flops = sum(m.forward_flops(stage.max_len) for m in mixers)
         if i > 0:
             fine_len = spec.stages[i - 1].max_len
-            modules += [model.poolers[i - 1], model.upsamplers[i - 1]]
             flops += model.poolers[i - 1].forward_flops(fine_len, stage.max_len)
             flops += model.upsamplers[i - 1].forward_flops(fine_len, stage.max_len)
         else:
-            modules += [model.embed, model.norm, model.head]
             flops += 2.0 * stage.dim * VOCAB * stage.max_len
         cfg = stage.mixer.config
         heads = f"{cfg.n_heads(stage.dim)}x{cfg.head_dim}" if hasattr(cfg, "n_heads") else "-"
@@ -82,7 +80,7 @@ def summarize(model) -> ModelSummary:
                 mixer=mixer,
                 splitter=splitter,
                 heads=heads,
-                params=count_params(*modules),
+                params=sum(p.numel() for p in stage_params[i]),
                 train_flops=3.0 * flops,
             )
         )

@@ -5,6 +5,10 @@ bytes -> embed -> [encoder s -> pool]* -> middle -> [upsample + skip -> decoder 
 Logits at byte position t depend on bytes 0..t only: splitters are causal, pooling reads
 positions at or before each boundary, upsampling hands a coarse vector only to positions at
 or after its boundary, and every mixer is causal within its document.
+
+Byte-level splitters (``model.splitters``) run on the CPU before the forward; learned ones
+(``model.learned_splitters``, :mod:`unetlm.splitters.learned`) decide inside it from the
+encoder output of their fine stage, and may only follow byte-level ones.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetlm.model.embedding import ByteEmbedding
-from unetlm.model.layout import Link, build_links, byte_stage
+from unetlm.model import layout
+from unetlm.model.layout import Link, StageInfo, build_links, byte_stage
 from unetlm.model.splitting import split_batch
 from unetlm.model.stack import Stack
 from unetlm.model.tokens import PAD, VOCAB, documents_from_tokens
@@ -26,6 +31,14 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, VOCAB): logits[:, t] predicts the token after t
     loss: torch.Tensor | None  # mean cross-entropy in nats over non-PAD targets
     truncated: list[torch.Tensor]  # per transition (B,): boundaries dropped by max_len
+    aux_loss: torch.Tensor | None  # learned splitters' weighted ratio losses (train on loss + aux_loss)
+    bytes_per_chunk: list[torch.Tensor]  # per learned splitter: valid bytes / kept chunks (detached)
+    positions: list[torch.Tensor]  # per transition (B,): valid positions of the coarser stage
+
+    @property
+    def objective(self) -> torch.Tensor:
+        """What training minimises: ``loss`` plus ``aux_loss`` when there is one."""
+        return self.loss if self.aux_loss is None else self.loss + self.aux_loss
 
 
 class UNet(nn.Module):
@@ -35,7 +48,7 @@ class UNet(nn.Module):
         stages = spec.stages
         self.lengths = [s.max_len for s in stages]
         d0 = stages[0].dim
-        self.embed = ByteEmbedding(d0)
+        self.embed = ByteEmbedding(d0, spec.embedding)
         self.encoders = nn.ModuleList(Stack(s.mixer, s.dim, s.layers) for s in stages[:-1])
         self.poolers = nn.ModuleList(
             s.pooler.build_class()(s.pooler.config, fine.dim, s.dim) for fine, s in zip(stages, stages[1:])
@@ -47,7 +60,13 @@ class UNet(nn.Module):
         self.decoders = nn.ModuleList(
             Stack(s.mixer, s.dim, s.layers if s.decoder_layers is None else s.decoder_layers) for s in stages[:-1]
         )
-        self.splitters = [s.splitter.build_class()(s.splitter.config) for s in stages[1:]]
+        classes = [s.splitter.build_class() for s in stages[1:]]
+        n_bytes = next((i for i, cls in enumerate(classes) if cls.learned), len(classes))
+        self.splitters = [cls(s.splitter.config) for cls, s in zip(classes[:n_bytes], stages[1:])]
+        self.learned_splitters = nn.ModuleList(  # recipes allow them only after the byte-level ones
+            cls(s.splitter.config, fine.dim)
+            for cls, fine, s in zip(classes[n_bytes:], stages[n_bytes:], stages[n_bytes + 1:])
+        )
         self.norm = nn.RMSNorm(d0, eps=1e-6)
         self.head = nn.Linear(d0, VOCAB, bias=False)
         if spec.tie_embeddings:
@@ -60,8 +79,26 @@ class UNet(nn.Module):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
+    def parameter_stages(self) -> list[list[nn.Parameter]]:
+        """Each stage's parameters: the embedding, norm and head belong to stage 0, and a transition's
+        splitter, pooler and upsampler to the coarser stage, whose recipe table names them."""
+        n = len(self.spec.stages)
+        modules: list[list[nn.Module]] = [[self.embed, self.norm, self.head]] + [[] for _ in range(n - 1)]
+        modules[-1].append(self.middle)
+        for s in range(n - 1):
+            modules[s] += [self.encoders[s], self.decoders[s]]
+            modules[s + 1] += [self.poolers[s], self.upsamplers[s]]
+        for i, splitter in enumerate(self.learned_splitters):
+            modules[len(self.splitters) + i + 1].append(splitter)
+        seen: set[int] = set()
+        out = []
+        for group in modules:
+            params = [p for m in group for p in m.parameters() if id(p) not in seen and not seen.add(id(p))]
+            out.append(params)
+        return out
+
     def split(self, tokens: torch.Tensor, doc: torch.Tensor) -> list[torch.Tensor]:
-        """Byte-level boundary masks (B, T), one per stage after the first (runs on the CPU)."""
+        """Byte-level boundary masks (B, T), one per byte-level splitter (runs on the CPU)."""
         return split_batch(self.splitters, tokens, doc)
 
     def links(self, tokens: torch.Tensor, doc: torch.Tensor, masks: list[torch.Tensor]) -> list[Link]:
@@ -82,20 +119,55 @@ class UNet(nn.Module):
             doc = documents_from_tokens(tokens)
         if masks is None:
             masks = self.split(tokens, doc)
-        links = self.links(tokens, doc, masks)
 
-        h = self.embed(tokens)
-        skips = []
-        for encoder, pool, link in zip(self.encoders, self.poolers, links):
-            h = encoder(h, link.fine)
+        info = byte_stage(doc, tokens != PAD)
+        h = self.embed(tokens, doc)
+        skips, links, chunkings = [], [], []
+        for s, (encoder, pool) in enumerate(zip(self.encoders, self.poolers)):
+            h = encoder(h, info)
             skips.append(h)
+            link, chunking = self._link(s, h, info, masks)
+            links.append(link)
+            chunkings.append(chunking)
             h = pool(h, link)
-        h = self.middle(h, links[-1].coarse if links else byte_stage(doc, tokens != PAD))
-        for decoder, upsample, link, skip in reversed(list(zip(self.decoders, self.upsamplers, links, skips))):
-            h = decoder(skip + upsample(h, link), link.fine)
+            info = link.coarse
+        h = self.middle(h, info)
+        for s in reversed(range(len(links))):
+            h = self.decoders[s](skips[s] + self._upsample(s, h, links[s], chunkings[s], skips[s]), links[s].fine)
         logits = self.head(self.norm(h))
 
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD)
-        return ModelOutput(logits, loss, [link.truncated for link in links])
+        learned = [(s, ch) for s, ch in enumerate(chunkings) if ch is not None]
+        ratio_losses = [self._learned(s).ratio_loss(ch, links[s].fine) for s, ch in learned]
+        aux = torch.stack(ratio_losses).sum() if ratio_losses else None
+        n_bytes = (tokens != PAD).sum()
+        per_chunk = [(n_bytes / links[s].coarse.valid.sum().clamp(min=1)).detach() for s, _ in learned]
+        positions = [link.coarse.valid.sum(1) for link in links]
+        return ModelOutput(logits, loss, [link.truncated for link in links], aux, per_chunk, positions)
+
+    def _learned(self, s: int):
+        return self.learned_splitters[s - len(self.splitters)]
+
+    def _link(self, s: int, h: torch.Tensor, info: StageInfo, masks: list[torch.Tensor]):
+        """Transition s -> (Link, Chunking or None): from a byte mask, or learned from h (B, Lf, d)."""
+        if s < len(self.splitters):
+            return layout.link(info, masks[s], self.lengths[s + 1]), None
+        chunking = self._learned(s)(h, info)
+        return layout.link_from_fine(info, chunking.boundary, self.lengths[s + 1]), chunking
+
+    def _upsample(self, s: int, h: torch.Tensor, link: Link, chunking, skip: torch.Tensor) -> torch.Tensor:
+        """Coarse outputs h of transition s -> fine vectors; learned chunks are smoothed first and
+        carry the straight-through confidence."""
+        if chunking is None:
+            return self.upsamplers[s](h, link, fine=skip)
+        splitter = self._learned(s)
+        up = self.upsamplers[s](splitter.smooth(h, link, chunking), link, fine=skip)
+        return up * splitter.confidence(chunking).to(up.dtype)
+
+    def generate(self, prompts: list[bytes], max_bytes: int, **options):
+        """Continue each prompt; see :func:`unetlm.model.generate.generate` for the options."""
+        from unetlm.model.generate import generate
+
+        return generate(self, prompts, max_bytes, **options)

@@ -3,6 +3,7 @@
 Segment k holds the fine positions after boundary k-1 up to and including boundary k that
 belong to the boundary's own document. The average uses torch_geometric's ``scatter`` (one
 scatter-reduce over a flattened (batch, segment) index; no host synchronisation).
+Step by step, a running sum and count of the open segment give the same mean.
 """
 from __future__ import annotations
 
@@ -14,6 +15,22 @@ from unetlm.model.layout import Link
 from unetlm.poolers.base import Pooler
 
 
+def segment_of(link: Link) -> torch.Tensor:
+    """(B, Lf) long: the coarse vector whose segment each fine position closes into (the first
+    boundary at or after it), or Lc where none (padding, truncated, or another document)."""
+    Lc = link.coarse_src.shape[1]
+    is_b = link.fine_is_boundary.long()
+    segment = is_b.cumsum(1) - is_b  # boundaries strictly before j = the segment j closes into
+    clamped = segment.clamp(max=Lc - 1)
+    keep = (
+        (segment < Lc)
+        & link.fine.valid
+        & link.coarse.valid.gather(1, clamped)
+        & (link.coarse.doc.gather(1, clamped) == link.fine.doc)
+    )
+    return torch.where(keep, segment, Lc)
+
+
 class MeanPooler(Pooler):
     def __init__(self, config, fine_dim: int, coarse_dim: int) -> None:
         super().__init__(config, fine_dim, coarse_dim)
@@ -22,15 +39,22 @@ class MeanPooler(Pooler):
     def forward(self, h: torch.Tensor, link: Link) -> torch.Tensor:
         B, Lf, d = h.shape
         Lc = link.coarse_src.shape[1]
-        is_b = link.fine_is_boundary.long()
-        segment = is_b.cumsum(1) - is_b  # boundaries strictly before j = the segment j closes into
-        clamped = segment.clamp(max=Lc - 1)
-        keep = (
-            (segment < Lc)
-            & link.fine.valid
-            & link.coarse.valid.gather(1, clamped)
-            & (link.coarse.doc.gather(1, clamped) == link.fine.doc)
-        )
-        flat = torch.where(keep, segment, Lc) + torch.arange(B, device=h.device)[:, None] * (Lc + 1)
+        flat = segment_of(link) + torch.arange(B, device=h.device)[:, None] * (Lc + 1)
         pooled = scatter(h.reshape(B * Lf, d), flat.reshape(-1), dim=0, dim_size=B * (Lc + 1), reduce="mean")
         return self.proj(pooled.view(B, Lc + 1, d)[:, :Lc])
+
+    def init_state(self, batch: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum (B, d_fine), count (B, 1)) of the open segment."""
+        return torch.zeros(batch, self.fine_dim, device=device, dtype=dtype), torch.zeros(
+            batch, 1, device=device, dtype=dtype
+        )
+
+    def step(self, h: torch.Tensor, state, write: torch.Tensor, fire: torch.Tensor | None):
+        total, count = state
+        w = write.unsqueeze(-1)
+        total, count = torch.where(w, total + h, total), count + w.to(count.dtype)
+        if fire is None:
+            return None, (total, count)
+        pooled = self.proj(total / count.clamp(min=1))
+        f = fire.unsqueeze(-1)
+        return pooled, (torch.where(f, torch.zeros_like(total), total), torch.where(f, 0, count))

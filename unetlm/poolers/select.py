@@ -16,3 +16,9 @@ class SelectPooler(Pooler):
     def forward(self, h: torch.Tensor, link: Link) -> torch.Tensor:
         index = link.coarse_src.unsqueeze(-1).expand(-1, -1, h.shape[-1])
         return self.proj(h.gather(1, index))
+
+    def init_state(self, batch: int, device, dtype) -> None:
+        return None
+
+    def step(self, h: torch.Tensor, state, write: torch.Tensor, fire: torch.Tensor | None):
+        return (None if fire is None else self.proj(h)), state

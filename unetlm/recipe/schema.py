@@ -62,6 +62,23 @@ class StageSpec:
     splitter: Component | None = attrs.field(default=None, metadata={"component": "splitter"})
     pooler: Component | None = attrs.field(default=None, metadata={"component": "pooler"})
     upsampler: Component | None = attrs.field(default=None, metadata={"component": "upsampler"})
+    # this stage's parameters train at training.lr times this (None: 1.0); see UNet.parameter_stages
+    lr_multiplier: float | None = attrs.field(default=None, validator=positive)
+
+
+@attrs.define
+class EmbeddingSpec:
+    """``[model.embedding]``: hashed n-gram tables added to the byte embedding (BLT)."""
+
+    hash_ngrams: list[int] = attrs.field(factory=list)  # n-gram sizes, e.g. [3, 4, 5, 6, 7, 8]
+    hash_buckets: int = attrs.field(default=30000, validator=positive)  # rows of each n-gram table
+
+    def check(self, path: str) -> None:
+        for i, n in enumerate(self.hash_ngrams):
+            if not 2 <= n <= 16:
+                raise RecipeError(f"{path}.hash_ngrams[{i}] = {n} is invalid: expected an n-gram size from 2 to 16")
+        if len(set(self.hash_ngrams)) != len(self.hash_ngrams):
+            raise RecipeError(f"{path}.hash_ngrams = {self.hash_ngrams} is invalid: the sizes must be distinct")
 
 
 @attrs.define
@@ -70,6 +87,7 @@ class ModelSpec:
     stages: list[StageSpec]
     init_std: float = attrs.field(default=0.02, validator=positive)
     tie_embeddings: bool = False
+    embedding: EmbeddingSpec = attrs.field(factory=EmbeddingSpec)
 
     def check(self, path: str) -> None:
         if not self.stages:
@@ -100,6 +118,11 @@ class ModelSpec:
                     )
             if i == len(self.stages) - 1 and stage.decoder_layers is not None:
                 raise RecipeError(f"{where}.decoder_layers: the deepest stage has no decoder; use layers")
+            if i > 1 and self.stages[i - 1].splitter.build_class().learned and not stage.splitter.build_class().learned:
+                raise RecipeError(
+                    f"{where}.splitter = {stage.splitter.name!r} is invalid: a byte-level splitter cannot follow "
+                    f"the learned splitter of stage {i - 1} (its boundaries exist only inside the forward)"
+                )
             for key in ("mixer", "pooler", "upsampler"):
                 comp = getattr(stage, key)
                 comp_check = getattr(comp.config if comp else None, "check_shapes", None)
@@ -110,20 +133,37 @@ class ModelSpec:
 
 @attrs.define
 class DataSpec:
-    source: Literal["pydocs", "files"] = "pydocs"
-    paths: list[str] = attrs.field(factory=list)
+    """Where documents come from; every source yields raw bytes (invalid UTF-8 is data)."""
+
+    source: Literal["pydocs", "files", "jsonl", "parquet", "hf"] = "pydocs"
+    paths: list[str] = attrs.field(factory=list)  # files, jsonl, parquet: paths or globs
+    text_field: str = "text"  # jsonl, parquet, hf: the column holding each document
+    dataset: str = ""  # hf: the dataset name, e.g. "HuggingFaceFW/fineweb-edu"
+    subset: str = ""  # hf: the configuration name
+    split: str = "train"  # hf: the split to stream
+    max_bytes: int = attrs.field(default=0, validator=non_negative)  # stop reading after this many (0: all)
     valid_fraction: float = attrs.field(default=0.1, validator=fraction)
+    workers: int = attrs.field(default=0, validator=non_negative)  # loader processes preparing batches
 
     def check(self, path: str) -> None:
-        if self.source == "files" and not self.paths:
-            raise RecipeError(f"{path}.paths = [] is invalid: source 'files' needs at least one path")
+        if self.source in ("files", "jsonl", "parquet") and not self.paths:
+            raise RecipeError(f"{path}.paths = [] is invalid: source {self.source!r} needs at least one path")
+        if self.source == "hf" and not self.dataset:
+            raise RecipeError(f"{path}.dataset: required for source 'hf' (a Hugging Face dataset name)")
+        if self.source == "hf" and not self.max_bytes:
+            raise RecipeError(f"{path}.max_bytes: required for source 'hf' (how many bytes to stream)")
+
+
+def positive_or_auto(_inst, attribute, value):
+    if value != "auto":
+        positive(_inst, attribute, value)
 
 
 @attrs.define
 class TrainingSpec:
     steps: int = attrs.field(default=300, validator=positive)
-    batch_size: int = attrs.field(default=8, validator=positive)
-    lr: float = attrs.field(default=3e-3, validator=positive)
+    batch_size: int | Literal["auto"] = attrs.field(default=8, validator=positive_or_auto)  # global, in sequences
+    lr: float | Literal["auto"] = attrs.field(default=3e-3, validator=positive_or_auto)
     min_lr_fraction: float = attrs.field(default=0.1, validator=fraction)
     warmup_fraction: float = attrs.field(default=0.1, validator=fraction)
     weight_decay: float = attrs.field(default=0.1, validator=non_negative)
@@ -138,6 +178,10 @@ class TrainingSpec:
     sample_bytes: int = attrs.field(default=120, validator=non_negative)
     device: str = "auto"
     threads: int = attrs.field(default=0, validator=non_negative)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bfloat16 on CUDA with bf16 support
+    compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA only
+    activation_checkpointing: bool = False  # recompute each mixer block in the backward pass
+    tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard
 
 
 @attrs.define

@@ -5,10 +5,17 @@ A splitter marks the byte positions where the next stage gets a vector (a bounda
 ``boundaries(x + y)[:len(x)] == boundaries(x)`` for all byte strings x, y. The result must be
 a subset of ``parent`` (the previous stage's boundaries; all True for the byte stage), which
 keeps the stages nested.
+
+For step-by-step generation, :meth:`Splitter.start` returns a :class:`SplitterState` whose
+``push(byte, parent)`` gives the decision at the next byte, equal to ``boundaries`` at that
+position, at O(1) amortised cost per byte (O(window) for windowed regex patterns).
+
+A splitter with ``learned = True`` has no byte API: it is built as ``cls(config, dim)`` and
+called inside the forward on the fine stage's hidden states.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import attrs
 import numpy as np
@@ -19,10 +26,18 @@ class NoOptions:
     """A component without options."""
 
 
+class SplitterState(Protocol):
+    def push(self, byte: int, parent: bool) -> bool:
+        """Decision at the next byte of the document (``parent``: the finer stage's mask there)."""
+
+
 class Splitter:
     Config: ClassVar[type] = NoOptions
     #: option tables exercised by the registry-wide property tests
     examples: ClassVar[list[dict]] = [{}]
+    #: True for a splitter that decides from the stage's hidden states inside the model
+    #: (an ``nn.Module``; see :mod:`unetlm.splitters.learned`) instead of from bytes
+    learned: ClassVar[bool] = False
 
     def __init__(self, config) -> None:
         self.config = config
@@ -30,3 +45,7 @@ class Splitter:
     def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
         """Bool array of len(data): True where a boundary is. Causal and nested in ``parent``."""
         raise NotImplementedError
+
+    def start(self) -> SplitterState:
+        """Incremental state at the start of a document (cached generation needs it)."""
+        raise NotImplementedError(f"splitter {type(self).__name__} has no incremental state (start)")

@@ -24,3 +24,21 @@ class FixedWindowSplitter(Splitter):
         index = np.cumsum(parent) - 1  # rank of each parent position (causal)
         phase = 0 if self.config.first else self.config.size - 1
         return parent & (index % self.config.size == phase)
+
+    def start(self) -> FixedWindowState:
+        return FixedWindowState(self.config.size, 0 if self.config.first else self.config.size - 1)
+
+
+class FixedWindowState:
+    """Counts parent positions so far: O(1) per byte."""
+
+    __slots__ = ("size", "phase", "seen")
+
+    def __init__(self, size: int, phase: int) -> None:
+        self.size, self.phase, self.seen = size, phase, 0
+
+    def push(self, byte: int, parent: bool) -> bool:
+        if not parent:
+            return False
+        index, self.seen = self.seen, self.seen + 1
+        return index % self.size == self.phase

@@ -9,8 +9,13 @@ only bytes at or before it, so the presets are exactly stable (``a  \\nb`` promo
 and word4 is nested in word2, which is nested in word.
 
 Patterns: a boundary at byte t when the pattern matches a span of ``data`` that *ends* at t
-(the regex engine is given the bytes up to t only, at most ``window`` of them), so any pattern
-is stable by construction. ``every = n`` keeps every n-th such boundary.
+(the regex engine is given the bytes up to t only, at most ``window`` of them: lookbehinds,
+``^`` and ``\\b`` see no further back), so any pattern is stable by construction. ``every = n``
+keeps every n-th such boundary.
+
+Incremental states (:meth:`RegexSplitter.start`): a preset keeps the previous byte class and
+two counters (O(1) per byte); a pattern keeps at most 2 * ``window`` recent bytes and runs one
+end-anchored search over the last ``window`` of them (O(window) per byte, never the history).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ for _b in b"0123456789":
     _CLASS[_b] = DIGIT
 for _b in b"!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~":
     _CLASS[_b] = PUNCT
+_CLASS_OF = _CLASS.tolist()
 
 
 def word_events(data: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +113,7 @@ class RegexSplitter(Splitter):
             return keep_every(word, forced, PRESET_GROUP[self.config.preset]) & parent
         search, window = self._compiled.search, self.config.window
         hits = np.fromiter(
-            (search(data, max(0, t + 1 - window), t + 1) is not None for t in range(len(data))),
+            (search(data[max(0, t + 1 - window) : t + 1]) is not None for t in range(len(data))),
             dtype=bool,
             count=len(data),
         )
@@ -115,3 +121,54 @@ class RegexSplitter(Splitter):
         if self.config.every == 1:
             return hits
         return keep_every(hits, np.zeros_like(hits), self.config.every)
+
+    def start(self) -> PresetState | PatternState:
+        if self.config.preset is not None:
+            return PresetState(PRESET_GROUP[self.config.preset])
+        return PatternState(self._compiled, self.config.window, self.config.every)
+
+
+class PresetState:
+    """The preset rules of :func:`word_events` and :func:`keep_every`, one byte at a time."""
+
+    __slots__ = ("group", "prev", "digit_run", "count")
+
+    def __init__(self, group: int) -> None:
+        self.group, self.prev, self.digit_run, self.count = group, NEWLINE, 0, 0
+
+    def push(self, byte: int, parent: bool) -> bool:
+        cls, prev = _CLASS_OF[byte], self.prev
+        self.prev = cls
+        self.digit_run = self.digit_run + 1 if (cls == DIGIT and prev == DIGIT) else 0
+        if cls == NEWLINE or (cls == PUNCT and prev != PUNCT) or (cls == DIGIT and self.digit_run % 3 == 0):
+            self.count = 0
+            return parent
+        if cls == SPACE and prev != SPACE and prev != NEWLINE:
+            self.count += 1
+            if self.count == self.group:
+                self.count = 0
+                return parent
+        return False
+
+
+class PatternState:
+    """The last ``window`` bytes (kept in a buffer of at most 2 * window) and a hit counter."""
+
+    __slots__ = ("pattern", "window", "every", "recent", "count")
+
+    def __init__(self, pattern, window: int, every: int) -> None:
+        self.pattern, self.window, self.every = pattern, window, every
+        self.recent, self.count = bytearray(), 0
+
+    def push(self, byte: int, parent: bool) -> bool:
+        recent = self.recent
+        recent.append(byte)
+        if len(recent) > 2 * self.window:
+            del recent[: len(recent) - self.window]
+        if not parent or self.pattern.search(bytes(recent[-self.window :])) is None:
+            return False
+        self.count += 1
+        if self.count == self.every:
+            self.count = 0
+            return True
+        return False

@@ -1,4 +1,9 @@
-"""The training loop: one process, any device. Data, model and optimizer come from the recipe."""
+"""The training loop, from one CPU process to many GPUs under torchrun.
+
+Model: built from the recipe (unetlm.api). Parallelism: unetlm.train.parallel (FSDP2, full
+state dicts). Data: unetlm.data (a global batch per step, a pure function of (seed, step),
+split into equal row blocks per rank). This module only wires them and runs the steps.
+"""
 from __future__ import annotations
 
 import time
@@ -7,25 +12,23 @@ from pathlib import Path
 import torch
 
 from unetlm.api import build_model
+from unetlm.data.loader import step_batches
 from unetlm.data.packing import ByteData
 from unetlm.data.sources import load_documents
 from unetlm.model.generate import generate
+from unetlm.model.stack import Stack
 from unetlm.model.summary import summarize
+from unetlm.model.tokens import PAD
 from unetlm.recipe import Recipe, dump_recipe, recipe_from_dict
-from unetlm.train.checkpoint import CHECKPOINT, load_state, rng_state, save_atomic
-from unetlm.train.metrics import MetricsWriter, bits_per_byte
+from unetlm.recipe.schema import TrainingSpec
+from unetlm.train import parallel
+from unetlm.train.errors import TrainingError
+from unetlm.train.checkpoint import CHECKPOINT, load_state, rng_state, save_atomic, set_rng_state
+from unetlm.train.metrics import MetricsWriter, bits_per_byte, open_tensorboard
 from unetlm.train.optim import make_optimizer, make_scheduler
+from unetlm.train.parallel import World
 from unetlm.train.progress import Progress
-
-
-class TrainingError(RuntimeError):
-    pass
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from unetlm.train.scaling import resolve_budget
 
 
 def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -46,19 +49,71 @@ def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def autocast_dtype(spec: TrainingSpec, device: torch.device) -> torch.dtype | None:
+    """bfloat16 autocast where asked, or ("auto") on CUDA devices that support it; None: float32."""
+    if spec.dtype == "bfloat16":
+        return torch.bfloat16
+    if spec.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def use_compile(spec: TrainingSpec, device: torch.device) -> bool:
+    return device.type == "cuda" if spec.compile == "auto" else spec.compile
+
+
+def compile_model(model: torch.nn.Module, world: World) -> None:
+    """Static shapes. One process: the whole forward is one graph; under FSDP2 each block is compiled."""
+    if world.distributed:
+        for stack in model.modules():
+            if isinstance(stack, Stack):
+                for block in stack.blocks:
+                    block.compile(dynamic=False)
+    else:
+        model.compile(dynamic=False)
+
+
+def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, Stack):
+            module.checkpointing = on
+
+
+def forward_loss(model, batch, dtype: torch.dtype | None):
+    with torch.autocast(batch.tokens.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return model(batch.tokens, batch.doc, batch.masks, batch.targets)
+
+
 @torch.no_grad()
-def evaluate(model, batches, device) -> float:
-    """Mean validation loss in nats per target token."""
+def evaluate(model, batches, device, world: World | None = None, dtype: torch.dtype | None = None) -> float:
+    """Mean validation loss in nats per target byte, over all ranks' rows."""
     model.eval()
-    total, count = 0.0, 0
+    total = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         batch = batch.to(device)
-        out = model(batch.tokens, batch.doc, batch.masks, batch.targets)
-        n = int((batch.targets != 257).sum())
-        total += float(out.loss) * n
-        count += n
+        out = forward_loss(model, batch, dtype)
+        n = int((batch.targets != PAD).sum())
+        total += torch.tensor([float(out.loss) * n, n], dtype=torch.float64)
     model.train()
-    return total / max(count, 1)
+    if world is not None:
+        total = parallel.sum_over_ranks(total, world)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def check_resume(ckpt_path: Path, recipe: Recipe, resume: bool, force: bool) -> dict | None:
+    if not resume:
+        if ckpt_path.exists():
+            raise TrainingError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+        return None
+    if not ckpt_path.exists():
+        raise TrainingError(f"--resume: no checkpoint at {ckpt_path}")
+    state = load_state(ckpt_path)
+    diffs = [d for d in recipe_differences(state["recipe"], recipe.to_dict()) if not d.startswith("training.steps")]
+    if diffs and not force:
+        raise TrainingError(
+            "the recipe differs from the checkpoint's; pass --force to resume anyway:\n  " + "\n  ".join(diffs)
+        )
+    return state
 
 
 def train(
@@ -69,110 +124,143 @@ def train(
     progress: bool = True,
     sample: bool = True,
 ) -> dict:
-    """Train ``recipe`` into ``out_dir`` (checkpoint.pt, metrics.jsonl, recipe.toml); returns final metrics."""
-    out = Path(out_dir)
+    """Train ``recipe`` into ``out_dir`` (checkpoint.pt, metrics.jsonl, recipe.toml); returns final metrics.
+
+    Run as one process, or under ``torchrun`` (every rank calls this; rank 0 writes).
+    """
+    spec = recipe.training
+    world = parallel.init_world(spec.device)
+    try:
+        return _train(recipe, Path(out_dir), world, resume, force, progress, sample)
+    finally:
+        parallel.close_world(world)
+
+
+def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, progress: bool, sample: bool) -> dict:
     spec = recipe.training
     ckpt_path = out / CHECKPOINT
-    state = None
-    if resume:
-        if not ckpt_path.exists():
-            raise TrainingError(f"--resume: no checkpoint at {ckpt_path}")
-        state = load_state(ckpt_path)
-        diffs = recipe_differences(state["recipe"], recipe.to_dict())
-        diffs = [d for d in diffs if not d.startswith("training.steps")]
-        if diffs and not force:
-            raise TrainingError(
-                "the recipe differs from the checkpoint's; pass --force to resume anyway:\n  " + "\n  ".join(diffs)
-            )
-    elif ckpt_path.exists():
-        raise TrainingError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
-
+    state = check_resume(ckpt_path, recipe, resume, force)
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    device = world.device
     torch.manual_seed(spec.seed)
-    device = pick_device(spec.device)
-    model = build_model(recipe).to(device)
-    optimizer = make_optimizer(model, spec)
+    model = build_model(recipe)
+    summary = summarize(model)
+    seq_len = recipe.model.seq_len
+    budget = resolve_budget(spec.batch_size, spec.lr, spec.steps, seq_len, summary.train_flops_per_byte, world.size)
+    if budget.batch_size % world.size:
+        raise TrainingError(f"training.batch_size = {budget.batch_size} does not split over {world.size} processes")
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model.to(device)
+    set_activation_checkpointing(model, spec.activation_checkpointing)
+    parallel.shard_model(model, world)
+    optimizer = make_optimizer(model, spec, budget.lr)
     scheduler = make_scheduler(optimizer, spec)
     start_step = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        parallel.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start_step = state["step"]
+        set_rng_state(state["rng"])
+        start_step = state["data"]["next_step"] if "data" in state else state["step"]
+    dtype = autocast_dtype(spec, device)
+    compiled = use_compile(spec, device)
+    if compiled:
+        compile_model(model, world)
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.toml").write_text(dump_recipe(recipe), encoding="utf-8")
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.toml").write_text(dump_recipe(recipe), encoding="utf-8")
     data = ByteData.build(
-        load_documents(recipe.data), model.splitters, recipe.model.seq_len, spec.batch_size,
-        recipe.data.valid_fraction, spec.seed,
+        load_documents(recipe.data), model.splitters, seq_len, budget.batch_size, recipe.data.valid_fraction, spec.seed
     )
-    valid = data.valid_batches(spec.eval_batches)
-    summary = summarize(model)
+    valid = data.valid_batches(spec.eval_batches, world.rank, world.size)
     flops_per_byte = summary.train_flops_per_byte
-    bytes_per_step = spec.batch_size * recipe.model.seq_len
-    metrics = MetricsWriter(out / "metrics.jsonl")
-    bar = Progress(spec.steps, start_step, enabled=progress)
+    bytes_per_step = budget.batch_size * seq_len
+    metrics = MetricsWriter(out / "metrics.jsonl") if world.main else None
+    board = open_tensorboard(out / "tensorboard") if (spec.tensorboard and world.main) else None
+    bar = Progress(spec.steps, start_step, enabled=progress and world.main)
     bar.write(
         f"{recipe.name or 'recipe'}: {summary.params:,} parameters, {flops_per_byte / 1e6:.2f} MFLOPs/byte "
-        f"(training), {len(data.train):,} training bytes, device {device}"
+        f"(training), {len(data.train):,} training bytes, {world.size} x {device}, "
+        f"{'bfloat16 autocast' if dtype else 'float32'}{', compiled' if compiled else ''}"
     )
+    bar.write(budget.describe(seq_len))
 
     def checkpoint(step: int) -> None:
-        save_atomic(
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "recipe": recipe.to_dict(),
-                "rng": rng_state(),
-            },
-            ckpt_path,
-        )
+        model_state, optim_state = parallel.full_state(model, optimizer)
+        if world.main:
+            save_atomic(
+                {
+                    "model": model_state,
+                    "optimizer": optim_state,
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "data": {"next_step": step, "seed": spec.seed, "world_size": world.size},
+                    "recipe": recipe.to_dict(),
+                    "rng": rng_state(),
+                },
+                ckpt_path,
+            )
+        parallel.barrier(world)
 
     model.train()
     step = start_step
-    last = {}
+    last: dict = {}
+    batches = step_batches(data, start_step, spec.steps, world.rank, world.size, recipe.data.workers)
     started = time.perf_counter()
     try:
         while step < spec.steps:
-            batch = data.train_batch(step).to(device)
-            output = model(batch.tokens, batch.doc, batch.masks, batch.targets)
-            loss = output.loss
+            batch = next(batches).to(device)
+            output = forward_loss(model, batch, dtype)
+            loss = parallel.mean_over_ranks(output.loss.detach(), world)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {float(loss)} at step {step + 1}; stopping. The last good checkpoint "
                     f"({ckpt_path}) is kept; lower training.lr or training.grad_clip and --resume."
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
+            output.objective.backward()
+            grad_norm = parallel.local_tensor(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
+            )
+            if not torch.isfinite(grad_norm):
+                raise TrainingError(
+                    f"gradient norm became {float(grad_norm)} at step {step + 1}; stopping. The last good "
+                    f"checkpoint ({ckpt_path}) is kept; lower training.lr and --resume."
+                )
             optimizer.step()
             scheduler.step()
             step += 1
             loss_value = loss.item()
-            truncated = [int(t.sum()) for t in output.truncated]
+            truncated = [int(parallel.sum_over_ranks(t.sum(), world)) for t in output.truncated]
             elapsed = time.perf_counter() - started
             last = {
                 "step": step,
                 "loss": loss_value,
                 "bpb": bits_per_byte(loss_value),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_multiplier", 1.0),
                 "grad_norm": float(grad_norm),
                 "bytes": step * bytes_per_step,
                 "flops": step * bytes_per_step * flops_per_byte,
                 "bytes_per_s": (step - start_step) * bytes_per_step / max(elapsed, 1e-9),
                 "truncated": truncated,
             }
+            if output.aux_loss is not None:  # learned splitters: ratio loss and achieved bytes per chunk
+                last["aux_loss"] = float(parallel.mean_over_ranks(output.aux_loss.detach(), world))
+                last["bytes_per_chunk"] = [float(parallel.mean_over_ranks(b, world)) for b in output.bytes_per_chunk]
             if step % spec.eval_every == 0 or step == spec.steps:
-                val = evaluate(model, valid, device)
+                val = evaluate(model, valid, device, world, dtype)
                 last["val_loss"], last["val_bpb"] = val, bits_per_byte(val)
-            metrics.write(last)
+            if metrics is not None:
+                metrics.write(last)
+            if board is not None:
+                for key in ("loss", "bpb", "lr", "grad_norm", "bytes_per_s", "val_bpb"):
+                    if key in last:
+                        board.add_scalar(f"train/{key}", last[key], step)
             if any(truncated):
                 bar.write(f"step {step}: truncated boundaries per stage transition: {truncated} (raise max_len)")
-            shown = {"loss": loss_value, "bpb": last["bpb"]}
+            shown = {"loss": loss_value, "bpb": last["bpb"], "bytes/s": f"{last['bytes_per_s']:,.0f}"}
             if "val_bpb" in last:
                 shown["val_bpb"] = last["val_bpb"]
             bar.update(step, **shown)
@@ -181,16 +269,32 @@ def train(
     except KeyboardInterrupt:
         bar.close()
         checkpoint(step)
-        print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with --resume", flush=True)
+        if world.main:
+            print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with --resume", flush=True)
         return last
     finally:
         bar.close()
+        if board is not None:
+            board.close()
 
-    if sample and spec.sample_bytes > 0:
-        prompt = spec.sample_prompt.encode("utf-8")
-        text = generate(model, prompt, spec.sample_bytes, temperature=0.8, top_k=40, seed=spec.seed)
-        last["sample"] = (prompt + text).decode("utf-8", errors="replace")
+    if sample and spec.sample_bytes > 0 and world.main:
+        last["sample"] = sample_text(recipe, load_state(ckpt_path)["model"])
     return last
+
+
+def sample_text(recipe: Recipe, model_state: dict) -> str:
+    """A continuation of ``training.sample_prompt`` by an eager, unsharded copy of the trained model."""
+    spec = recipe.training
+    model = build_model(recipe)
+    model.load_state_dict(model_state)
+    model.eval()
+    prompt = spec.sample_prompt.encode("utf-8")
+    options = dict(temperature=0.8, top_k=40, seed=spec.seed)
+    try:
+        text = generate(model, [prompt], spec.sample_bytes, **options)[0]
+    except NotImplementedError:  # a component without the incremental step API: recompute instead
+        text = generate(model, [prompt], spec.sample_bytes, cached=False, **options)[0]
+    return (prompt + text).decode("utf-8", errors="replace")
 
 
 def load_run_recipe(run_dir: str | Path) -> Recipe:

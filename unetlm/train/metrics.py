@@ -23,3 +23,14 @@ class MetricsWriter:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def open_tensorboard(path: Path):
+    """A TensorBoard SummaryWriter (``training.tensorboard = true``); imported only when asked for."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from unetlm.recipe.errors import RecipeError
+
+        raise RecipeError("training.tensorboard = true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(str(path))

@@ -9,13 +9,31 @@ from torch import nn
 from unetlm.recipe.schema import TrainingSpec
 
 
-def make_optimizer(model: nn.Module, spec: TrainingSpec) -> torch.optim.AdamW:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2))
+def lr_multipliers(model: nn.Module) -> list[tuple[float, list[nn.Parameter]]]:
+    """(multiplier, parameters) per stage (``StageSpec.lr_multiplier``); one group for other models."""
+    stages = getattr(model, "parameter_stages", None)
+    if stages is None:
+        return [(1.0, list(model.parameters()))]
+    specs = model.spec.stages
+    return [(spec.lr_multiplier or 1.0, params) for spec, params in zip(specs, stages())]
+
+
+def make_optimizer(model: nn.Module, spec: TrainingSpec, lr: float) -> torch.optim.AdamW:
+    """AdamW at ``lr`` (the resolved learning rate: ``spec.lr`` may be "auto") times each stage's
+    multiplier; groups record their ``lr_multiplier``."""
+    by_multiplier: dict[float, tuple[list, list]] = {}
+    for mult, params in lr_multipliers(model):
+        decay, no_decay = by_multiplier.setdefault(mult, ([], []))
+        for p in params:
+            if p.requires_grad:
+                (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = []
+    for mult, (decay, no_decay) in by_multiplier.items():
+        groups += [
+            {"params": decay, "weight_decay": spec.weight_decay, "lr": lr * mult, "lr_multiplier": mult},
+            {"params": no_decay, "weight_decay": 0.0, "lr": lr * mult, "lr_multiplier": mult},
+        ]
+    return torch.optim.AdamW(groups, lr=lr, betas=(spec.beta1, spec.beta2))
 
 
 def lr_factor(step: int, spec: TrainingSpec) -> float:

@@ -13,5 +13,11 @@ class LinearUpsampler(Upsampler):
         super().__init__(config, coarse_dim, fine_dim)
         self.proj = nn.Linear(coarse_dim, fine_dim, bias=False)
 
-    def forward(self, coarse: torch.Tensor, link: Link) -> torch.Tensor:
+    def forward(self, coarse: torch.Tensor, link: Link, fine: torch.Tensor | None = None) -> torch.Tensor:
         return self.spread(self.proj(self.with_start(coarse)), link)
+
+    def prepare(self, coarse: torch.Tensor) -> torch.Tensor:
+        return self.proj(coarse)
+
+    def step(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        return prepared

@@ -31,7 +31,7 @@ class MultiLinearUpsampler(Upsampler):
         self.shared = nn.Linear(coarse_dim, fine_dim, bias=False)
         self.per_offset = nn.Linear(coarse_dim, fine_dim * config.offsets, bias=False)
 
-    def forward(self, coarse: torch.Tensor, link: Link) -> torch.Tensor:
+    def forward(self, coarse: torch.Tensor, link: Link, fine: torch.Tensor | None = None) -> torch.Tensor:
         ext = self.with_start(coarse)  # (B, Lc+1, dc)
         B, Lc1, _ = ext.shape
         K, df = self.config.offsets, self.fine_dim
@@ -39,6 +39,17 @@ class MultiLinearUpsampler(Upsampler):
         index = link.fine_seg * K + link.fine_offset.clamp(max=K - 1)
         picked = by_offset.gather(1, index.unsqueeze(-1).expand(-1, -1, df))
         return picked + self.spread(self.shared(ext), link)
+
+    def prepare(self, coarse: torch.Tensor) -> torch.Tensor:
+        """(B, dc) -> (B, 1 + offsets, df): the shared map, then one row per offset map."""
+        B = coarse.shape[0]
+        shared = self.shared(coarse).unsqueeze(1)
+        return torch.cat([shared, self.per_offset(coarse).view(B, self.config.offsets, self.fine_dim)], dim=1)
+
+    def step(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        row = 1 + offset.clamp(max=self.config.offsets - 1)
+        picked = prepared.gather(1, row.view(-1, 1, 1).expand(-1, 1, self.fine_dim)).squeeze(1)
+        return picked + prepared[:, 0]
 
     def forward_flops(self, fine_len: int, coarse_len: int) -> float:
         return 2.0 * self.coarse_dim * self.fine_dim * (self.config.offsets + 1) * (coarse_len + 1)

@@ -22,8 +22,14 @@ class RepeatConfig:
 class RepeatUpsampler(Upsampler):
     Config = RepeatConfig
 
-    def forward(self, coarse: torch.Tensor, link: Link) -> torch.Tensor:
+    def forward(self, coarse: torch.Tensor, link: Link, fine: torch.Tensor | None = None) -> torch.Tensor:
         return self.spread(self.with_start(coarse), link)
+
+    def prepare(self, coarse: torch.Tensor) -> torch.Tensor:
+        return coarse
+
+    def step(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+        return prepared
 
     def forward_flops(self, fine_len: int, coarse_len: int) -> float:
         return 0.0

@@ -10,8 +10,11 @@ Events, each decided from the bytes up to it:
 
 A whitespace run yields at most one event. The boundary goes to the first parent position at or
 after the event (with the word stage as parent that is the event byte itself: whitespace after
-a word and every newline are word boundaries). So the result is nested in ``parent``, and the
-decision at byte t reads ``data[:t+1]`` and ``parent[:t+1]`` only: stable by construction.
+a word and every newline are word boundaries). So the result is nested in ``parent``.
+
+One state machine (:class:`SentenceState`) reads the bytes in order, and ``boundaries`` is
+defined by running it: the decision at byte t reads ``data[:t+1]`` and ``parent[:t+1]`` only,
+so it is stable by construction, and cached generation pushes the same state one byte at a time.
 """
 from __future__ import annotations
 
@@ -52,37 +55,54 @@ class SentenceSplitter(Splitter):
     def __init__(self, config: SentenceConfig) -> None:
         super().__init__(config)
         # (UTF-8 sequence, is_closer) grouped by last byte, so most bytes need no check at all
-        self._by_last: dict[int, list[tuple[bytes, bool]]] = {}
+        self.rules: dict[int, list[tuple[bytes, bool]]] = {}
         for text, is_closer in ((config.terminators, False), (config.closers, True)):
             for char in dict.fromkeys(text):
                 seq = char.encode("utf-8")
-                self._by_last.setdefault(seq[-1], []).append((seq, is_closer))
+                self.rules.setdefault(seq[-1], []).append((seq, is_closer))
+        self.longest = max(len(seq) for rules in self.rules.values() for seq, _ in rules)
 
     def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(data), dtype=bool)
-        # ended[t]: data[:t] ends with a terminator, possibly followed by closers
-        ended = np.zeros(len(data) + 1, dtype=bool)
-        in_run = fired = pending = False
-        newlines = 0
-        for t, byte in enumerate(data):
-            if byte in WHITESPACE:
-                start = not in_run
-                if start:
-                    in_run, fired, newlines = True, False, 0
-                newlines += byte == NEWLINE
-                paragraph = self.config.paragraphs and newlines >= 2
-                if not fired and ((start and ended[t]) or paragraph):
-                    fired = pending = True
-            else:
-                in_run = False
-                ended[t + 1] = self._ends_sentence(data, t + 1, ended)
-            if pending and parent[t]:
-                out[t] = True
-                pending = False
-        return out
+        push = self.start().push
+        return np.fromiter(map(push, data, np.asarray(parent, dtype=bool).tolist()), dtype=bool, count=len(data))
 
-    def _ends_sentence(self, data: bytes, end: int, ended: np.ndarray) -> bool:
-        for seq, is_closer in self._by_last.get(data[end - 1], ()):
-            if data.endswith(seq, 0, end) and (not is_closer or ended[end - len(seq)]):
-                return True
+    def start(self) -> SentenceState:
+        return SentenceState(self)
+
+
+class SentenceState:
+    """Reads one byte at a time; keeps the last few bytes for multi-byte terminators and closers."""
+
+    __slots__ = ("rules", "paragraphs", "keep", "recent", "ended", "in_run", "fired", "pending", "newlines")
+
+    def __init__(self, splitter: SentenceSplitter) -> None:
+        self.rules, self.paragraphs, self.keep = splitter.rules, splitter.config.paragraphs, splitter.longest
+        self.recent = bytearray(self.keep)  # the last `keep` bytes (zeros before the text)
+        self.ended = [False] * self.keep  # ended[-k]: the text without its last k - 1 bytes ends a sentence
+        self.in_run = self.fired = self.pending = False  # in a whitespace run; it had its event; unplaced
+        self.newlines = 0  # newlines in the current whitespace run
+
+    def push(self, byte: int, parent: bool) -> bool:
+        recent = self.recent
+        recent.append(byte)
+        del recent[0]
+        ended = False
+        if byte in WHITESPACE:
+            start = not self.in_run
+            if start:
+                self.in_run, self.fired, self.newlines = True, False, 0
+            self.newlines += byte == NEWLINE
+            if not self.fired and ((start and self.ended[-1]) or (self.paragraphs and self.newlines >= 2)):
+                self.fired = self.pending = True
+        else:
+            self.in_run = False
+            for seq, is_closer in self.rules.get(byte, ()):
+                if recent.endswith(seq) and (not is_closer or self.ended[-len(seq)]):
+                    ended = True
+                    break
+        self.ended.append(ended)
+        del self.ended[0]
+        if self.pending and parent:
+            self.pending = False
+            return True
         return False

@@ -1,0 +1,112 @@
+"""Data: sources give raw bytes, batches are a pure function of (seed, step, rank, world)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unetlm.data.loader import step_batches
+from unetlm.data.packing import ByteData, pack
+from unetlm.data.sources import load_documents
+from unetlm.model.tokens import BOS
+from unetlm.recipe import RecipeError
+from unetlm.recipe.schema import DataSpec
+from unetlm.splitters.regex import RegexSplitter
+
+
+def data_spec(**kw) -> DataSpec:
+    from unetlm.recipe.structure import structure
+
+    return structure(DataSpec, kw, "data")
+
+
+def test_files_and_globs_read_raw_bytes(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_bytes(b"first")
+    (tmp_path / "sub" / "b.txt").write_bytes(b"\xff\xfe not utf-8")
+    docs = load_documents(data_spec(source="files", paths=[str(tmp_path / "**" / "*.txt")]))
+    assert docs == [b"first", b"\xff\xfe not utf-8"]
+    with pytest.raises(RecipeError, match="matches no file"):
+        load_documents(data_spec(source="files", paths=[str(tmp_path / "*.none")]))
+
+
+def test_jsonl_text_field_keeps_invalid_utf8(tmp_path):
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"body": "héllo", "id": 1}).encode(), b"", b'{"body": "raw \xff byte"}']
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    docs = load_documents(data_spec(source="jsonl", paths=[str(path)], text_field="body"))
+    assert docs == ["héllo".encode(), b"raw \xff byte"]
+    with pytest.raises(RecipeError, match="no field 'text'"):
+        load_documents(data_spec(source="jsonl", paths=[str(path)]))
+
+
+def test_parquet_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["one", "two", None]}), tmp_path / "d.parquet")
+    assert load_documents(data_spec(source="parquet", paths=[str(tmp_path / "*.parquet")])) == [b"one", b"two"]
+
+
+def test_hf_source_needs_a_name_and_a_limit():
+    with pytest.raises(RecipeError, match="data.dataset"):
+        data_spec(source="hf", max_bytes=100)
+    with pytest.raises(RecipeError, match="data.max_bytes"):
+        data_spec(source="hf", dataset="x/y")
+    with pytest.raises(RecipeError, match="needs at least one path"):
+        data_spec(source="jsonl")
+
+
+def test_max_bytes_stops_after_the_crossing_document():
+    docs = load_documents(data_spec(source="pydocs", max_bytes=1000))
+    assert sum(map(len, docs[:-1])) < 1000 <= sum(map(len, docs))
+
+
+def make_data(batch_size=4, seed=0) -> ByteData:
+    rng = np.random.default_rng(1)
+    docs = [bytes(rng.choice(list(b"ab cd. "), size=int(n))) for n in rng.integers(5, 200, size=40)]
+    return ByteData.build(docs, [RegexSplitter(RegexSplitter.Config(preset="word"))], 32, batch_size, 0.2, seed)
+
+
+def test_pack_marks_documents():
+    stream = pack([b"ab", b"c"], [])
+    assert stream.tokens.tolist() == [BOS, 97, 98, BOS, 99]
+    assert stream.doc.tolist() == [0, 0, 0, 1, 1]
+
+
+@settings(max_examples=10)
+@given(step=st.integers(0, 10**6), world=st.sampled_from([1, 2, 4]))
+def test_rank_shards_concatenate_to_the_global_batch(step, world):
+    data = make_data(batch_size=4)
+    whole = data.train_batch(step)
+    parts = [data.train_batch(step, r, world) for r in range(world)]
+    assert torch.equal(torch.cat([p.tokens for p in parts]), whole.tokens)
+    assert torch.equal(torch.cat([p.masks[0] for p in parts]), whole.masks[0])
+    assert torch.equal(make_data(batch_size=4).train_batch(step).tokens, whole.tokens)  # deterministic
+    assert not torch.equal(make_data(batch_size=4, seed=1).train_batch(step).tokens, whole.tokens)
+
+
+def test_batch_must_split_over_ranks():
+    with pytest.raises(ValueError, match="does not split"):
+        make_data(batch_size=4).train_batch(0, 0, 3)
+
+
+def test_loader_workers_keep_step_order():
+    data = make_data()
+    plain = [b.tokens for b in step_batches(data, 3, 11)]
+    workers = [b.tokens for b in step_batches(data, 3, 11, workers=2)]
+    assert len(plain) == len(workers) == 8
+    assert all(torch.equal(a, b) for a, b in zip(plain, workers))
+    assert torch.equal(plain[0], data.train_batch(3).tokens)
+
+
+def test_validation_rows_shard_like_training():
+    data = make_data()
+    whole = data.valid_batches(2)
+    halves = [data.valid_batches(2, r, 2) for r in range(2)]
+    for i in range(2):
+        assert torch.equal(torch.cat([h[i].tokens for h in halves]), whole[i].tokens)

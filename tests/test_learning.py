@@ -1,0 +1,36 @@
+"""A tiny recipe learns real text."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import unetlm
+from unetlm.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} is absent (the shared corpora are not here)")
+def test_tiny_au2_loss_falls_on_shakespeare(tmp_path):
+    recipe = unetlm.load_recipe(
+        ROOT / "recipes" / "tiny" / "au2.toml",
+        [
+            "data.source=files", f"data.paths=['{SHAKESPEARE.as_posix()}']",
+            "training.steps=40", "training.batch_size=8", "training.eval_every=40", "training.lr=5e-3",
+        ],
+    )
+    model = unetlm.build_model(recipe)
+    from unetlm.data.packing import ByteData
+    from unetlm.data.sources import load_documents
+    from unetlm.train.loop import evaluate
+
+    data = ByteData.build(load_documents(recipe.data), model.splitters, recipe.model.seq_len, 8, 0.1, 0)
+    import torch
+
+    torch.manual_seed(recipe.training.seed)
+    before = evaluate(unetlm.build_model(recipe), data.valid_batches(4), torch.device("cpu"))
+    result = train(recipe, tmp_path / "run", progress=False, sample=False)
+    assert result["val_loss"] < 0.65 * before, (before, result["val_loss"])
+    assert result["val_bpb"] < 5.0  # uniform guessing is 8 bits per byte

@@ -1,0 +1,243 @@
+"""Training loop: resume equality, NaN stop, atomic checkpoints, recipe checks, budget fits, compile."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from unetlm.api import build_model, load_checkpoint
+from unetlm.recipe import RecipeError, recipe_from_dict
+from unetlm.train import checkpoint as ckpt_module
+from unetlm.train import loop
+from unetlm.train.checkpoint import CHECKPOINT, load_state, save_atomic
+from unetlm.train.metrics import read_metrics
+from unetlm.train.scaling import fitted_batch_bytes, fitted_lr, resolve_budget
+
+WORDS = "the a byte model learns words from text and pools them into coarser stages then back".split()
+
+
+def write_corpus(directory, docs: int = 8, words: int = 500) -> str:
+    rng = random.Random(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(docs):
+        text = " ".join(rng.choice(WORDS) for _ in range(words)) + ".\n"
+        (directory / f"doc{i}.txt").write_text(text, encoding="utf-8")
+    return str(directory / "*.txt")
+
+
+def tiny_recipe_dict(data_glob: str, **training) -> dict:
+    spec = {
+        "steps": 6, "batch_size": 4, "eval_every": 3, "eval_batches": 1, "checkpoint_every": 3,
+        "sample_bytes": 0, "device": "cpu", "compile": False, "lr": 3e-3,
+    }
+    spec.update(training)
+    attn = {"name": "attention", "head_dim": 8}
+    return {
+        "name": "tiny",
+        "model": {
+            "seq_len": 64,
+            "stages": [
+                {"dim": 16, "layers": 1, "mixer": attn},
+                {"dim": 32, "layers": 1, "max_len": 32, "mixer": attn, "splitter": {"name": "regex", "preset": "word"},
+                 "pooler": {"name": "select"}, "upsampler": {"name": "multi-linear"}},
+            ],
+        },
+        "data": {"source": "files", "paths": [data_glob], "valid_fraction": 0.2},
+        "training": spec,
+    }
+
+
+def tiny_recipe(data_glob: str, **training):
+    return recipe_from_dict(tiny_recipe_dict(data_glob, **training))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def full_run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    result = loop.train(tiny_recipe(corpus, sample_bytes=8), out, progress=False)
+    return out, result
+
+
+def test_run_writes_its_files(full_run):
+    out, result = full_run
+    assert (out / "recipe.toml").is_file() and (out / CHECKPOINT).is_file()
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
+    assert math.isfinite(result["val_bpb"]) and result["sample"].startswith("The ")
+    state = load_state(out / CHECKPOINT)
+    assert state["step"] == 6 and state["data"]["next_step"] == 6
+    assert {"model", "optimizer", "scheduler", "rng", "recipe"} <= set(state)
+    model, _ = load_checkpoint(out / CHECKPOINT)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def interrupt_at(monkeypatch, at_step: int) -> None:
+    """Make the batch iterator raise KeyboardInterrupt (as Ctrl-C would) before step ``at_step``."""
+    real = loop.step_batches
+
+    def patched(data, start, stop, *args):
+        def gen():
+            for step, batch in zip(range(start, stop), real(data, start, stop, *args)):
+                if step == at_step:
+                    raise KeyboardInterrupt
+                yield batch
+        return gen()
+
+    monkeypatch.setattr(loop, "step_batches", patched)
+
+
+def test_resume_equals_uninterrupted(full_run, corpus, tmp_path, monkeypatch):
+    out, _ = full_run
+    recipe = tiny_recipe(corpus, sample_bytes=8)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 4)  # Ctrl-C after step 4 (no checkpoint is due there: checkpoint_every = 3)
+        loop.train(recipe, tmp_path, progress=False)
+    assert load_state(tmp_path / CHECKPOINT)["step"] == 4
+    loop.train(recipe, tmp_path, resume=True, progress=False)
+    want, got = losses(out), losses(tmp_path)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    a, b = load_state(out / CHECKPOINT)["model"], load_state(tmp_path / CHECKPOINT)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_resume_refuses_a_different_recipe(full_run, corpus):
+    out, _ = full_run
+    changed = tiny_recipe(corpus, sample_bytes=8, lr=1e-3, weight_decay=0.0)
+    with pytest.raises(loop.TrainingError) as err:
+        loop.train(changed, out, resume=True, progress=False)
+    assert "training.lr: 0.003 -> 0.001" in str(err.value)
+    assert "training.weight_decay: 0.1 -> 0.0" in str(err.value)
+    with pytest.raises(loop.TrainingError, match="exists"):
+        loop.train(changed, out, progress=False)
+
+
+def test_resume_with_force_and_more_steps(corpus, tmp_path):
+    loop.train(tiny_recipe(corpus, steps=3), tmp_path, progress=False)
+    result = loop.train(tiny_recipe(corpus, steps=4, lr=1e-3), tmp_path, resume=True, force=True, progress=False)
+    assert result["step"] == 4 and load_state(tmp_path / CHECKPOINT)["step"] == 4
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    real = loop.forward_loss
+    calls = {"train": 0}
+
+    def poisoned(model, batch, dtype):
+        out = real(model, batch, dtype)
+        if model.training:
+            calls["train"] += 1
+            if calls["train"] == 5:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(loop, "forward_loss", poisoned)
+    with pytest.raises(loop.TrainingError, match="loss became nan at step 5"):
+        loop.train(tiny_recipe(corpus), tmp_path, progress=False)
+    state = load_state(tmp_path / CHECKPOINT)
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert max(losses(tmp_path)) == 4
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    loop.train(tiny_recipe(corpus, steps=3), tmp_path, progress=False)
+    path = tmp_path / CHECKPOINT
+    before = path.read_bytes()
+
+    def crashing_save(obj, f):
+        f.write(b"partial checkpoint bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt_module.torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        loop.train(tiny_recipe(corpus, steps=6), tmp_path, resume=True, progress=False)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert load_state(path)["step"] == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    save_atomic({"step": 9}, path)
+    assert load_state(path) == {"step": 9}
+
+
+def test_budget_fits_and_units():
+    assert fitted_batch_bytes(1e19) == pytest.approx(0.66 * 1e19**0.321)
+    assert 5e5 < fitted_batch_bytes(1e19) < 1e6  # about 100 sequences of 8192 bytes
+    assert fitted_lr(1e19) == pytest.approx(6.6 * 1e19**-0.176)
+    budget = resolve_budget("auto", "auto", steps=1000, seq_len=512, flops_per_byte=4e6, world=2)
+    assert budget.batch_size % 2 == 0
+    assert budget.compute == pytest.approx(4e6 * 1000 * budget.batch_size * 512)
+    # the automatic batch is the fit at the compute it implies (up to rounding to whole sequences)
+    assert abs(budget.batch_size * 512 - fitted_batch_bytes(budget.compute)) <= 512 * 2 * 1.01
+    assert budget.lr == pytest.approx(fitted_lr(budget.compute))
+    fixed = resolve_budget(8, 1e-3, steps=10, seq_len=512, flops_per_byte=4e6)
+    assert (fixed.batch_size, fixed.lr, fixed.bytes) == (8, 1e-3, 10 * 8 * 512)
+
+
+def test_auto_values_in_a_recipe(corpus, tmp_path):
+    recipe = tiny_recipe(corpus, steps=2, lr="auto", batch_size="auto")
+    assert recipe.training.lr == "auto"
+    loop.train(recipe, tmp_path, progress=False)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    budget = resolve_budget("auto", "auto", 2, 64, records[0]["flops"] / records[0]["bytes"])
+    assert records[0]["bytes"] == budget.batch_size * 64
+    with pytest.raises(RecipeError, match="training.lr"):
+        recipe_from_dict(tiny_recipe_dict(corpus, lr="fast"))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(corpus):
+    torch.manual_seed(0)
+    model = build_model(tiny_recipe(corpus))
+    tokens = torch.randint(0, 256, (2, 64))
+    grads = []
+    for on in (False, True):
+        loop.set_activation_checkpointing(model, on)
+        model.zero_grad()
+        model(tokens, targets=tokens.roll(-1, 1)).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(corpus, full_run, tmp_path):
+    out, _ = full_run
+    result = loop.train(tiny_recipe(corpus, steps=2, compile=True), tmp_path,
+                        progress=False)
+    assert math.isfinite(result["loss"])
+    got, want = losses(tmp_path), losses(out)
+    assert got[1] == pytest.approx(want[1], abs=1e-4)
+
+
+def test_plot_several_runs(full_run, corpus, tmp_path):
+    pytest.importorskip("matplotlib")
+    from unetlm.cli import main
+    from unetlm.train.plot import run_curves
+
+    out, _ = full_run
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (other / "metrics.jsonl").write_text("\n".join(lines[:4] + lines[2:]) + "\n")  # steps 3-4 logged twice
+    assert [r["step"] for r in run_curves(other)] == [1, 2, 3, 4, 5, 6]
+    png = tmp_path / "runs.png"
+    assert main(["plot", str(out), str(other), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bfloat16_autocast_on_cpu(corpus, tmp_path):
+    recipe = tiny_recipe(corpus, steps=2, dtype="bfloat16")
+    assert loop.autocast_dtype(recipe.training, torch.device("cpu")) == torch.bfloat16
+    assert loop.autocast_dtype(tiny_recipe(corpus).training, torch.device("cpu")) is None  # auto: fp32 on CPU
+    result = loop.train(recipe, tmp_path, progress=False)
+    assert math.isfinite(result["loss"]) and math.isfinite(result["val_bpb"])
+    assert load_state(tmp_path / CHECKPOINT)["model"]["head.weight"].dtype == torch.float32

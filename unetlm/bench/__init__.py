@@ -1,0 +1,1 @@
+"""Benchmarks: measured speed of training and generation (not timed tests)."""

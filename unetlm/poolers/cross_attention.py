@@ -1,0 +1,100 @@
+"""Cross-attention pooling (BLT's local-encoder pooling).
+
+Coarse vector k starts from the fine vector at its boundary (linearly mapped to the coarse
+dim); as a multi-head query it attends to the fine vectors of its own patch: the positions
+after the previous boundary up to and including its boundary, in its document. So it reads
+fine positions <= coarse_src[k] only. The patch mask is a segment softmax over
+:func:`~unetlm.poolers.mean.segment_of` (each fine position belongs to exactly one patch), so
+the cost grows with the fine length, not with fine x coarse, and nothing syncs with the host.
+Step by step, the keys and values of each row's open patch are kept until its boundary.
+"""
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import nn
+from torch_geometric.utils import scatter, softmax
+
+from unetlm.model.layout import Link
+from unetlm.poolers.base import Pooler
+from unetlm.poolers.mean import segment_of
+from unetlm.recipe.errors import RecipeError
+from unetlm.recipe.structure import positive
+
+
+@attrs.define
+class CrossAttentionConfig:
+    heads: int = attrs.field(default=4, validator=positive)
+    head_dim: int | None = attrs.field(default=None, validator=positive)  # default: dim // heads
+
+    def check_shapes(self, path: str, dim: int, fine_dim: int) -> None:
+        if self.head_dim is None and dim % self.heads:
+            raise RecipeError(
+                f"{path}.heads = {self.heads} is invalid: it must divide the stage dim {dim} (or set head_dim)"
+            )
+
+    def head_size(self, dim: int) -> int:
+        return self.head_dim if self.head_dim is not None else dim // self.heads
+
+
+class CrossAttentionPooler(Pooler):
+    Config = CrossAttentionConfig
+    examples = [{"heads": 2}, {"heads": 1, "head_dim": 8}]
+
+    def __init__(self, config: CrossAttentionConfig, fine_dim: int, coarse_dim: int) -> None:
+        super().__init__(config, fine_dim, coarse_dim)
+        self.heads, self.head_dim = config.heads, config.head_size(coarse_dim)
+        inner = self.heads * self.head_dim
+        self.init = nn.Linear(fine_dim, coarse_dim, bias=False)
+        self.q_norm = nn.RMSNorm(coarse_dim, eps=1e-6)
+        self.q = nn.Linear(coarse_dim, inner, bias=False)
+        self.kv_norm = nn.RMSNorm(fine_dim, eps=1e-6)
+        self.kv = nn.Linear(fine_dim, 2 * inner, bias=False)
+        self.out = nn.Linear(inner, coarse_dim, bias=False)
+
+    def forward(self, h: torch.Tensor, link: Link) -> torch.Tensor:
+        B, Lf, d = h.shape
+        Lc = link.coarse_src.shape[1]
+        H, hd = self.heads, self.head_dim
+        query = self.init(h.gather(1, link.coarse_src.unsqueeze(-1).expand(-1, -1, d)))  # (B, Lc, dc)
+        q = self.q(self.q_norm(query)).view(B, Lc, H, hd)
+        k, v = self.kv(self.kv_norm(h)).view(B, Lf, 2, H, hd).unbind(2)
+        segment = segment_of(link)  # (B, Lf) in [0, Lc]; Lc = no patch
+        q_ext = torch.cat([q, q.new_zeros(B, 1, H, hd)], dim=1)
+        q_at = q_ext.gather(1, segment.view(B, Lf, 1, 1).expand(B, Lf, H, hd))  # each position's patch query
+        scores = (q_at * k).sum(-1) * hd**-0.5  # (B, Lf, H)
+        flat = (segment + torch.arange(B, device=h.device)[:, None] * (Lc + 1)).reshape(-1)
+        weights = softmax(scores.reshape(B * Lf, H), flat, num_nodes=B * (Lc + 1))
+        mixed = scatter(weights.unsqueeze(-1) * v.reshape(B * Lf, H, hd), flat, dim=0, dim_size=B * (Lc + 1))
+        return query + self.out(mixed.view(B, Lc + 1, H * hd)[:, :Lc])
+
+    def init_state(self, batch: int, device, dtype):
+        """(keys, values (B, n, H, hd), live (B, n)): the open patches; columns no row needs are dropped."""
+        empty = torch.zeros(batch, 0, self.heads, self.head_dim, device=device, dtype=dtype)
+        return empty, empty, torch.zeros(batch, 0, dtype=torch.bool, device=device)
+
+    def step(self, h: torch.Tensor, state, write: torch.Tensor, fire: torch.Tensor | None):
+        k, v, live = state
+        B = h.shape[0]
+        k_new, v_new = self.kv(self.kv_norm(h)).view(B, 2, self.heads, self.head_dim).unbind(1)
+        k, v = torch.cat([k, k_new.unsqueeze(1)], 1), torch.cat([v, v_new.unsqueeze(1)], 1)
+        live = torch.cat([live, write.unsqueeze(1)], 1)
+        if fire is None:
+            return None, (k, v, live)
+        query = self.init(h)
+        q = self.q(self.q_norm(query)).view(B, self.heads, self.head_dim)
+        scores = torch.einsum("bhd,bnhd->bhn", q, k) * self.head_dim**-0.5
+        seen = live.clone()
+        seen[:, -1] = True  # rows without a live column (not firing) still get finite numbers
+        weights = scores.masked_fill(~seen.unsqueeze(1), float("-inf")).softmax(-1)
+        pooled = query + self.out(torch.einsum("bhn,bnhd->bhd", weights, v).reshape(B, -1))
+        live = live & ~fire.unsqueeze(1)
+        needed = live.any(0)
+        first = int(needed.long().argmax()) if bool(needed.any()) else live.shape[1]
+        return pooled, (k[:, first:], v[:, first:], live[:, first:])
+
+    def forward_flops(self, fine_len: int, coarse_len: int) -> float:
+        inner = self.heads * self.head_dim
+        dc, df = self.coarse_dim, self.fine_dim
+        projections = 2.0 * coarse_len * (df * dc + dc * inner + inner * dc) + 2.0 * fine_len * df * 2 * inner
+        return projections + 4.0 * fine_len * inner  # each fine position meets exactly one query

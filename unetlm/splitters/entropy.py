@@ -1,0 +1,305 @@
+"""Entropy patching (BLT): a small causal byte LM decides where patches end.
+
+Mapping to unetlm's convention. BLT starts a new patch at byte t+1 when the entropy of
+predicting it, H(x[t+1] | x[..t]), exceeds a threshold. A unetlm boundary marks the *last*
+position of a patch (the coarse vector may contain its information and is handed to
+positions at or after it), so the boundary is at t: the model has read bytes 0..t and is
+uncertain about the next one, so the patch ends here and byte t+1 opens the next one. Every
+decision thus depends on bytes 0..t only (stability), and the first byte always opens a
+patch because the document's BOS token is a boundary at every stage.
+
+Rules, with H[t] = entropy (nats) of the model's next-byte distribution after bytes 0..t:
+
+* global (default, threshold 1.335 as published): boundary at t when H[t] > threshold;
+* relative (BLT's "monotonic" rule): H[t] - H[t-1] > relative_threshold, where H[-1] is the
+  entropy after BOS alone; given both thresholds, both must hold (BLT's combined rule);
+* ``max_patch``: a boundary is forced once a patch holds that many parent positions.
+
+The entropy model is a unetlm checkpoint (train ``recipes/entropy-model.toml``). It reads the
+document through fixed-shape windows of ``context`` tokens (default: its ``seq_len``), the
+first starting with BOS, the next ones every ``context // 2`` tokens; each position takes its
+entropy from the window where it has at least ``context // 2`` tokens of history (or all of
+it), and that window depends on the position only, so cropping or extending a document never
+changes an earlier entropy. Entropies can be cached on disk (``cache_dir``), keyed by a hash
+of the checkpoint, the context and the bytes.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import attrs
+import numpy as np
+import torch
+
+from unetlm.model.tokens import BOS, PAD
+from unetlm.recipe.errors import RecipeError
+from unetlm.recipe.structure import positive
+from unetlm.splitters.base import Splitter
+
+BLT_THRESHOLD = 1.335  # nats; BLT's published global threshold
+TRAIN_HINT = "train one with: unetlm train recipes/entropy-model.toml --out runs/entropy-model"
+
+
+@attrs.define
+class EntropyConfig:
+    checkpoint: str  # path of a unetlm checkpoint of a causal byte LM
+    threshold: float | None = None  # nats; 1.335 unless only relative_threshold is given
+    relative_threshold: float | None = None  # nats; BLT's monotonic rule H[t] - H[t-1] > it
+    max_patch: int | None = attrs.field(default=None, validator=positive)  # parent positions per patch
+    context: int | None = attrs.field(default=None, validator=positive)  # window tokens; default: model seq_len
+    cache_dir: str | None = None  # where to keep computed entropies (one .npy per document)
+    device: str = "cpu"
+
+    def __attrs_post_init__(self) -> None:
+        if not self.checkpoint:
+            raise RecipeError(f"checkpoint = '' is invalid: expected the path of an entropy model checkpoint; {TRAIN_HINT}")
+
+    def global_threshold(self) -> float | None:
+        if self.threshold is not None:
+            return self.threshold
+        return None if self.relative_threshold is not None else BLT_THRESHOLD
+
+
+def entropy_boundaries(
+    entropy: np.ndarray,
+    parent: np.ndarray,
+    threshold: float | None,
+    relative: float | None = None,
+    max_patch: int | None = None,
+) -> np.ndarray:
+    """Boundaries (n,) from entropies (n + 1,): ``entropy[i]`` follows token i of BOS + data,
+    so the decision at data byte t reads ``entropy[t + 1]`` (and ``entropy[t]``)."""
+    entropy = np.asarray(entropy, dtype=np.float64)  # compare as EntropyState does
+    after, before = entropy[1:], entropy[:-1]
+    fire = parent.copy()
+    if threshold is not None:
+        fire &= after > threshold
+    if relative is not None:
+        fire &= after - before > relative
+    if max_patch is None:
+        return fire
+    out = np.zeros_like(fire)
+    since = 0
+    for t in np.flatnonzero(parent):
+        since += 1
+        if fire[t] or since == max_patch:
+            out[t] = True
+            since = 0
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str, mtime_ns: int, size: int, device: str):
+    from unetlm.api import load_checkpoint
+
+    model, _ = load_checkpoint(path, map_location=device)
+    return model
+
+
+def load_entropy_model(path: str | Path, device: str = "cpu"):
+    """The checkpoint's model in eval mode, loaded once per process (reloaded if the file changes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"entropy model checkpoint {str(path)!r} does not exist; {TRAIN_HINT}")
+    stat = path.stat()
+    return _load(str(path.resolve()), stat.st_mtime_ns, stat.st_size, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class EntropySplitter(Splitter):
+    Config = EntropyConfig
+
+    @property
+    def model(self):
+        return load_entropy_model(self.config.checkpoint, self.config.device)
+
+    def window(self) -> tuple[int, int]:
+        """(context, stride) in tokens."""
+        context = self.config.context or self.model.spec.seq_len
+        if context > self.model.spec.seq_len:
+            raise RecipeError(
+                f"entropy splitter: context = {context} exceeds the entropy model's seq_len {self.model.spec.seq_len}"
+            )
+        return context, max(1, context // 2)
+
+    @torch.inference_mode()
+    def _window_entropy(self, tokens: np.ndarray, start: int, context: int) -> np.ndarray:
+        """Entropies after each token of ``tokens[start:start + context]`` (PAD-filled to ``context``)."""
+        chunk = np.full(context, PAD, dtype=np.int64)
+        piece = tokens[start : start + context]
+        chunk[: len(piece)] = piece
+        model = self.model
+        x = torch.from_numpy(chunk).to(self.config.device).unsqueeze(0)
+        logits = model(x).logits[0, : len(piece), : BOS + 1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        return (-(logp.exp() * logp).sum(-1)).cpu().numpy()
+
+    @staticmethod
+    def owner(i: int, context: int, stride: int) -> int:
+        """Start of the window that gives token i its entropy."""
+        return 0 if i < context else (i - context + stride) // stride * stride
+
+    def _compute(self, data: bytes) -> np.ndarray:
+        tokens = np.concatenate([[BOS], np.frombuffer(data, dtype=np.uint8)]).astype(np.int64)
+        n = len(tokens)
+        context, stride = self.window()
+        out = np.empty(n, dtype=np.float32)
+        out[: min(n, context)] = self._window_entropy(tokens, 0, context)
+        start = stride
+        while start + context - stride < n:
+            keep = start + context - stride  # first position this window owns
+            out[keep : start + context] = self._window_entropy(tokens, start, context)[context - stride :]
+            start += stride
+        return out
+
+    def entropies(self, data: bytes) -> np.ndarray:
+        """(len(data) + 1,) float32: ``[i]`` is the next-byte entropy after token i of BOS + data."""
+        if self.config.cache_dir is None:
+            return self._compute(data)
+        path = Path(self.config.cache_dir) / f"{self._cache_key(data)}.npy"
+        if path.is_file():
+            return np.load(path)
+        values = self._compute(data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, values)
+        os.replace(tmp, path)
+        return values
+
+    def _cache_key(self, data: bytes) -> str:
+        path = Path(self.config.checkpoint)
+        stat = path.stat()
+        digest = hashlib.sha256(_file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size).encode())
+        digest.update(repr(self.window()).encode())
+        digest.update(data)
+        return digest.hexdigest()
+
+    def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
+        if not data:
+            return np.zeros(0, dtype=bool)
+        cfg = self.config
+        return entropy_boundaries(
+            self.entropies(data), np.asarray(parent, dtype=bool), cfg.global_threshold(), cfg.relative_threshold,
+            cfg.max_patch,
+        )
+
+    def start(self) -> EntropyState:
+        return EntropyState(self)
+
+
+class EntropyState:
+    """The newest tokens of the document (at most 2 * context). Each byte runs the entropy model
+    once, over the window that owns the new position (O(context) per byte), and applies the
+    rules of :func:`entropy_boundaries`."""
+
+    def __init__(self, splitter: EntropySplitter) -> None:
+        self.splitter = splitter
+        self.recent = [BOS]  # tokens first, first + 1, ... of BOS + data
+        self.first = 0
+        self.last: float | None = None  # entropy after the previous token
+        self.since = 0  # parent positions in the open patch
+
+    def push(self, byte: int, parent: bool) -> bool:
+        sp, cfg = self.splitter, self.splitter.config
+        context, stride = sp.window()
+        self.recent.append(byte)
+        i = self.first + len(self.recent) - 1
+        if len(self.recent) > 2 * context:
+            drop = len(self.recent) - context
+            del self.recent[:drop]
+            self.first += drop
+        start = sp.owner(i, context, stride)
+        values = sp._window_entropy(np.array(self.recent[start - self.first :], dtype=np.int64), 0, context)
+        before = float(values[i - 1 - start]) if self.last is None else self.last
+        after = self.last = float(values[i - start])
+        if not parent:
+            return False
+        threshold = cfg.global_threshold()
+        fire = (threshold is None or after > threshold) and (
+            cfg.relative_threshold is None or after - before > cfg.relative_threshold
+        )
+        self.since += 1
+        if fire or self.since == cfg.max_patch:
+            self.since = 0
+            return True
+        return False
+
+
+# ----------------------------------------------------------------------------- examples
+
+EXAMPLE_THRESHOLD = 4.0  # nats: about the median entropy of the example model on text
+EXAMPLE_MODEL = {
+    "seq_len": 32,
+    "init_std": 0.5,  # a random model with strongly varying entropies
+    "stages": [{"dim": 16, "layers": 1, "mixer": {"name": "attention", "head_dim": 8}}],
+}
+
+
+def ensure_example_checkpoint() -> str:
+    """Path of a tiny, randomly initialised (seed 0) entropy model, written on first use into
+    the temporary directory. It serves the registry-wide property tests and examples, which
+    need a real checkpoint but no trained one."""
+    from unetlm.api import build_model
+    from unetlm.recipe import recipe_from_dict
+
+    data = {"name": "entropy-example", "model": EXAMPLE_MODEL}
+    key = hashlib.sha256(json.dumps([data, torch.__version__], sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / "unetlm-examples" / f"entropy-{key}.pt"
+    if path.is_file():
+        return str(path)
+    recipe = recipe_from_dict(data)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build_model(recipe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        torch.save({"recipe": recipe.to_dict(), "model": model.state_dict()}, f)
+    os.replace(tmp, path)
+    return str(path)
+
+
+class _Examples:
+    """``EntropySplitter.examples``: option tables pointing at :func:`ensure_example_checkpoint`
+    (built when the list is first read)."""
+
+    def __get__(self, obj, owner) -> list[dict]:
+        path = ensure_example_checkpoint()
+        return [
+            {"checkpoint": path, "threshold": EXAMPLE_THRESHOLD},
+            {"checkpoint": path, "relative_threshold": 0.0},
+            {"checkpoint": path, "threshold": 3.5, "relative_threshold": 0.1, "max_patch": 3},
+            {"checkpoint": path, "threshold": EXAMPLE_THRESHOLD, "context": 16},
+        ]
+
+
+EntropySplitter.examples = _Examples()
+
+
+def with_example_checkpoint(recipe):
+    """``recipe`` with every entropy splitter pointed at :func:`ensure_example_checkpoint` (and
+    a global threshold that suits it, :data:`EXAMPLE_THRESHOLD`), for tests that build recipes
+    such as ``recipes/tiny/blt.toml`` without training an entropy model."""
+    path = ensure_example_checkpoint()
+    for stage in recipe.model.stages:
+        cfg = None if stage.splitter is None else stage.splitter.config
+        if isinstance(cfg, EntropyConfig):
+            only_relative = cfg.threshold is None and cfg.relative_threshold is not None
+            stage.splitter.config = attrs.evolve(
+                cfg, checkpoint=path, threshold=None if only_relative else EXAMPLE_THRESHOLD, context=None, cache_dir=None
+            )
+    return recipe

@@ -1,0 +1,116 @@
+"""Learned chunking (H-Net's dynamic chunking): boundaries from the stage's own hidden states.
+
+``forward(h (B, Lf, d), info) -> Chunking``: p_t = (1 - cos(W_q h_{t-1}, W_k h_t)) / 2 with W_q,
+W_k starting at the identity, p = 1 at the first position of each document (BOS) and of each
+row, and a boundary where p_t > 0.5. A boundary starts a chunk; under unetlm's convention its
+coarse vector goes to positions at or after it, so with the ``select`` pooler a chunk is the
+state at its first position and every position reads the chunk that contains it. The decision
+at t reads h_{t-1} and h_t only, so it is causal when the encoder is.
+
+Training signals, used by :class:`~unetlm.model.unet.UNet` when a stage's splitter is learned:
+
+* :meth:`smooth`: an EMA over the chunk outputs before upsampling, z̄_c = P_c ẑ_c + (1 - P_c) z̄_{c-1}
+  (P_c: p at chunk c's boundary; restarts at each document), causal over chunks;
+* :meth:`confidence`: a straight-through multiplier on the upsampled output, forward value 1,
+  gradient that of c_t = p_t at boundaries and 1 - p_t elsewhere;
+* :meth:`ratio_loss`: weight · N/(N-1) · ((N-1)·F·G + (1-F)(1-G)), F the fraction of valid
+  positions that are boundaries, G their mean p; smallest when F = G = 1/N.
+
+The module lives in the model (an ``nn.Module``), so it has no byte-level ``boundaries``.
+"""
+from __future__ import annotations
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unetlm.model.layout import Link, StageInfo
+from unetlm.splitters.base import Splitter
+
+
+def _above_one(_inst, attribute, value):
+    if value <= 1.0:
+        raise ValueError(f"expected a value above 1 for {attribute.name} (fine positions per chunk)")
+
+
+def _non_negative(_inst, attribute, value):
+    if value < 0:
+        raise ValueError(f"expected a value >= 0 for {attribute.name}")
+
+
+@attrs.define
+class LearnedConfig:
+    target_ratio: float = attrs.field(default=4.0, validator=_above_one)  # N: fine positions per chunk aimed at
+    ratio_loss_weight: float = attrs.field(default=0.03, validator=_non_negative)  # H-Net's alpha
+
+
+@attrs.define  # not frozen: torch.compile cannot trace the __init__ of frozen attrs classes
+class Chunking:
+    """A learned splitter's decisions over a fine stage, each (B, Lf)."""
+
+    prob: torch.Tensor  # float: p_t (0 at padding)
+    boundary: torch.Tensor  # bool: p_t > 0.5 at valid positions
+
+
+class LearnedSplitter(Splitter, nn.Module):
+    Config = LearnedConfig
+    examples = [{}]
+    learned = True
+
+    def __init__(self, config: LearnedConfig, dim: int) -> None:
+        nn.Module.__init__(self)
+        self.config = config
+        # plain parameters, so the model's normal initialisation leaves the identity in place
+        self.w_q = nn.Parameter(torch.eye(dim))
+        self.w_k = nn.Parameter(torch.eye(dim))
+
+    @staticmethod
+    def _dtype(h: torch.Tensor) -> torch.dtype:
+        return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+    def probabilities(self, h: torch.Tensor, info: StageInfo) -> torch.Tensor:
+        """(B, Lf) p_t from h_{t-1} and h_t; 1 where a document or the row starts, 0 at padding."""
+        dtype = self._dtype(h)
+        with torch.autocast(h.device.type, enabled=False):
+            x = h.to(dtype)
+            q = x[:, :-1] @ self.w_q.to(dtype).T
+            k = x[:, 1:] @ self.w_k.to(dtype).T
+            p = ((1 - F.cosine_similarity(q, k, dim=-1)) / 2).clamp(0, 1)
+        starts = info.doc[:, 1:] != info.doc[:, :-1]
+        p = torch.cat([torch.ones_like(x[:, :1, 0]), torch.where(starts, 1.0, p)], dim=1)
+        return torch.where(info.valid, p, 0.0)
+
+    def forward(self, h: torch.Tensor, info: StageInfo) -> Chunking:
+        p = self.probabilities(h, info)
+        return Chunking(prob=p, boundary=(p > 0.5) & info.valid)
+
+    def smooth(self, coarse: torch.Tensor, link: Link, chunking: Chunking) -> torch.Tensor:
+        """EMA over chunk outputs (B, Lc, d) -> (B, Lc, d); z̄_c reads ẑ_i, P_i for i <= c of its document.
+
+        Closed form: z̄_c = sum_i P_i prod_{i<m<=c} (1 - P_m) ẑ_i, the products as exponentials of
+        differences of a cumulative sum of log(1 - P) (O(Lc^2) memory per row)."""
+        P = chunking.prob.gather(1, link.coarse_src)
+        log_keep = torch.log1p(-P.clamp(max=1 - 1e-6)).cumsum(1)  # document starts: reset by the mask below
+        Lc = P.shape[1]
+        doc = link.coarse.doc
+        older = torch.ones(Lc, Lc, dtype=torch.bool, device=P.device).tril()
+        visible = older & (doc[:, :, None] == doc[:, None, :])  # (B, c, i)
+        diff = log_keep[:, :, None] - log_keep[:, None, :]
+        weight = torch.where(visible, diff, float("-inf")).exp() * P[:, None, :]
+        return weight.to(coarse.dtype) @ coarse
+
+    @staticmethod
+    def confidence(chunking: Chunking) -> torch.Tensor:
+        """(B, Lf, 1) ones whose gradient is that of c_t (straight-through estimator)."""
+        c = torch.where(chunking.boundary, chunking.prob, 1 - chunking.prob)
+        return (c - c.detach() + 1).unsqueeze(-1)
+
+    def ratio_loss(self, chunking: Chunking, info: StageInfo) -> torch.Tensor:
+        """Weighted ratio loss over the valid positions of the fine stage (a scalar)."""
+        n_target = self.config.target_ratio
+        count = info.valid.sum().clamp(min=1)
+        f = (chunking.boundary & info.valid).sum() / count
+        g = chunking.prob.sum() / count  # p is 0 at padding
+        loss = n_target / (n_target - 1) * ((n_target - 1) * f * g + (1 - f) * (1 - g))
+        return self.config.ratio_loss_weight * loss
