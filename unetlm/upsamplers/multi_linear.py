@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from unetlm.model.layout import Link
@@ -41,15 +42,19 @@ class MultiLinearUpsampler(Upsampler):
         return picked + self.spread(self.shared(ext), link)
 
     def prepare(self, coarse: torch.Tensor) -> torch.Tensor:
-        """(B, dc) -> (B, 1 + offsets, df): the shared map, then one row per offset map."""
-        B = coarse.shape[0]
-        shared = self.shared(coarse).unsqueeze(1)
-        return torch.cat([shared, self.per_offset(coarse).view(B, self.config.offsets, self.fine_dim)], dim=1)
+        """(B, dc) -> (B, df + dc): the shared map's output, then the coarse vector itself (each
+        step applies the one offset map it needs: a segment rarely uses all of them)."""
+        return torch.cat([self.shared(coarse), coarse], dim=-1)
 
     def step(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
-        row = 1 + offset.clamp(max=self.config.offsets - 1)
-        picked = prepared.gather(1, row.view(-1, 1, 1).expand(-1, 1, self.fine_dim)).squeeze(1)
-        return picked + prepared[:, 0]
+        shared, coarse = prepared.split([self.fine_dim, self.coarse_dim], dim=-1)
+        maps = self.per_offset.weight.view(self.config.offsets, self.fine_dim, self.coarse_dim)
+        offset = offset.clamp(max=self.config.offsets - 1)
+        if bool((offset == offset[0]).all()):  # one map for every row: no copy of it
+            picked = F.linear(coarse, maps[int(offset[0])])
+        else:
+            picked = torch.bmm(maps[offset], coarse.unsqueeze(-1)).squeeze(-1)
+        return picked + shared
 
     def forward_flops(self, fine_len: int, coarse_len: int) -> float:
         return 2.0 * self.coarse_dim * self.fine_dim * (self.config.offsets + 1) * (coarse_len + 1)
