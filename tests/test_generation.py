@@ -419,3 +419,20 @@ def test_regex_patterns_see_at_most_window_bytes(options):
     assert len(seen) == len(data), "one search per byte"
     assert max(seen) == splitter.config.window
     assert len(state.recent) <= 2 * splitter.config.window
+
+
+# ------------------------------------------------------------------ benchmark records
+
+
+def test_benchmark_record_schema_and_modes_agree():
+    from unetlm.bench.generate import _measure, markdown_table
+
+    task = {"checkpoint": None, "recipe": str(TINY_RECIPES[0].parent / "au3.toml"), "overrides": [],
+            "name": "au3", "context": 48, "new_bytes": 8, "repeats": 2, "threads": 1}
+    records = [_measure({**task, "mode": mode}) for mode in ("cached", "recompute")]
+    for record, mode in zip(records, ("cached", "recompute")):
+        assert {"recipe", "mode", "context", "bytes_per_s", "peak_mem_bytes", "stage_firing_rates"} <= set(record)
+        assert record["mode"] == mode and record["context"] == 48 and record["bytes_per_s"] > 0
+        assert len(record["bytes_per_s_each"]) == 2 and record["peak_mem_bytes"] >= 0
+    assert records[0]["stage_firing_rates"] == pytest.approx(records[1]["stage_firing_rates"])
+    assert "| au3 | 48 |" in markdown_table(records)

@@ -88,6 +88,14 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_bench_generate(args) -> int:
+    from unetlm.bench.generate import bench_generate
+
+    contexts = [int(c) for c in args.context.split(",")]
+    bench_generate(args.recipes, contexts, args.json, checkpoint=args.checkpoint, match_flops_of=args.match_flops_of)
+    return 0
+
+
 def cmd_bench_train(args) -> int:
     from unetlm.bench.train import bench_train, format_table
 
@@ -199,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps per recipe and mode (after warmup)")
     p.add_argument("--skip", action="append", default=[], choices=["eager", "compiled"], help="leave out a mode")
     p.set_defaults(func=cmd_bench_train)
+
+    p = bench.add_parser("generate", help="generation bytes/s and peak memory, cached against recompute")
+    p.add_argument("recipes", nargs="*", metavar="RECIPE")
+    p.add_argument("--context", default="256,1024,2048,4096", help="comma-separated context lengths in bytes")
+    p.add_argument("--checkpoint", default=None, help="measure a trained checkpoint instead of random weights")
+    p.add_argument("--match-flops-of", default=None, metavar="RECIPE",
+                   help="also cut a byte transformer to this recipe's FLOPs per byte and measure it")
+    p.add_argument("--json", required=True, help="file to write the list of records to")
+    p.set_defaults(func=cmd_bench_generate)
 
     p = sub.add_parser("generate", help="continue prompts with a trained checkpoint, streaming the output")
     p.add_argument("checkpoint")
