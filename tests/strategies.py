@@ -206,4 +206,16 @@ def recipe_model(
     torch.manual_seed(0)
     overrides = [] if seq_len is None else shortened(path, seq_len)
     overrides += [] if std is None else [f"model.init_std={std}"]
-    return build_model(load_runnable(path, [*overrides, *extra])).to(dtype).eval()
+    model = build_model(load_runnable(path, [*overrides, *extra])).to(dtype).eval()
+    if model.tokenizer is None:  # a tokenized recipe: a tokenizer learned from a little text
+        model.tokenizer = small_tokenizer(model.spec.vocab_size)
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def small_tokenizer(vocab_size: int):
+    """A BPE tokenizer learned from the first 150 Python help topics."""
+    from unetlm.data.bpe import BpeTokenizer
+    from unetlm.data.sources import pydocs_documents
+
+    return BpeTokenizer.train(list(pydocs_documents())[:150], vocab_size)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from strategies import TINY_RECIPES, load_runnable, recipe_model, recipe_params
-from unetlm.model.tokens import BOS, PAD, VOCAB, encode
+from unetlm.model.tokens import BOS, PAD, encode
 
 RECIPES = recipe_params(TINY_RECIPES)
 
@@ -25,7 +25,7 @@ def run(model, rows, **kw):
         tokens = tokens.unsqueeze(0)
     with torch.no_grad():
         out = model(tokens, targets=_targets(tokens), **kw)
-    assert out.logits.shape == (*tokens.shape, VOCAB)
+    assert out.logits.shape == (*tokens.shape, model.spec.vocab_size)
     assert out.logits.isfinite().all(), "non-finite logits"
     assert out.loss.isfinite(), "non-finite loss"
     return out

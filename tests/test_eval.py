@@ -27,7 +27,7 @@ from unetlm.cli import main
 from unetlm.eval import choice as choice_mod
 from unetlm.eval import cute
 from unetlm.eval.bootstrap import bootstrap_ci, ratio
-from unetlm.eval.bpb import byte_nll, file_bpb, window_plan
+from unetlm.eval.bpb import file_bpb, token_nll, window_plan
 from unetlm.eval.choice import continuation_nll, evaluate_choice, predict
 from unetlm.model.splitting import split_document
 from unetlm.model.tokens import encode
@@ -119,8 +119,8 @@ def test_bpb_with_disjoint_windows_matches_independent_forwards(model, tmp_path)
 
 def test_bpb_stride_only_changes_bytes_after_the_first_window(model):
     data = (TEXT * 4)[: 3 * SEQ + 7]
-    disjoint, _, _ = byte_nll(model, data, SEQ)
-    overlapping, window, _ = byte_nll(model, data, SEQ // 4, batch_size=3)
+    disjoint, _, _, _ = token_nll(model, [data], SEQ)
+    overlapping, window, _, _ = token_nll(model, [data], SEQ // 4, batch_size=3)
     assert np.isfinite(overlapping).all() and window.max() == len(window_plan(len(data), SEQ, SEQ // 4)) - 1
     np.testing.assert_allclose(overlapping[:SEQ], disjoint[:SEQ], rtol=1e-6)
     assert not np.allclose(overlapping[SEQ:], disjoint[SEQ:])  # more context changes later scores

@@ -17,7 +17,7 @@ from strategies import (
 )
 from unetlm.api import build_model
 from unetlm.model.summary import summarize
-from unetlm.model.tokens import VOCAB, encode
+from unetlm.model.tokens import encode
 from unetlm.plugins import registry
 from unetlm.recipe import RecipeError, dump_recipe, load_recipe, recipe_from_dict
 from unetlm.registry import KINDS
@@ -293,7 +293,12 @@ def test_recipe_file_loads_and_builds_on_the_meta_device(path):
     summary = summarize(model)
     assert summary.params == sum(p.numel() for p in model.parameters()) > 0
     assert sum(stage.params for stage in summary.stages) == summary.params
-    assert summary.train_flops_per_byte > 0
+    if recipe.model.tokenizer is None:
+        assert summary.bytes_per_token == 1.0 and summary.train_flops_per_byte == summary.train_flops_per_token > 0
+    else:  # per byte needs the trained tokenizer's bytes per token
+        assert summary.bytes_per_token is None and summary.train_flops_per_token > 0
+        with pytest.raises(ValueError, match="trained tokenizer"):
+            summary.train_flops_per_byte
     assert [s.dim for s in summary.stages] == [s.dim for s in recipe.model.stages]
 
 
@@ -305,5 +310,5 @@ def test_tiny_recipe_builds_and_runs(path):
     tokens = encode(b"Hello, world. A tiny recipe runs.\n").unsqueeze(0)
     with torch.no_grad():
         out = model(tokens, targets=torch.roll(tokens, -1, 1))
-    assert out.logits.shape == (1, tokens.shape[1], VOCAB)
+    assert out.logits.shape == (1, tokens.shape[1], model.spec.vocab_size)
     assert out.logits.isfinite().all() and out.loss.isfinite()

@@ -19,11 +19,20 @@ def build_model(recipe: Recipe | ModelSpec | str | Path, overrides: list[str] | 
     return UNet(spec)
 
 
+def model_from_state(recipe: Recipe, state: dict):
+    """The trained model of a checkpoint's state (weights, and the tokenizer of a tokenized model), in eval mode."""
+    model = build_model(recipe)
+    model.load_state_dict(state["model"])
+    if "tokenizer" in state:
+        from unetlm.data.bpe import BpeTokenizer
+
+        model.tokenizer = BpeTokenizer.from_json(state["tokenizer"])
+    model.eval()
+    return model
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     """(model, recipe) from a checkpoint file written by ``unetlm train``."""
     state = torch.load(Path(path), map_location=map_location, weights_only=False)
     recipe = recipe_from_dict(state["recipe"])
-    model = build_model(recipe)
-    model.load_state_dict(state["model"])
-    model.eval()
-    return model, recipe
+    return model_from_state(recipe, state), recipe

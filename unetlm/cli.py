@@ -57,8 +57,13 @@ def cmd_show(args) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     print(f"total parameters: {summary.params:,}")
-    print(f"training FLOPs per byte (forward + backward): {summary.train_flops_per_byte:,.0f}"
-          f" ({summary.train_flops_per_byte / 1e6:.3f} MFLOPs)")
+    if summary.bytes_per_token is None:
+        print(f"training FLOPs per token (forward + backward): {summary.train_flops_per_token:,.0f}"
+              f" ({summary.train_flops_per_token / 1e6:.3f} MFLOPs); per byte: divided by the bytes per "
+              f"token that training measures when it trains the tokenizer")
+    else:
+        print(f"training FLOPs per byte (forward + backward): {summary.train_flops_per_byte:,.0f}"
+              f" ({summary.train_flops_per_byte / 1e6:.3f} MFLOPs)")
     return 0
 
 
@@ -172,6 +177,42 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from unetlm.eval.compare import compare, data_spec, markdown, parse_flops
+
+    try:
+        budget = parse_flops(args.flops)
+        data = data_spec(args.data, args.max_bytes, args.valid_fraction)
+        results = compare(
+            args.recipes, budget, args.out, data, args.overrides, eval_bytes=args.eval_bytes,
+            cute_items=args.cute_items, choice_files=args.choice, progress=not args.quiet, seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(results))
+    print(f"\nwrote {args.out}/results.md, results.json and bpb-vs-flops.png")
+    return 0
+
+
+def cmd_harness(args) -> int:
+    from unetlm.eval.harness import run_harness
+    from unetlm.eval.report import write_json
+
+    try:
+        result = run_harness(args.checkpoint, args.tasks, limit=args.limit, device=args.device,
+                             batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+    except ImportError as exc:
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 2
+    for task, metrics in result["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown}")
+    if args.json:
+        print(f"wrote {write_json(result['results'], args.json)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unetlm", description="Tokenizer-free hierarchical byte language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +297,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compare", help="train recipes for one FLOP budget on the same data and compare them")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE")
+    p.add_argument("--flops", required=True, help="training FLOPs per recipe, e.g. 2e12")
+    p.add_argument("--data", nargs="+", default=["pydocs"], metavar="SOURCE",
+                   help="'pydocs' (default) or text files/globs, each file one document")
+    p.add_argument("--max-bytes", type=int, default=0, help="read at most this many bytes of data (0: all)")
+    p.add_argument("--valid-fraction", type=float, default=0.1, help="held-out share of the data's bytes (default 0.1)")
+    p.add_argument("--out", default="compare", help="output directory (default compare); rerun to resume")
+    p.add_argument("--eval-bytes", type=int, default=200_000, help="held-out bytes to score (0: all; default 200000)")
+    p.add_argument("--cute-items", type=int, default=0, help="items per CUTE-style task from the held-out words (0: none)")
+    p.add_argument("--choice", nargs="+", default=[], metavar="JSONL", help="multiple-choice tasks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the CUTE items and the bootstrap")
+    p.add_argument("--quiet", action="store_true", help="no training progress output")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("harness", help="run lm-evaluation-harness tasks on a checkpoint (needs unetlm[harness])")
+    p.add_argument("checkpoint")
+    p.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="harness task names, e.g. hellaswag")
+    p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", metavar="OUT", help="also write the harness's results as JSON")
+    p.set_defaults(func=cmd_harness)
     return parser
 
 

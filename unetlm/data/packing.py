@@ -1,9 +1,10 @@
 """Packing documents into one token stream with document ids and stage boundaries.
 
-The stream is ``BOS doc0 BOS doc1 ...``. Boundaries are computed once per whole document (so a
-window that starts mid-document still carries the right boundaries), then windows of
-``seq_len + 1`` tokens are cut from it: inputs are the first ``seq_len``, targets the last.
-The last ``valid_fraction`` of the stream is held out for validation.
+The stream is ``BOS doc0 BOS doc1 ...``: bytes, or a tokenizer's ids. Boundaries are computed
+once per whole document (so a window that starts mid-document still carries the right
+boundaries), then windows of ``seq_len + 1`` tokens are cut from it: inputs are the first
+``seq_len``, targets the last. The last ``valid_fraction`` of the stream's bytes (a BOS counts
+as one) is held out for validation, so byte and tokenized models hold out the same text.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from unetlm.model.splitting import split_document
-from unetlm.model.tokens import BOS
+from unetlm.model.tokens import BOS, BYTES
 from unetlm.splitters.base import Splitter
 
 
@@ -31,7 +32,7 @@ class Batch:
 
 @attrs.define
 class TokenStream:
-    tokens: np.ndarray  # (N,) int16
+    tokens: np.ndarray  # (N,) int32
     doc: np.ndarray  # (N,) int32
     masks: np.ndarray  # (S-1, N) bool
 
@@ -49,21 +50,48 @@ class TokenStream:
         return Batch(tokens[:, :-1], doc, masks, tokens[:, 1:])
 
 
-def pack(documents: list[bytes], splitters: list[Splitter]) -> TokenStream:
-    n = sum(len(d) + 1 for d in documents)
-    tokens = np.empty(n, dtype=np.int16)
+def pack(documents: list[bytes | tuple[bytes, ...]], splitters: list[Splitter], tokenizer=BYTES) -> TokenStream:
+    """One stream of ``documents``. A document given as a tuple of pieces is tokenized piece by
+    piece (no token straddles two pieces, e.g. a context and its continuation)."""
+    pieces = [d if isinstance(d, tuple) else (d,) for d in documents]
+    ids = [np.concatenate([tokenizer.encode(p) for p in parts]) if parts else np.zeros(0, np.int64) for parts in pieces]
+    n = sum(len(x) + 1 for x in ids)
+    tokens = np.empty(n, dtype=np.int32)
     doc = np.empty(n, dtype=np.int32)
     masks = np.zeros((len(splitters), n), dtype=bool)
     pos = 0
-    for i, data in enumerate(documents):
-        end = pos + len(data) + 1
+    for i, (parts, x) in enumerate(zip(pieces, ids)):
+        end = pos + len(x) + 1
         tokens[pos] = BOS
-        tokens[pos + 1 : end] = np.frombuffer(data, dtype=np.uint8)
+        tokens[pos + 1 : end] = x
         doc[pos:end] = i
         masks[:, pos] = True
-        masks[:, pos + 1 : end] = split_document(splitters, data)
+        if splitters:  # byte-level models only: a token is a byte
+            masks[:, pos + 1 : end] = split_document(splitters, b"".join(parts))
         pos = end
     return TokenStream(tokens, doc, masks)
+
+
+def training_cut(total_bytes: int, valid_fraction: float) -> int:
+    """Stream bytes (a BOS counts as one) before the held-out part."""
+    return int(total_bytes * (1.0 - valid_fraction))
+
+
+def text_prefix(documents: list[bytes], n_bytes: int) -> list[bytes]:
+    """The documents cut after ``n_bytes`` bytes of their stream (a BOS counts as one)."""
+    out, pos = [], 0
+    for data in documents:
+        pos += 1
+        if pos >= n_bytes:
+            break
+        out.append(data[: n_bytes - pos])
+        pos += len(data)
+    return out
+
+
+def training_text(documents: list[bytes], valid_fraction: float) -> list[bytes]:
+    """The documents' bytes before the held-out part (what a tokenizer may learn from)."""
+    return text_prefix(documents, training_cut(sum(len(d) + 1 for d in documents), valid_fraction))
 
 
 @attrs.define
@@ -77,9 +105,19 @@ class ByteData:
     seed: int
 
     @classmethod
-    def build(cls, documents: list[bytes], splitters, seq_len: int, batch_size: int, valid_fraction: float, seed: int):
-        stream = pack(documents, splitters)
-        cut = int(len(stream) * (1.0 - valid_fraction))
+    def build(
+        cls,
+        documents: list[bytes],
+        splitters,
+        seq_len: int,
+        batch_size: int,
+        valid_fraction: float,
+        seed: int,
+        tokenizer=BYTES,
+    ):
+        stream = pack(documents, splitters, tokenizer)
+        ends = np.cumsum(tokenizer.lengths[stream.tokens])  # stream bytes up to each token
+        cut = int(np.searchsorted(ends, training_cut(int(ends[-1]) if len(ends) else 0, valid_fraction), "right"))
         train, valid = stream.slice(0, cut), stream.slice(cut, len(stream))
         for name, part in (("training", train), ("validation", valid)):
             if len(part) < seq_len + 1:

@@ -1,6 +1,7 @@
 """Bits per byte of a model on whole files, one row per file.
 
-A file is one document: ``BOS`` then its bytes. Every byte is scored exactly once; the end of
+A file is one document: ``BOS`` then its bytes (or its tokens, for a tokenized model, whose
+NLL per token is summed and divided by the file's bytes). Every byte is scored exactly once; the end of
 the document (predicting BOS after the last byte) is not scored. The first window of
 ``seq_len`` tokens scores the bytes it holds; each following window scores the next ``stride``
 bytes and reads the ``seq_len - stride`` tokens before them as context (the last window ends
@@ -48,19 +49,36 @@ class BpbRow:
         return attrs.asdict(self, recurse=False) | {"ci": list(self.ci)}
 
 
-def byte_nll(model, data: bytes, stride: int, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-byte NLL in nats (len(data),), the window each byte was scored in, and truncated boundaries."""
+def token_nll(
+    model, documents: list[bytes], stride: int, batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Per-token NLL in nats of the documents as the model reads them (bytes, or a tokenizer's
+    tokens), concatenated; the window each token was scored in (numbered across documents); the
+    bytes each token stands for; and the boundaries truncated by max_len."""
     seq_len = model.spec.seq_len
-    plan = window_plan(len(data), seq_len, stride)
-    stream = padded_stream([data], model.splitters, seq_len)
-    nll, truncated = window_nll(model, stream, np.array([s for s, _ in plan]), batch_size)
-    out = np.zeros(len(data), dtype=np.float64)
-    window = np.zeros(len(data), dtype=np.int64)
-    for w, (start, first) in enumerate(plan):
-        stop = min(start + seq_len, len(data))
-        out[start + first : stop] = nll[w, first : stop - start]
-        window[start + first : stop] = w
-    return out, window, truncated
+    tokens = [model.tokenizer.encode(d) for d in documents]
+    starts, plans, offset = [], [], 0
+    for ids in tokens:
+        plan = window_plan(len(ids), seq_len, stride) if len(ids) else []
+        starts += [offset + s for s, _ in plan]
+        plans.append(plan)
+        offset += len(ids) + 1
+    scores = window_nll(model, padded_stream(list(documents), model), np.array(starts, np.int64), batch_size)
+    nll = scores.nll
+    out, window, w = [], [], 0
+    for ids, plan in zip(tokens, plans):
+        doc_nll = np.zeros(len(ids), dtype=np.float64)
+        doc_window = np.zeros(len(ids), dtype=np.int64)
+        for start, first in plan:
+            stop = min(start + seq_len, len(ids))
+            doc_nll[start + first : stop] = nll[w, first : stop - start]
+            doc_window[start + first : stop] = w
+            w += 1
+        out.append(doc_nll)
+        window.append(doc_window)
+    ids = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    return cat(out, np.float64), cat(window, np.int64), model.tokenizer.lengths[ids], scores.truncated
 
 
 def file_bpb(
@@ -71,9 +89,25 @@ def file_bpb(
     data = path.read_bytes()
     if not data:
         raise ValueError(f"{path}: the file is empty")
+    return text_bpb(model, str(path), [data], stride, batch_size, resamples, seed)
+
+
+def text_bpb(
+    model,
+    name: str,
+    documents: list[bytes],
+    stride: int | None = None,
+    batch_size: int = 8,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> BpbRow:
+    """Bits per byte of ``documents`` (each read on its own from BOS), with a 95% CI over windows."""
     stride = stride or max(1, model.spec.seq_len // 2)
-    nll, window, truncated = byte_nll(model, data, stride, batch_size)
+    nll, window, lengths, truncated = token_nll(model, documents, stride, batch_size)
+    n_bytes = sum(len(d) for d in documents)
+    if not n_bytes:
+        raise ValueError(f"{name}: nothing to score (no bytes)")
     per_window = np.bincount(window, weights=nll)
-    counts = np.bincount(window).astype(np.float64)
+    counts = np.bincount(window, weights=lengths).astype(np.float64)
     low, high = bootstrap_ci(per_window / LN2, counts, resamples=resamples, seed=seed)
-    return BpbRow(str(path), len(data), float(nll.sum() / len(data) / LN2), (low, high), len(counts), truncated)
+    return BpbRow(name, n_bytes, float(nll.sum() / n_bytes / LN2), (low, high), len(counts), truncated)

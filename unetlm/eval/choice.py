@@ -71,24 +71,34 @@ def load_choice_items(path: str | Path) -> list[ChoiceItem]:
     return items
 
 
-def continuation_nll(model, pairs: list[tuple[bytes, bytes]], batch_size: int = 8) -> list[float]:
-    """Summed NLL in nats of each continuation given BOS + its context, one window per pair."""
+def continuation_scores(model, pairs: list[tuple[bytes, bytes]], batch_size: int = 8) -> list[tuple[float, bool]]:
+    """(summed NLL in nats, greedy) of each continuation given BOS + its context, one window per
+    pair; greedy: every token of the continuation is the model's most likely next token.
+
+    Context and continuation are tokenized apart, so a tokenized model scores exactly the
+    continuation's tokens."""
     seq_len = model.spec.seq_len
+    sizes = [(len(model.tokenizer.encode(c)), len(model.tokenizer.encode(x))) for c, x in pairs]
     starts, offset = [], 0
-    for context, continuation in pairs:
-        if not continuation or len(continuation) > seq_len:
-            raise ValueError(f"a continuation must hold 1 to seq_len = {seq_len} bytes (got {len(continuation)})")
-        n = len(context) + len(continuation)  # bytes of this document; stream tokens offset .. offset + n
+    for n_context, n_continuation in sizes:
+        if not n_continuation or n_continuation > seq_len:
+            raise ValueError(f"a continuation must hold 1 to seq_len = {seq_len} tokens (got {n_continuation})")
+        n = n_context + n_continuation  # tokens of this document; stream tokens offset .. offset + n
         starts.append(offset + max(0, n - seq_len))
         offset += n + 1
-    stream = padded_stream([c + x for c, x in pairs], model.splitters, seq_len)
-    nll, _ = window_nll(model, stream, np.array(starts, dtype=np.int64), batch_size)
+    scores = window_nll(model, padded_stream(list(pairs), model), np.array(starts, dtype=np.int64), batch_size)
     out, offset = [], 0
-    for (context, continuation), start, row in zip(pairs, starts, nll):
-        first = offset + len(context) - start  # column predicting the continuation's first byte
-        out.append(float(row[first : first + len(continuation)].sum()))
-        offset += len(context) + len(continuation) + 1
+    for (n_context, n_continuation), start, nll, greedy in zip(sizes, starts, scores.nll, scores.greedy):
+        first = offset + n_context - start  # column predicting the continuation's first token
+        span = slice(first, first + n_continuation)
+        out.append((float(nll[span].sum()), bool(greedy[span].all())))
+        offset += n_context + n_continuation + 1
     return out
+
+
+def continuation_nll(model, pairs: list[tuple[bytes, bytes]], batch_size: int = 8) -> list[float]:
+    """Summed NLL in nats of each continuation given BOS + its context (see :func:`continuation_scores`)."""
+    return [nll for nll, _ in continuation_scores(model, pairs, batch_size)]
 
 
 def predict(items: list[ChoiceItem], nll: list[float]) -> list[int]:

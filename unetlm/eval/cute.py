@@ -138,8 +138,13 @@ def words_from_list(path: str | Path) -> list[str]:
     return [w for w in lines if w and not re.search(r'[\s"]', w)]
 
 
+def words_in(text: str) -> list[str]:
+    """The ``\\w+`` runs of a text, in order."""
+    return re.findall(r"\w+", text)
+
+
 def words_from_text(path: str | Path) -> list[str]:
-    return re.findall(r"\w+", Path(path).read_text(encoding="utf-8"))
+    return words_in(Path(path).read_text(encoding="utf-8"))
 
 
 def make_example(task: str, rng: np.random.Generator, words: list[str]) -> Example | None:

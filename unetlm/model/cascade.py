@@ -114,6 +114,7 @@ class Cascade:
         self.device, self.dtype = param.device, param.dtype
         self.max_len = list(model.lengths)
         n = self.n_stages = len(self.max_len)
+        self.vocab_size = model.spec.vocab_size
         self.count = np.zeros((n, batch), dtype=np.int64)  # positions held per stage and row
         self.ran = np.zeros(n, dtype=np.int64)  # row-steps on which each stage ran
         self.row_steps = 0
@@ -152,13 +153,13 @@ class Cascade:
                 if self.count[0, b] > 0:
                     raise ValueError(f"row {b}: BOS may only start a row (one document per row)")
                 marks = [True] * (n - 1)
-            elif 0 <= tok < 256:
+            elif 0 <= tok < 256 or (n == 1 and PAD < tok < self.vocab_size):  # one stage: any token
                 marks, parent = [], True
                 for state in self.splitters[b]:
                     parent = bool(state.push(tok, parent)) and parent
                     marks.append(parent)
             else:
-                raise ValueError(f"row {b}: token {tok} is neither a byte nor BOS")
+                raise ValueError(f"row {b}: token {tok} is not a byte, BOS or a token of the vocabulary")
             fire[0, b] = on = True
             for s in range(1, n):
                 on = on and marks[s - 1] and self.count[s, b] < self.max_len[s]

@@ -43,10 +43,10 @@ def ngram_hashes(tokens: torch.Tensor, doc: torch.Tensor, sizes: list[int], buck
 class ByteEmbedding(nn.Module):
     """tokens (B, T), doc (B, T) -> (B, T, dim)."""
 
-    def __init__(self, dim: int, spec: EmbeddingSpec | None = None) -> None:
+    def __init__(self, dim: int, spec: EmbeddingSpec | None = None, vocab_size: int = VOCAB) -> None:
         super().__init__()
         self.spec = spec or EmbeddingSpec()
-        self.table = nn.Embedding(VOCAB, dim)
+        self.table = nn.Embedding(vocab_size, dim)
         self.hashed = nn.ModuleList(nn.Embedding(self.spec.hash_buckets, dim) for _ in self.spec.hash_ngrams)
 
     def forward(self, tokens: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:

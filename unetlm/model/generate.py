@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from unetlm.model.cascade import Cascade, stage_counts
-from unetlm.model.tokens import BOS
+from unetlm.model.tokens import BOS, PAD
 
 
 class Generated(list):
@@ -35,12 +35,13 @@ class Generated(list):
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """(B,) next tokens from logits (B, VOCAB): bytes or BOS (end of document), never PAD.
+    """(B,) next tokens from logits (B, vocab_size): any id but PAD (BOS ends the document).
 
     temperature <= 0 is greedy; otherwise scale by 1/temperature, keep the ``top_k`` best
     (0: all), keep the smallest set of best tokens whose probability reaches ``top_p``, sample.
     """
-    logits = logits[:, : BOS + 1].to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.index_fill(-1, torch.tensor([PAD], device=logits.device), float("-inf"))
     if temperature <= 0:
         return logits.argmax(-1).cpu()
     logits = logits / temperature
@@ -57,8 +58,8 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def initial_context(prompt: bytes, seq_len: int) -> list[int]:
-    return ([BOS] + list(prompt))[-seq_len:]
+def initial_context(prompt: bytes, seq_len: int, tokenizer) -> list[int]:
+    return ([BOS] + tokenizer.encode(prompt).tolist())[-seq_len:]
 
 
 def extend_context(context: list[int], token: int, seq_len: int) -> bool:
@@ -120,12 +121,17 @@ class _StopFilter:
         self.stops = stops
         self.longest = max((len(s) for s in stops), default=0)
 
-    def cut(self, out: bytearray) -> bool:
-        """If ``out`` now ends with a stop string, remove it and return True."""
-        hits = [len(s) for s in self.stops if out.endswith(s)]
-        if hits:
-            del out[len(out) - max(hits) :]
-        return bool(hits)
+    def cut(self, out: bytearray, new: int) -> bool:
+        """If a stop string ends in the last ``new`` bytes of ``out``, cut ``out`` where the first one
+        starts and return True."""
+        ends = []
+        for stop in self.stops:
+            at = out.find(stop, max(0, len(out) - new - len(stop) + 1))
+            if at >= 0:
+                ends.append((at + len(stop), at))
+        if ends:
+            del out[min(ends)[1] :]
+        return bool(ends)
 
     def safe(self, out: bytearray) -> int:
         """How many leading bytes of ``out`` can no longer become part of a stop string."""
@@ -169,7 +175,8 @@ def generate(
     else:
         generator.manual_seed(seed)
     seq_len = model.spec.seq_len
-    contexts = [initial_context(p, seq_len) for p in prompts]
+    tokenizer = model.tokenizer
+    contexts = [initial_context(p, seq_len, tokenizer) for p in prompts]
     outs = [bytearray() for _ in prompts]
     shown = [0] * len(prompts)
     reasons = ["length"] * len(prompts)
@@ -203,10 +210,12 @@ def generate(
                 if tok == BOS:
                     finish(b, "end")
                     continue
-                outs[b].append(tok)
-                if stops.cut(outs[b]):
+                piece = tokenizer.piece(tok)
+                outs[b] += piece
+                if stops.cut(outs[b], len(piece)):
                     finish(b, "stop")
-                elif len(outs[b]) == max_bytes:
+                elif len(outs[b]) >= max_bytes:
+                    del outs[b][max_bytes:]
                     finish(b, "length")
                 else:
                     dropped |= extend_context(contexts[b], tok, seq_len)

@@ -4,14 +4,15 @@ Convention: a matmul of (m x k) by (k x n) costs 2mkn FLOPs; attention adds
 4 * heads * head_dim * (mean keys per query) per query (scores and values), with sliding
 windows and causality counted exactly; training costs 3x the forward (forward + backward).
 Every stage is charged for its full static length, padding included: that is the compute
-the model spends. The embedding lookup is free; the output head is counted.
+the model spends. The embedding lookup is free; the output head is counted. A tokenized
+model's FLOPs per byte are its FLOPs per token over the bytes per token measured on its
+training text.
 """
 from __future__ import annotations
 
 import attrs
 from torch import nn
 
-from unetlm.model.tokens import VOCAB
 
 
 def count_params(*modules: nn.Module) -> int:
@@ -43,11 +44,18 @@ class StageSummary:
 class ModelSummary:
     stages: list[StageSummary]
     params: int
-    seq_len: int
+    seq_len: int  # positions per sequence: bytes, or tokens for a tokenized model
+    bytes_per_token: float | None  # 1 for byte models; None: the tokenizer is not trained yet
+
+    @property
+    def train_flops_per_token(self) -> float:
+        return sum(s.train_flops for s in self.stages) / self.seq_len
 
     @property
     def train_flops_per_byte(self) -> float:
-        return sum(s.train_flops for s in self.stages) / self.seq_len
+        if self.bytes_per_token is None:
+            raise ValueError("FLOPs per byte of a tokenized model need its trained tokenizer (bytes per token)")
+        return self.train_flops_per_token / self.bytes_per_token
 
 
 def summarize(model) -> ModelSummary:
@@ -64,7 +72,7 @@ def summarize(model) -> ModelSummary:
             flops += model.poolers[i - 1].forward_flops(fine_len, stage.max_len)
             flops += model.upsamplers[i - 1].forward_flops(fine_len, stage.max_len)
         else:
-            flops += 2.0 * stage.dim * VOCAB * stage.max_len
+            flops += 2.0 * stage.dim * spec.vocab_size * stage.max_len
         cfg = stage.mixer.config
         heads = f"{cfg.n_heads(stage.dim)}x{cfg.head_dim}" if hasattr(cfg, "n_heads") else "-"
         window = getattr(cfg, "window", 0)
@@ -84,7 +92,8 @@ def summarize(model) -> ModelSummary:
                 train_flops=3.0 * flops,
             )
         )
-    return ModelSummary(rows, count_params(model), spec.seq_len)
+    tokenizer = model.tokenizer
+    return ModelSummary(rows, count_params(model), spec.seq_len, None if tokenizer is None else tokenizer.bytes_per_token)
 
 
 def _describe_component(comp) -> str:

@@ -22,13 +22,13 @@ from unetlm.model import layout
 from unetlm.model.layout import Link, StageInfo, build_links, byte_stage
 from unetlm.model.splitting import split_batch
 from unetlm.model.stack import Stack
-from unetlm.model.tokens import PAD, VOCAB, documents_from_tokens
+from unetlm.model.tokens import BYTES, PAD, documents_from_tokens
 from unetlm.recipe.schema import ModelSpec
 
 
 @attrs.define
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, VOCAB): logits[:, t] predicts the token after t
+    logits: torch.Tensor  # (B, T, vocab_size): logits[:, t] predicts the token after t
     loss: torch.Tensor | None  # mean cross-entropy in nats over non-PAD targets
     truncated: list[torch.Tensor]  # per transition (B,): boundaries dropped by max_len
     aux_loss: torch.Tensor | None  # learned splitters' weighted ratio losses (train on loss + aux_loss)
@@ -48,7 +48,9 @@ class UNet(nn.Module):
         stages = spec.stages
         self.lengths = [s.max_len for s in stages]
         d0 = stages[0].dim
-        self.embed = ByteEmbedding(d0, spec.embedding)
+        self.embed = ByteEmbedding(d0, spec.embedding, spec.vocab_size)
+        # bytes <-> ids; a trained tokenizer is attached by training or load_checkpoint (None until then)
+        self.tokenizer = BYTES if spec.tokenizer is None else None
         self.encoders = nn.ModuleList(Stack(s.mixer, s.dim, s.layers) for s in stages[:-1])
         self.poolers = nn.ModuleList(
             s.pooler.build_class()(s.pooler.config, fine.dim, s.dim) for fine, s in zip(stages, stages[1:])
@@ -68,7 +70,7 @@ class UNet(nn.Module):
             for cls, fine, s in zip(classes[n_bytes:], stages[n_bytes:], stages[n_bytes + 1:])
         )
         self.norm = nn.RMSNorm(d0, eps=1e-6)
-        self.head = nn.Linear(d0, VOCAB, bias=False)
+        self.head = nn.Linear(d0, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
             self.head.weight = self.embed.table.weight
         self.apply(self._init)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import attrs
 
+from unetlm.model.tokens import VOCAB
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.structure import fraction, non_negative, positive, structure, unstructure
 from unetlm.registry import RegistryError
@@ -82,16 +83,45 @@ class EmbeddingSpec:
 
 
 @attrs.define
+class TokenizerSpec:
+    """``[model.tokenizer]``: read subword tokens instead of bytes (the BPE baseline).
+
+    The tokenizer is trained on the run's training split when training starts and saved with
+    the checkpoint; ids 0-257 stay the bytes, BOS and PAD (see :mod:`unetlm.data.bpe`).
+    """
+
+    name: Literal["bpe"] = "bpe"
+    vocab_size: int = attrs.field(default=4096, validator=positive)  # byte ids and specials included
+    train_bytes: int = attrs.field(default=0, validator=non_negative)  # learn merges from this many bytes (0: all)
+
+    def check(self, path: str) -> None:
+        if self.vocab_size <= VOCAB:
+            raise RecipeError(
+                f"{path}.vocab_size = {self.vocab_size} is invalid: expected more than the {VOCAB} byte ids"
+            )
+
+
+@attrs.define
 class ModelSpec:
     seq_len: int = attrs.field(validator=positive)
     stages: list[StageSpec]
     init_std: float = attrs.field(default=0.02, validator=positive)
     tie_embeddings: bool = False
     embedding: EmbeddingSpec = attrs.field(factory=EmbeddingSpec)
+    tokenizer: TokenizerSpec | None = None  # None: the model reads bytes
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB if self.tokenizer is None else self.tokenizer.vocab_size
 
     def check(self, path: str) -> None:
         if not self.stages:
             raise RecipeError(f"{path}.stages = [] is invalid: expected at least one stage")
+        if self.tokenizer is not None and len(self.stages) > 1:
+            raise RecipeError(
+                f"{path}.tokenizer: a tokenized model has one stage (splitters read bytes, its positions "
+                f"are tokens); found {len(self.stages)} stages"
+            )
         for i, stage in enumerate(self.stages):
             where = f"{path}.stages[{i}]"
             if i == 0:

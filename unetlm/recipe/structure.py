@@ -81,6 +81,9 @@ def structure_value(tp: Any, value: Any, path: str) -> Any:
                 return structure_value(arg, value, path)
             except RecipeError as exc:
                 errors.append(exc)
+        tables = [a for a in args if attrs.has(a)]
+        if isinstance(value, dict) and len(tables) == 1:  # a table for the one table type: its own error says more
+            raise errors[[a for a in args if a is not type(None)].index(tables[0])]
         raise _fail(path, value, describe_type(tp))
     if origin is list:
         if not isinstance(value, list):

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from unetlm.api import build_model
+from unetlm.api import build_model, model_from_state
 from unetlm.data.loader import step_batches
-from unetlm.data.packing import ByteData
+from unetlm.data.packing import ByteData, text_prefix, training_text
 from unetlm.data.sources import load_documents
 from unetlm.model.generate import generate
 from unetlm.model.stack import Stack
 from unetlm.model.summary import summarize
-from unetlm.model.tokens import PAD
+from unetlm.model.tokens import BYTES, PAD
 from unetlm.recipe import Recipe, dump_recipe, recipe_from_dict
 from unetlm.recipe.schema import TrainingSpec
 from unetlm.train import parallel
@@ -26,7 +26,7 @@ from unetlm.train.errors import TrainingError
 from unetlm.train.checkpoint import CHECKPOINT, load_state, rng_state, save_atomic, set_rng_state
 from unetlm.train.metrics import MetricsWriter, bits_per_byte, open_tensorboard
 from unetlm.train.optim import make_optimizer, make_scheduler
-from unetlm.train.parallel import World
+from unetlm.train.parallel import World, from_rank0
 from unetlm.train.progress import Progress
 from unetlm.train.scaling import resolve_budget
 
@@ -84,16 +84,22 @@ def forward_loss(model, batch, dtype: torch.dtype | None):
         return model(batch.tokens, batch.doc, batch.masks, batch.targets)
 
 
+def loss_per_byte(loss: torch.Tensor, batch, lengths: torch.Tensor) -> torch.Tensor:
+    """(nats, target bytes) of a batch whose mean loss per target token is ``loss``."""
+    n_tokens = (batch.targets != PAD).sum()
+    n_bytes = lengths.to(batch.targets.device)[batch.targets].sum()
+    return torch.stack([loss.detach().double() * n_tokens, n_bytes.double()]).cpu()
+
+
 @torch.no_grad()
 def evaluate(model, batches, device, world: World | None = None, dtype: torch.dtype | None = None) -> float:
-    """Mean validation loss in nats per target byte, over all ranks' rows."""
+    """Validation loss in nats per target byte (a token's loss spread over its bytes), over all ranks' rows."""
     model.eval()
+    lengths = torch.as_tensor(model.tokenizer.lengths)
     total = torch.zeros(2, dtype=torch.float64)
     for batch in batches:
         batch = batch.to(device)
-        out = forward_loss(model, batch, dtype)
-        n = int((batch.targets != PAD).sum())
-        total += torch.tensor([float(out.loss) * n, n], dtype=torch.float64)
+        total += loss_per_byte(forward_loss(model, batch, dtype).loss, batch, lengths)
     model.train()
     if world is not None:
         total = parallel.sum_over_ranks(total, world)
@@ -145,9 +151,14 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
     device = world.device
     torch.manual_seed(spec.seed)
     model = build_model(recipe)
+    documents = load_documents(recipe.data)
+    if model.tokenizer is None:
+        model.tokenizer = run_tokenizer(recipe, documents, state, world)
     summary = summarize(model)
     seq_len = recipe.model.seq_len
-    budget = resolve_budget(spec.batch_size, spec.lr, spec.steps, seq_len, summary.train_flops_per_byte, world.size)
+    budget = resolve_budget(
+        spec.batch_size, spec.lr, spec.steps, seq_len, summary.train_flops_per_byte, world.size, summary.bytes_per_token
+    )
     if budget.batch_size % world.size:
         raise TrainingError(f"training.batch_size = {budget.batch_size} does not split over {world.size} processes")
     if state is not None:
@@ -168,24 +179,28 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
     if compiled:
         compile_model(model, world)
 
+    tokenizer = model.tokenizer
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "recipe.toml").write_text(dump_recipe(recipe), encoding="utf-8")
+        if recipe.model.tokenizer is not None:
+            (out / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
     data = ByteData.build(
-        load_documents(recipe.data), model.splitters, seq_len, budget.batch_size, recipe.data.valid_fraction, spec.seed
+        documents, model.splitters, seq_len, budget.batch_size, recipe.data.valid_fraction, spec.seed, tokenizer
     )
     valid = data.valid_batches(spec.eval_batches, world.rank, world.size)
+    lengths = torch.as_tensor(tokenizer.lengths)
     flops_per_byte = summary.train_flops_per_byte
-    bytes_per_step = budget.batch_size * seq_len
+    bytes_per_step = budget.batch_size * seq_len * tokenizer.bytes_per_token
     metrics = MetricsWriter(out / "metrics.jsonl") if world.main else None
     board = open_tensorboard(out / "tensorboard") if (spec.tensorboard and world.main) else None
     bar = Progress(spec.steps, start_step, enabled=progress and world.main)
     bar.write(
         f"{recipe.name or 'recipe'}: {summary.params:,} parameters, {flops_per_byte / 1e6:.2f} MFLOPs/byte "
-        f"(training), {len(data.train):,} training bytes, {world.size} x {device}, "
+        f"(training), {len(data.train):,} training {'bytes' if tokenizer is BYTES else 'tokens'}, {world.size} x {device}, "
         f"{'bfloat16 autocast' if dtype else 'float32'}{', compiled' if compiled else ''}"
     )
-    bar.write(budget.describe(seq_len))
+    bar.write(budget.describe())
 
     def checkpoint(step: int) -> None:
         model_state, optim_state = parallel.full_state(model, optimizer)
@@ -199,7 +214,8 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
                     "data": {"next_step": step, "seed": spec.seed, "world_size": world.size},
                     "recipe": recipe.to_dict(),
                     "rng": rng_state(),
-                },
+                }
+                | ({"tokenizer": tokenizer.to_json()} if recipe.model.tokenizer is not None else {}),
                 ckpt_path,
             )
         parallel.barrier(world)
@@ -214,6 +230,7 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
             batch = next(batches).to(device)
             output = forward_loss(model, batch, dtype)
             loss = parallel.mean_over_ranks(output.loss.detach(), world)
+            nats, n_bytes = parallel.sum_over_ranks(loss_per_byte(output.loss, batch, lengths), world).tolist()
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {float(loss)} at step {step + 1}; stopping. The last good checkpoint "
@@ -238,7 +255,7 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
             last = {
                 "step": step,
                 "loss": loss_value,
-                "bpb": bits_per_byte(loss_value),
+                "bpb": bits_per_byte(nats / max(n_bytes, 1.0)),
                 "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_multiplier", 1.0),
                 "grad_norm": float(grad_norm),
                 "bytes": step * bytes_per_step,
@@ -278,16 +295,27 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
             board.close()
 
     if sample and spec.sample_bytes > 0 and world.main:
-        last["sample"] = sample_text(recipe, load_state(ckpt_path)["model"])
+        last["sample"] = sample_text(recipe, load_state(ckpt_path))
     return last
 
 
-def sample_text(recipe: Recipe, model_state: dict) -> str:
+def run_tokenizer(recipe: Recipe, documents: list[bytes], state: dict | None, world: World):
+    """The run's tokenizer: from the checkpoint when resuming, else trained (on rank 0) on the training split."""
+    from unetlm.data.bpe import BpeTokenizer
+
+    if state is not None and "tokenizer" in state:
+        return BpeTokenizer.from_json(state["tokenizer"])
+    spec = recipe.model.tokenizer
+    text = training_text(documents, recipe.data.valid_fraction)
+    if spec.train_bytes:
+        text = text_prefix(text, spec.train_bytes)
+    return BpeTokenizer.from_json(from_rank0(lambda: BpeTokenizer.train(text, spec.vocab_size).to_json(), world))
+
+
+def sample_text(recipe: Recipe, state: dict) -> str:
     """A continuation of ``training.sample_prompt`` by an eager, unsharded copy of the trained model."""
     spec = recipe.training
-    model = build_model(recipe)
-    model.load_state_dict(model_state)
-    model.eval()
+    model = model_from_state(recipe, state)
     prompt = spec.sample_prompt.encode("utf-8")
     options = dict(temperature=0.8, top_k=40, seed=spec.seed)
     try:

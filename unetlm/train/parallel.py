@@ -71,6 +71,15 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def from_rank0(make, world: World):
+    """``make()`` run on rank 0 only, its (picklable) result given to every rank."""
+    if not world.distributed:
+        return make()
+    box = [make() if world.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shard_model(model: nn.Module, world: World) -> nn.Module:
     """FSDP2: one unit per mixer block, then the root (embedding, poolers, upsamplers, head)."""
     if not world.distributed:

@@ -32,7 +32,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         label = Path(run).resolve().name
         valid = [r for r in records if "val_bpb" in r]
         for col, x in enumerate(("bytes", "flops")):
-            line, = axes[0, col].plot([r[x] for r in records], [bits_per_byte(r["loss"]) for r in records],
+            line, = axes[0, col].plot([r[x] for r in records], [r.get("bpb", bits_per_byte(r["loss"])) for r in records],
                                       label=label, linewidth=1)
             axes[1, col].plot([r[x] for r in valid], [r["val_bpb"] for r in valid], marker="o", markersize=3,
                               label=label, color=line.get_color())

@@ -33,9 +33,14 @@ class Budget:
     flops_per_byte: float
     batch_auto: bool
     lr_auto: bool
+    seq_len: int  # positions per sequence
+    bytes_per_token: float  # 1 for byte models
 
-    def describe(self, seq_len: int) -> str:
-        batch = f"batch {self.batch_size} x {seq_len} bytes"
+    def describe(self) -> str:
+        if self.bytes_per_token == 1.0:
+            batch = f"batch {self.batch_size} x {self.seq_len} bytes"
+        else:
+            batch = f"batch {self.batch_size} x {self.seq_len} tokens ({self.bytes_per_token:.2f} bytes per token)"
         if self.batch_auto:
             batch += f" (auto: 0.66*C^0.321 = {fitted_batch_bytes(self.compute):,.0f} bytes, rounded)"
         lr = f"lr {self.lr:.3g}" + (" (auto: 6.6*C^-0.176)" if self.lr_auto else "")
@@ -45,17 +50,24 @@ class Budget:
         )
 
 
-def resolve_budget(batch_size, lr, steps: int, seq_len: int, flops_per_byte: float, world: int = 1) -> Budget:
-    """Resolve "auto" values; an automatic batch is a multiple of ``world`` sequences (at least one each)."""
+def resolve_budget(
+    batch_size, lr, steps: int, seq_len: int, flops_per_byte: float, world: int = 1, bytes_per_token: float = 1.0
+) -> Budget:
+    """Resolve "auto" values; an automatic batch is a multiple of ``world`` sequences (at least one each).
+
+    A sequence holds ``seq_len`` positions of ``bytes_per_token`` bytes each (1 for byte models)."""
+    seq_bytes = seq_len * bytes_per_token
     batch_auto = batch_size == "auto"
     if batch_auto:
         exact = (BSZ_COEF * (flops_per_byte * steps) ** BSZ_EXP) ** (1.0 / (1.0 - BSZ_EXP))
-        batch_size = max(world, world * round(exact / seq_len / world))
-    total = steps * batch_size * seq_len
+        batch_size = max(world, world * round(exact / seq_bytes / world))
+    total = round(steps * batch_size * seq_bytes)
     compute = flops_per_byte * total
     lr_auto = lr == "auto"
     if lr_auto:
         lr = fitted_lr(compute)
     if not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"learning rate {lr} from the budget is not usable")
-    return Budget(int(batch_size), float(lr), compute, total, flops_per_byte, batch_auto, lr_auto)
+    return Budget(
+        int(batch_size), float(lr), compute, total, flops_per_byte, batch_auto, lr_auto, seq_len, bytes_per_token
+    )

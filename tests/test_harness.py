@@ -1,0 +1,67 @@
+"""The lm-evaluation-harness adapter answers its three request kinds from a checkpoint."""
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+from unetlm.eval.bpb import text_bpb
+from unetlm.eval.choice import continuation_nll
+from unetlm.eval.harness import HarnessAdapter
+from unetlm.model.generate import generate
+from unetlm.model.tokens import encode
+
+from test_eval import checkpoint  # noqa: F401  (the fixture)
+
+
+@pytest.fixture(scope="module")
+def adapter(checkpoint):  # noqa: F811
+    return HarnessAdapter(str(checkpoint), batch_size=3)
+
+
+def test_loglikelihood_is_minus_the_continuation_nll_with_a_greedy_flag(adapter):
+    model = adapter.model
+    prompt = b"The cat sat on the"
+    greedy = generate(model, [prompt], 4, temperature=0)[0].decode("utf-8", errors="ignore")
+    requests = [("The cat sat on the", " mat."), ("", "Hello"), ("The cat sat on the", greedy)]
+    got = adapter.loglikelihood(requests)
+    want = continuation_nll(model, [(c.encode(), x.encode()) for c, x in requests])
+    assert [lp for lp, _ in got] == pytest.approx([-n for n in want])
+    assert got[2][1] is True  # the model's own greedy bytes
+    tokens = encode(prompt + b" mat.").unsqueeze(0)
+    with torch.no_grad():
+        predicted = model(tokens).logits[0].argmax(-1)
+    assert got[0][1] == bool((predicted[len(prompt) : -1] == tokens[0, len(prompt) + 1 :]).all())
+
+
+def test_rolling_loglikelihood_scores_every_byte_once(adapter):
+    text = "The cat sat on the mat. " * 12  # longer than seq_len: several windows
+    (got,) = adapter.loglikelihood_rolling([(text,)])
+    row = text_bpb(adapter.model, "t", [text.encode()])
+    assert got == pytest.approx(-row.bits_per_byte * len(text) * math.log(2), rel=1e-9)
+    assert adapter.loglikelihood_rolling([("",)]) == [0.0]
+
+
+def test_generate_until_stops_at_a_stop_string_and_a_length(adapter):
+    prompt = "The cat sat on the"
+    free = generate(adapter.model, [prompt.encode()], 12, temperature=0)[0].decode("utf-8", errors="replace")
+    stop = free[4:6]
+    cut, short = adapter.generate_until([(prompt, {"until": [stop], "max_gen_toks": 12}),
+                                         (prompt, {"until": "\u2603", "max_gen_toks": 3})])
+    assert cut == free[: free.find(stop)]
+    assert short == free[:3]  # byte models: max_gen_toks bytes
+
+
+def test_registered_in_the_harness(checkpoint):  # noqa: F811
+    pytest.importorskip("lm_eval", reason="the harness is an optional extra (unetlm[harness])")
+    from lm_eval.api.registry import get_model
+
+    from unetlm.eval.harness import harness_model_class
+
+    cls = harness_model_class()
+    assert get_model("unetlm") is cls
+    lm = cls.create_from_arg_string(f"checkpoint={checkpoint},batch_size=2")
+    request = types.SimpleNamespace(args=("The cat", " sat"))
+    assert lm.loglikelihood([request])[0][0] < 0
