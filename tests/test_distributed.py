@@ -1,4 +1,4 @@
-"""Two CPU processes under torchrun (gloo, FSDP2) train like one process on the same global batch."""
+"""Two CPU processes under torchrun (gloo, FSDP2, micro-batches) train like one process on the same global batch."""
 from __future__ import annotations
 
 import os
@@ -27,8 +27,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     corpus = write_corpus(root / "corpus")
     recipe = tiny_recipe(corpus, threads=1)
-    recipe_file = root / "tiny.toml"
-    recipe_file.write_text(dump_recipe(recipe), encoding="utf-8")
+    recipe_file = root / "tiny.toml"  # two processes of 2 rows each, 1 row per forward: gradients accumulate
+    recipe_file.write_text(dump_recipe(tiny_recipe(corpus, threads=1, micro_batch_size=1)), encoding="utf-8")
     done = torchrun(["train", str(recipe_file), "--out", str(root / "two"), "--quiet", "--no-compile"], root)
     assert done.returncode == 0, done.stderr[-3000:]
     loop.train(recipe, root / "one", progress=False, sample=False)
@@ -52,7 +52,7 @@ def test_sharded_checkpoint_is_a_full_state_dict(runs):
     state = load_state(root / "two" / CHECKPOINT)
     assert state["data"]["world_size"] == 2
     # a checkpoint written by two processes resumes in one (more steps: the schedule is stretched)
-    longer = tiny_recipe(recipe.data.paths[0], threads=1, steps=7)
+    longer = tiny_recipe(recipe.data.paths[0], threads=1, steps=7, micro_batch_size=1)
     result = loop.train(longer, root / "two", resume=True, progress=False, sample=False)
     assert result["step"] == 7
 

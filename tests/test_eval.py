@@ -27,7 +27,7 @@ from unetlm.cli import main
 from unetlm.eval import choice as choice_mod
 from unetlm.eval import cute
 from unetlm.eval.bootstrap import bootstrap_ci, ratio
-from unetlm.eval.bpb import file_bpb, token_nll, window_plan
+from unetlm.eval.bpb import file_bpb, text_bpb, token_nll, window_plan
 from unetlm.eval.choice import continuation_nll, evaluate_choice, predict
 from unetlm.model.splitting import split_document
 from unetlm.model.tokens import encode
@@ -283,3 +283,12 @@ def test_cli_eval_rejects_unknown_task(checkpoint, tmp_path, capsys):
     (tmp_path / "words.txt").write_text("hello\n")
     assert main(["eval", str(checkpoint), "--cute-words", str(tmp_path / "words.txt"), "--cute-tasks", "nope"]) == 2
     assert "unknown CUTE task 'nope'" in capsys.readouterr().err
+
+
+def test_several_documents_score_like_each_alone(model):
+    a, b = TEXT * 3, b"A second document, read from its own BOS."
+    together = text_bpb(model, "both", [a, b], stride=SEQ // 2)
+    alone = [text_bpb(model, n, [d], stride=SEQ // 2) for n, d in (("a", a), ("b", b))]
+    bits = sum(r.bits_per_byte * r.bytes for r in alone)
+    assert together.bytes == len(a) + len(b) and together.windows == sum(r.windows for r in alone)
+    assert together.bits_per_byte == pytest.approx(bits / together.bytes, rel=1e-9)

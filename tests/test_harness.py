@@ -65,3 +65,16 @@ def test_registered_in_the_harness(checkpoint):  # noqa: F811
     lm = cls.create_from_arg_string(f"checkpoint={checkpoint},batch_size=2")
     request = types.SimpleNamespace(args=("The cat", " sat"))
     assert lm.loglikelihood([request])[0][0] < 0
+
+
+def test_without_the_harness_the_error_says_what_to_install(monkeypatch):
+    import sys
+
+    from unetlm.eval import harness
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.setitem(sys.modules, "lm_eval.api", None)
+    monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)
+    monkeypatch.setattr(harness, "_HARNESS_CLASS", None)
+    with pytest.raises(ImportError, match=r"pip install 'unetlm\[harness\]'"):
+        harness.harness_model_class()

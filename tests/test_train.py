@@ -104,12 +104,17 @@ def test_resume_equals_uninterrupted(full_run, corpus, tmp_path, monkeypatch):
         loop.train(recipe, tmp_path, progress=False)
     assert load_state(tmp_path / CHECKPOINT)["step"] == 4
     loop.train(recipe, tmp_path, resume=True, progress=False)
-    want, got = losses(out), losses(tmp_path)
+    assert_same_run(out, tmp_path, tol=1e-6)
+
+
+def assert_same_run(want_dir, got_dir, tol: float) -> None:
+    """Equal losses at every step and equal final weights."""
+    want, got = losses(want_dir), losses(got_dir)
     assert sorted(got) == sorted(want)
     for step in want:
-        assert got[step] == pytest.approx(want[step], abs=1e-6), step
-    a, b = load_state(out / CHECKPOINT)["model"], load_state(tmp_path / CHECKPOINT)["model"]
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+        assert got[step] == pytest.approx(want[step], abs=tol), step
+    a, b = load_state(want_dir / CHECKPOINT)["model"], load_state(got_dir / CHECKPOINT)["model"]
+    assert all(torch.allclose(a[k], b[k], atol=tol) for k in a)
 
 
 def test_resume_refuses_a_different_recipe(full_run, corpus):
@@ -241,3 +246,14 @@ def test_bfloat16_autocast_on_cpu(corpus, tmp_path):
     result = loop.train(recipe, tmp_path, progress=False)
     assert math.isfinite(result["loss"]) and math.isfinite(result["val_bpb"])
     assert load_state(tmp_path / CHECKPOINT)["model"]["head.weight"].dtype == torch.float32
+
+
+def test_micro_batches_train_like_the_whole_batch(full_run, corpus, tmp_path):
+    out, _ = full_run
+    loop.train(tiny_recipe(corpus, sample_bytes=8, micro_batch_size=1), tmp_path, progress=False, sample=False)
+    assert_same_run(out, tmp_path, tol=1e-5)
+
+
+def test_micro_batch_that_does_not_divide_the_batch_is_refused(corpus, tmp_path):
+    with pytest.raises(loop.TrainingError, match="training.micro_batch_size = 3 does not divide the 4 sequences"):
+        loop.train(tiny_recipe(corpus, micro_batch_size=3), tmp_path, progress=False)

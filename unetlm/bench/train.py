@@ -3,7 +3,8 @@
 MFU = (training FLOPs per byte x bytes/s) / matmul peak, the peak measured in the same run on the
 same device (square matmuls, best of several trials), in bfloat16 (``mfu``) and float32
 (``mfu_fp32``). A step is forward + backward + clipping + AdamW, as in training; the batches are
-real packed data from the recipe's source. Peak memory: CUDA's max allocated, or on CPU the
+real packed data from the recipe's source. ``training.threads`` sets the torch threads, as in
+training (``--set training.threads=1``). Peak memory: CUDA's max allocated, or on CPU the
 process's peak resident set (which only grows, so later records include earlier ones).
 """
 from __future__ import annotations
@@ -100,6 +101,7 @@ def bench_recipe(recipe, mode: str, steps: int, warmup: int, device: torch.devic
         "batch_size": budget.batch_size,
         "seq_len": recipe.model.seq_len,
         "steps": steps,
+        "threads": torch.get_num_threads(),
         "bytes_per_s": bytes_per_s,
         "flops_per_byte": flops_per_byte,
         "flops_per_s": flops_per_s,
@@ -122,6 +124,11 @@ def bench_train(
 ) -> list[dict]:
     """One record per (recipe, mode); written as a JSON list to ``json_out`` when given."""
     loaded = [load_recipe(r, overrides) for r in recipes]
+    threads = {r.training.threads for r in loaded if r.training.threads}
+    if len(threads) > 1:
+        raise ValueError(f"the recipes set different training.threads {sorted(threads)}; set one with --set")
+    if threads:  # as in training; otherwise torch's default (OMP_NUM_THREADS, else every core)
+        torch.set_num_threads(threads.pop())
     dev = pick_device(device)
     peaks = {name: matmul_peak(dev, dt) for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
     records = []

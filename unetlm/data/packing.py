@@ -24,6 +24,16 @@ class Batch:
     masks: list[torch.Tensor]  # per stage after the first: (B, T) bool
     targets: torch.Tensor  # (B, T) long
 
+    def split(self, rows: int) -> list["Batch"]:
+        """Consecutive blocks of ``rows`` rows (0: the whole batch as one block)."""
+        n = self.tokens.shape[0]
+        rows = rows or n
+        pick = lambda t, a: t[a : a + rows]  # noqa: E731
+        return [
+            Batch(pick(self.tokens, a), pick(self.doc, a), [pick(m, a) for m in self.masks], pick(self.targets, a))
+            for a in range(0, n, rows)
+        ]
+
     def to(self, device) -> "Batch":
         return Batch(
             self.tokens.to(device), self.doc.to(device), [m.to(device) for m in self.masks], self.targets.to(device)

@@ -193,6 +193,8 @@ def positive_or_auto(_inst, attribute, value):
 class TrainingSpec:
     steps: int = attrs.field(default=300, validator=positive)
     batch_size: int | Literal["auto"] = attrs.field(default=8, validator=positive_or_auto)  # global, in sequences
+    # sequences per forward on each process; gradients accumulate over a step's micro-batches (0: all at once)
+    micro_batch_size: int = attrs.field(default=0, validator=non_negative)
     lr: float | Literal["auto"] = attrs.field(default=3e-3, validator=positive_or_auto)
     min_lr_fraction: float = attrs.field(default=0.1, validator=fraction)
     warmup_fraction: float = attrs.field(default=0.1, validator=fraction)

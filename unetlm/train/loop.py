@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import attrs
 import torch
 
 from unetlm.api import build_model, model_from_state
@@ -91,6 +92,51 @@ def loss_per_byte(loss: torch.Tensor, batch, lengths: torch.Tensor) -> torch.Ten
     return torch.stack([loss.detach().double() * n_tokens, n_bytes.double()]).cpu()
 
 
+@attrs.define
+class StepOutput:
+    """What one optimizer step's forward and backward passes measured on this process's rows."""
+
+    loss: torch.Tensor  # mean cross-entropy per target token (detached)
+    nats_bytes: torch.Tensor  # (2,) float64: summed nats and target bytes
+    truncated: list[torch.Tensor]  # per transition: boundaries dropped by max_len
+    aux_loss: torch.Tensor | None  # learned splitters' ratio losses, mean over micro-batches
+    bytes_per_chunk: list[torch.Tensor]  # per learned splitter, mean over micro-batches
+
+
+def forward_backward(model, batch, micro_rows: int, dtype, lengths: torch.Tensor, world: World) -> StepOutput:
+    """Forward and backward passes over ``batch`` in micro-batches of ``micro_rows`` rows (0: one pass).
+
+    Each micro-batch's mean token loss is weighted by its share of the batch's targets, so the
+    accumulated gradient equals the whole batch's; gradients are reduced across ranks once, after
+    the last micro-batch. The learned splitters' ratio losses are averaged over micro-batches.
+    """
+    parts = batch.split(micro_rows)
+    total = (batch.targets != PAD).sum().clamp(min=1)
+    loss, nats_bytes = torch.zeros(()), torch.zeros(2, dtype=torch.float64)
+    truncated, aux, per_chunk = None, [], []
+    for i, part in enumerate(parts):
+        parallel.set_gradient_sync(model, i == len(parts) - 1, world)
+        out = forward_loss(model, part, dtype)
+        weight = (part.targets != PAD).sum() / total
+        objective = out.loss * weight
+        if out.aux_loss is not None:
+            objective = objective + out.aux_loss / len(parts)
+            aux.append(out.aux_loss.detach())
+            per_chunk.append(torch.stack(out.bytes_per_chunk))
+        objective.backward()
+        loss = loss + (out.loss.detach() * weight).cpu()
+        nats_bytes += loss_per_byte(out.loss, part, lengths)
+        sums = [t.sum() for t in out.truncated]
+        truncated = sums if truncated is None else [a + b for a, b in zip(truncated, sums)]
+    return StepOutput(
+        loss,
+        nats_bytes,
+        truncated,
+        torch.stack(aux).mean() if aux else None,
+        list(torch.stack(per_chunk).mean(0)) if per_chunk else [],
+    )
+
+
 @torch.no_grad()
 def evaluate(model, batches, device, world: World | None = None, dtype: torch.dtype | None = None) -> float:
     """Validation loss in nats per target byte (a token's loss spread over its bytes), over all ranks' rows."""
@@ -161,6 +207,12 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
     )
     if budget.batch_size % world.size:
         raise TrainingError(f"training.batch_size = {budget.batch_size} does not split over {world.size} processes")
+    local_rows = budget.batch_size // world.size
+    if spec.micro_batch_size and local_rows % spec.micro_batch_size:
+        raise TrainingError(
+            f"training.micro_batch_size = {spec.micro_batch_size} does not divide the {local_rows} sequences "
+            f"each of the {world.size} processes takes from training.batch_size = {budget.batch_size}"
+        )
     if state is not None:
         model.load_state_dict(state["model"])
     model.to(device)
@@ -228,16 +280,15 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
     try:
         while step < spec.steps:
             batch = next(batches).to(device)
-            output = forward_loss(model, batch, dtype)
-            loss = parallel.mean_over_ranks(output.loss.detach(), world)
-            nats, n_bytes = parallel.sum_over_ranks(loss_per_byte(output.loss, batch, lengths), world).tolist()
+            optimizer.zero_grad(set_to_none=True)
+            output = forward_backward(model, batch, spec.micro_batch_size, dtype, lengths, world)
+            loss = parallel.mean_over_ranks(output.loss.to(device), world)
+            nats, n_bytes = parallel.sum_over_ranks(output.nats_bytes, world).tolist()
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {float(loss)} at step {step + 1}; stopping. The last good checkpoint "
                     f"({ckpt_path}) is kept; lower training.lr or training.grad_clip and --resume."
                 )
-            optimizer.zero_grad(set_to_none=True)
-            output.objective.backward()
             grad_norm = parallel.local_tensor(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
             )
@@ -250,7 +301,7 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
             scheduler.step()
             step += 1
             loss_value = loss.item()
-            truncated = [int(parallel.sum_over_ranks(t.sum(), world)) for t in output.truncated]
+            truncated = [int(parallel.sum_over_ranks(t, world)) for t in output.truncated]
             elapsed = time.perf_counter() - started
             last = {
                 "step": step,

@@ -94,6 +94,13 @@ def shard_model(model: nn.Module, world: World) -> nn.Module:
     return model
 
 
+def set_gradient_sync(model: nn.Module, sync: bool, world: World) -> None:
+    """Under FSDP2, whether the next backward reduces gradients across ranks (off for all but the
+    last micro-batch of a step); one process: nothing to do."""
+    if world.distributed:
+        model.set_requires_gradient_sync(sync)
+
+
 def mean_over_ranks(value: torch.Tensor, world: World) -> torch.Tensor:
     if world.distributed:
         value = value.detach().clone()
