@@ -104,6 +104,20 @@ def test_an_unfinished_run_resumes(compared, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_ctrl_c_stops_the_comparison_and_a_rerun_continues(compared, tmp_path, monkeypatch):
+    paths, budget, data, _, _ = compared
+    from test_train import interrupt_at
+    from unetlm.train import loop
+
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        with pytest.raises(loop.TrainingError, match="au was interrupted; run the same command again"):
+            cmp.compare(paths, budget, tmp_path, data, eval_bytes=1000, progress=False)
+    assert not (tmp_path / "runs" / "bpe").exists()  # the next recipe did not start
+    result = cmp.compare(paths[:1], budget, tmp_path, data, eval_bytes=1000, progress=False)
+    assert result["rows"][0]["steps"] == 4
+
+
 class Peeking(torch.nn.Module):
     """Logits at t read token t + 1: the leak the probe must catch."""
 

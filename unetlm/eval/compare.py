@@ -31,6 +31,7 @@ from unetlm.model.summary import summarize
 from unetlm.recipe import Recipe, load_recipe
 from unetlm.recipe.schema import DataSpec
 from unetlm.train.checkpoint import CHECKPOINT, load_state
+from unetlm.train.errors import TrainingError
 
 # SpaceByte (Slagle, 2024), Table 1: PG-19 bits per byte at 1e19 training FLOPs.
 PUBLISHED = {
@@ -217,6 +218,8 @@ def compare(
         if not finished(run_dir, entry.steps):
             train(entry.recipe, run_dir, resume=(run_dir / CHECKPOINT).is_file(), force=True, progress=progress,
                   sample=False)
+            if not finished(run_dir, entry.steps):  # Ctrl-C: the run saved its checkpoint and returned
+                raise TrainingError(f"{entry.name} was interrupted; run the same command again to continue")
         cached = run_dir / "compare.json"
         stamp = {"settings": settings, "floor": floor["floor"], "step": load_state(run_dir / CHECKPOINT)["step"]}
         result = json.loads(cached.read_text()) if cached.is_file() else None
