@@ -78,3 +78,24 @@ def test_without_the_harness_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(harness, "_HARNESS_CLASS", None)
     with pytest.raises(ImportError, match=r"pip install 'unetlm\[harness\]'"):
         harness.harness_model_class()
+
+
+def test_a_local_harness_task_runs_end_to_end(checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    pytest.importorskip("lm_eval", reason="the harness is an optional extra (unetlm[harness])")
+    import json
+
+    from unetlm.eval.harness import run_harness
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps({"context": "The cat sat on the", "choices": [" mat.", " moon."],
+                                        "answer": 0}) + "\n" for _ in range(3)))
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs: {{data_files: {{test: {data}}}}}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list: [{metric: acc}]\n"
+    )
+    result = run_harness(str(checkpoint), ["tiny_mc"], include_path=str(tmp_path))
+    assert 0.0 <= result["results"]["tiny_mc"]["acc,none"] <= 1.0

@@ -201,7 +201,8 @@ def cmd_harness(args) -> int:
 
     try:
         result = run_harness(args.checkpoint, args.tasks, limit=args.limit, device=args.device,
-                             batch_size=args.batch_size, num_fewshot=args.num_fewshot)
+                             batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                             include_path=args.include_path)
     except ImportError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
@@ -319,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="harness task names, e.g. hellaswag")
     p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--include-path", metavar="DIR", help="a folder of extra task YAML files (e.g. local data)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", metavar="OUT", help="also write the harness's results as JSON")

@@ -106,9 +106,13 @@ _HARNESS_CLASS = None
 
 
 def run_harness(checkpoint: str, tasks: list[str], limit: int | None = None, device: str = "cpu",
-                batch_size: int = 8, num_fewshot: int | None = None) -> dict:
-    """``lm_eval.simple_evaluate`` of a checkpoint; returns the harness's results dict."""
-    import lm_eval
-
+                batch_size: int = 8, num_fewshot: int | None = None, include_path: str | None = None) -> dict:
+    """``lm_eval.simple_evaluate`` of a checkpoint (``include_path``: a folder of extra task
+    YAML files, e.g. tasks over local data); returns the harness's results dict."""
     model = harness_model_class()(checkpoint=checkpoint, device=device, batch_size=batch_size)
-    return lm_eval.simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=include_path) if include_path else None
+    return lm_eval.simple_evaluate(model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+                                   task_manager=manager)
