@@ -87,21 +87,33 @@ def training_cut(total_bytes: int, valid_fraction: float) -> int:
     return int(total_bytes * (1.0 - valid_fraction))
 
 
+def split_text(documents: list[bytes], n_bytes: int) -> tuple[list[bytes], list[bytes]]:
+    """The documents' bytes before and from byte ``n_bytes`` of their stream (a BOS counts as
+    one); a document cut in two has its head in the first list and its tail in the second."""
+    before, after, pos = [], [], 0
+    for data in documents:
+        cut = n_bytes - pos - 1  # this document's bytes before the cut (its BOS is stream byte pos)
+        if cut > 0:
+            before.append(data[:cut])
+        if cut < len(data):
+            after.append(data[max(cut, 0) :])
+        pos += len(data) + 1
+    return before, after
+
+
 def text_prefix(documents: list[bytes], n_bytes: int) -> list[bytes]:
     """The documents cut after ``n_bytes`` bytes of their stream (a BOS counts as one)."""
-    out, pos = [], 0
-    for data in documents:
-        pos += 1
-        if pos >= n_bytes:
-            break
-        out.append(data[: n_bytes - pos])
-        pos += len(data)
-    return out
+    return split_text(documents, n_bytes)[0]
 
 
 def training_text(documents: list[bytes], valid_fraction: float) -> list[bytes]:
     """The documents' bytes before the held-out part (what a tokenizer may learn from)."""
-    return text_prefix(documents, training_cut(sum(len(d) + 1 for d in documents), valid_fraction))
+    return split_text(documents, training_cut(sum(len(d) + 1 for d in documents), valid_fraction))[0]
+
+
+def held_out_text(documents: list[bytes], valid_fraction: float) -> list[bytes]:
+    """The documents' bytes from the held-out part on (what no run trains on)."""
+    return split_text(documents, training_cut(sum(len(d) + 1 for d in documents), valid_fraction))[1]
 
 
 @attrs.define

@@ -24,10 +24,11 @@ import attrs
 import torch
 
 from unetlm.api import build_model, load_checkpoint
-from unetlm.data.packing import text_prefix, training_cut
+from unetlm.data.packing import held_out_text, text_prefix, training_text
 from unetlm.data.sources import load_documents
 from unetlm.eval.bpb import text_bpb
 from unetlm.model.summary import summarize
+from unetlm.model.tokens import BOS
 from unetlm.recipe import Recipe, load_recipe
 from unetlm.recipe.schema import DataSpec
 from unetlm.train.checkpoint import CHECKPOINT, load_state
@@ -90,18 +91,6 @@ def plan(paths: list[str], budget: float, data: DataSpec, overrides: list[str] =
     return entries
 
 
-def held_out_text(documents: list[bytes], valid_fraction: float) -> list[bytes]:
-    """The documents' bytes after the training cut (what no run trained on), as documents."""
-    cut = training_cut(sum(len(d) + 1 for d in documents), valid_fraction)
-    out, pos = [], 0
-    for data in documents:
-        start = max(0, cut - pos - 1)  # the document's BOS sits at stream byte pos
-        if start < len(data):
-            out.append(data[start:])
-        pos += len(data) + 1
-    return out
-
-
 def xz_rate(context: bytes, text: bytes) -> float:
     """Bits per byte xz needs for ``text`` after having read ``context`` (extreme preset 9)."""
     size = lambda data: len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))  # noqa: E731
@@ -132,7 +121,7 @@ def evaluate_run(entry: Entry, run_dir: Path, held: list[bytes], floor: float, c
     model, _ = load_checkpoint(run_dir / CHECKPOINT)
     summary = summarize(model)
     row = text_bpb(model, "held-out", held, seed=seed)
-    window = [256, *model.tokenizer.encode(b"".join(held)[: 4 * model.spec.seq_len]).tolist()][: model.spec.seq_len]
+    window = [BOS, *model.tokenizer.encode(b"".join(held)[: 4 * model.spec.seq_len]).tolist()][: model.spec.seq_len]
     last = run_curves(run_dir)[-1]
     tasks = {}
     if cute_items:
@@ -171,8 +160,6 @@ def data_key(documents: list[bytes]) -> str:
 
 def sanity_floor(out: Path, documents: list[bytes], held: list[bytes], valid_fraction: float) -> dict:
     """``FLOOR_FACTOR`` x xz's rate on the held-out text given the training text (cached in OUT/floor.json)."""
-    from unetlm.data.packing import training_text
-
     key = data_key(held) + f"-{FLOOR_FACTOR}"
     path = out / "floor.json"
     if path.is_file():

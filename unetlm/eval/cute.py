@@ -92,11 +92,17 @@ def _reverse(rng, unit, seq, pool):
     return Example(f'Reverse {what} "{_join(unit, seq)}".', _join(unit, reverse(seq)))
 
 
-def _insert(rng, unit, seq, pool):
+def _new_and_present(rng: np.random.Generator, pool: list[str], seq: list[str]) -> tuple[str, str] | None:
+    """An element of the pool absent from ``seq``, then an element of ``seq`` (None: the pool has no new one)."""
     new = _others(rng, pool, seq)
-    if new is None:
+    return None if new is None else (new, seq[rng.integers(len(seq))])
+
+
+def _insert(rng, unit, seq, pool):
+    picked = _new_and_present(rng, pool, seq)
+    if picked is None:
         return None
-    after = seq[rng.integers(len(seq))]
+    new, after = picked
     question = f'Add "{new}" after every "{after}" in "{_join(unit, seq)}".'
     return Example(question, _join(unit, insert_after(seq, after, new)))
 
@@ -117,10 +123,10 @@ def _swap(rng, unit, seq, pool):
 
 
 def _substitute(rng, unit, seq, pool):
-    new = _others(rng, pool, seq)
-    if new is None:
+    picked = _new_and_present(rng, pool, seq)
+    if picked is None:
         return None
-    old = seq[rng.integers(len(seq))]
+    new, old = picked
     question = f'Replace every "{old}" with "{new}" in "{_join(unit, seq)}".'
     return Example(question, _join(unit, substitute(seq, old, new)))
 

@@ -86,18 +86,18 @@ def forward_loss(model, batch, dtype: torch.dtype | None):
 
 
 def loss_per_byte(loss: torch.Tensor, batch, lengths: torch.Tensor) -> torch.Tensor:
-    """(nats, target bytes) of a batch whose mean loss per target token is ``loss``."""
+    """(2,) float64 on the batch's device: (nats, target bytes) of a batch whose mean loss per target
+    token is ``loss``; ``lengths`` (vocab,) on the same device holds the bytes each id stands for."""
     n_tokens = (batch.targets != PAD).sum()
-    n_bytes = lengths.to(batch.targets.device)[batch.targets].sum()
-    return torch.stack([loss.detach().double() * n_tokens, n_bytes.double()]).cpu()
+    return torch.stack([loss.detach().double() * n_tokens, lengths[batch.targets].sum().double()])
 
 
 @attrs.define
 class StepOutput:
     """What one optimizer step's forward and backward passes measured on this process's rows."""
 
-    loss: torch.Tensor  # mean cross-entropy per target token (detached)
-    nats_bytes: torch.Tensor  # (2,) float64: summed nats and target bytes
+    loss: torch.Tensor  # mean cross-entropy per target token (detached, on the device)
+    nats_bytes: torch.Tensor  # (2,) float64 on the device: summed nats and target bytes
     truncated: list[torch.Tensor]  # per transition: boundaries dropped by max_len
     aux_loss: torch.Tensor | None  # learned splitters' ratio losses, mean over micro-batches
     bytes_per_chunk: list[torch.Tensor]  # per learned splitter, mean over micro-batches
@@ -112,7 +112,8 @@ def forward_backward(model, batch, micro_rows: int, dtype, lengths: torch.Tensor
     """
     parts = batch.split(micro_rows)
     total = (batch.targets != PAD).sum().clamp(min=1)
-    loss, nats_bytes = torch.zeros(()), torch.zeros(2, dtype=torch.float64)
+    loss = torch.zeros((), device=batch.targets.device)
+    nats_bytes = torch.zeros(2, dtype=torch.float64, device=batch.targets.device)
     truncated, aux, per_chunk = None, [], []
     for i, part in enumerate(parts):
         parallel.set_gradient_sync(model, i == len(parts) - 1, world)
@@ -124,7 +125,7 @@ def forward_backward(model, batch, micro_rows: int, dtype, lengths: torch.Tensor
             aux.append(out.aux_loss.detach())
             per_chunk.append(torch.stack(out.bytes_per_chunk))
         objective.backward()
-        loss = loss + (out.loss.detach() * weight).cpu()
+        loss = loss + out.loss.detach() * weight
         nats_bytes += loss_per_byte(out.loss, part, lengths)
         sums = [t.sum() for t in out.truncated]
         truncated = sums if truncated is None else [a + b for a, b in zip(truncated, sums)]
@@ -141,8 +142,8 @@ def forward_backward(model, batch, micro_rows: int, dtype, lengths: torch.Tensor
 def evaluate(model, batches, device, world: World | None = None, dtype: torch.dtype | None = None) -> float:
     """Validation loss in nats per target byte (a token's loss spread over its bytes), over all ranks' rows."""
     model.eval()
-    lengths = torch.as_tensor(model.tokenizer.lengths)
-    total = torch.zeros(2, dtype=torch.float64)
+    lengths = torch.as_tensor(model.tokenizer.lengths, device=device)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         batch = batch.to(device)
         total += loss_per_byte(forward_loss(model, batch, dtype).loss, batch, lengths)
@@ -241,7 +242,7 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
         documents, model.splitters, seq_len, budget.batch_size, recipe.data.valid_fraction, spec.seed, tokenizer
     )
     valid = data.valid_batches(spec.eval_batches, world.rank, world.size)
-    lengths = torch.as_tensor(tokenizer.lengths)
+    lengths = torch.as_tensor(tokenizer.lengths, device=device)
     flops_per_byte = summary.train_flops_per_byte
     bytes_per_step = budget.batch_size * seq_len * tokenizer.bytes_per_token
     metrics = MetricsWriter(out / "metrics.jsonl") if world.main else None
@@ -282,7 +283,7 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
             batch = next(batches).to(device)
             optimizer.zero_grad(set_to_none=True)
             output = forward_backward(model, batch, spec.micro_batch_size, dtype, lengths, world)
-            loss = parallel.mean_over_ranks(output.loss.to(device), world)
+            loss = parallel.mean_over_ranks(output.loss, world)
             nats, n_bytes = parallel.sum_over_ranks(output.nats_bytes, world).tolist()
             if not torch.isfinite(loss):
                 raise TrainingError(
