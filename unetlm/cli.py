@@ -89,7 +89,11 @@ def cmd_train(args) -> int:
 def cmd_plot(args) -> int:
     from unetlm.train.plot import plot_runs
 
-    print(f"wrote {plot_runs(args.runs, args.out)}")
+    try:
+        print(f"wrote {plot_runs(args.runs, args.out)}")
+    except ImportError as exc:
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -191,7 +195,8 @@ def cmd_compare(args) -> int:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
     print(markdown(results))
-    print(f"\nwrote {args.out}/results.md, results.json and bpb-vs-flops.png")
+    written = "results.md, results.json" + (" and bpb-vs-flops.png" if results["plot"] else "")
+    print(f"\nwrote {written} to {args.out}")
     return 0
 
 

@@ -215,9 +215,14 @@ def compare(
             result["stamp"] = stamp
             cached.write_text(json.dumps(result, indent=1) + "\n")
         rows.append(result)
-    results = {"settings": settings, "floor": floor, "rows": rows, "ordering": published_ordering(rows)}
+    try:
+        plot = plot_runs([out / "runs" / e.name for e in entries], out / "bpb-vs-flops.png").name
+    except ImportError as exc:  # the comparison stands without its figure
+        plot = None
+        if progress:
+            print(f"no plot: {exc}", flush=True)
+    results = {"settings": settings, "floor": floor, "rows": rows, "ordering": published_ordering(rows), "plot": plot}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    plot_runs([out / "runs" / e.name for e in entries], out / "bpb-vs-flops.png")
     (out / "results.md").write_text(markdown(results) + "\n")
     return results
 
@@ -264,6 +269,10 @@ def markdown(results: dict) -> str:
     lines += ["", f"Budget {s['flops']:.3g} training FLOPs per recipe; held-out text: {rows[0]['eval_bytes']:,} bytes "
               f"never trained on. Sanity floor: {floor['factor']} x xz's {floor['xz_bits_per_byte']:.3f} bits/byte "
               f"on the held-out text given the training text = {floor['floor']:.3f}."]
+    if results.get("plot"):
+        lines += ["", f"![validation bits per byte against bytes and FLOPs]({results['plot']})"]
+    else:
+        lines += ["", "No plot: matplotlib is not installed (pip install 'unetlm[plot]')."]
     order = results["ordering"]
     if len(order["ours"]) > 1:
         published = " < ".join(f"{n} {PUBLISHED[n]:.3f}" for n in sorted(

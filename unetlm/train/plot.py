@@ -22,7 +22,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("unetlm plot needs matplotlib: pip install matplotlib") from None
+        raise ImportError("plots need matplotlib: pip install 'unetlm[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
