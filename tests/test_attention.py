@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unetlm.mixers.attention import allowed_keys, banded_attention, build_banded_mask, build_mask, is_banded
-from unetlm.model.layout import byte_stage
+from unetlm.core.layout import byte_stage
 
 
 @settings(max_examples=25, deadline=None)

@@ -17,8 +17,8 @@ import torch
 
 import unetlm
 from unetlm.model.embedding import HASH_BASE, HASH_MOD, ByteEmbedding, ngram_hashes
-from unetlm.model.layout import build_links
-from unetlm.model.tokens import BOS, PAD, documents_from_tokens, encode
+from unetlm.core.layout import build_links
+from unetlm.core.tokens import BOS, PAD, documents_from_tokens, encode
 from unetlm.poolers.base import Pooler
 from unetlm.recipe import RecipeError, recipe_from_dict
 from unetlm.recipe.schema import EmbeddingSpec

@@ -18,7 +18,7 @@ from unetlm.eval.bpb import text_bpb
 from unetlm.eval.choice import continuation_nll
 from unetlm.model.generate import generate
 from unetlm.model.summary import summarize
-from unetlm.model.tokens import BOS, BYTES, PAD
+from unetlm.core.tokens import BOS, BYTES, PAD
 from unetlm.recipe import RecipeError, recipe_from_dict
 from unetlm.train import loop
 from unetlm.train.checkpoint import CHECKPOINT, load_state

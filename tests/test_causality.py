@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from strategies import TINY_RECIPES, case_id, component_cases, component_model, documents, recipe_model
-from unetlm.model.tokens import BOS, encode
+from unetlm.core.tokens import BOS, encode
 
 KINDS = ("splitter", "pooler", "upsampler", "mixer")
 TRUNCATING_MAX_LEN = 6  # the coarse stage keeps only this many boundaries

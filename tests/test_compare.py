@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from unetlm.data.packing import training_text
 from unetlm.eval import compare as cmp
-from unetlm.model.tokens import BYTES
+from unetlm.core.tokens import BYTES
 from unetlm.recipe.schema import DataSpec
 
 from test_train import tiny_recipe_dict, write_corpus

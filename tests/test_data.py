@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from unetlm.data.loader import step_batches
 from unetlm.data.packing import ByteData, pack
 from unetlm.data.sources import load_documents
-from unetlm.model.tokens import BOS
+from unetlm.core.tokens import BOS
 from unetlm.recipe import RecipeError
 from unetlm.recipe.schema import DataSpec
 from unetlm.splitters.regex import RegexSplitter

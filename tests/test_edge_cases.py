@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from strategies import TINY_RECIPES, load_runnable, recipe_model, recipe_params
-from unetlm.model.tokens import BOS, PAD, encode
+from unetlm.core.tokens import BOS, PAD, encode
 
 RECIPES = recipe_params(TINY_RECIPES)
 

@@ -29,8 +29,8 @@ from unetlm.eval import cute
 from unetlm.eval.bootstrap import bootstrap_ci, ratio
 from unetlm.eval.bpb import file_bpb, text_bpb, token_nll, window_plan
 from unetlm.eval.choice import continuation_nll, evaluate_choice, predict
-from unetlm.model.splitting import split_document
-from unetlm.model.tokens import encode
+from unetlm.splitters.splitting import split_document
+from unetlm.core.tokens import encode
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ = 64

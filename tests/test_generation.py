@@ -35,7 +35,7 @@ from unetlm.api import build_model
 from unetlm.mixers.attention import AttentionBlock
 from unetlm.model.cascade import Cascade, missing_step_api, stage_counts
 from unetlm.model.generate import StreamPrinter, generate, sample_next
-from unetlm.model.tokens import encode
+from unetlm.core.tokens import encode
 from unetlm.plugins import registry
 from unetlm.poolers.base import Pooler
 from unetlm.recipe import recipe_from_dict

@@ -11,7 +11,7 @@ from unetlm.eval.bpb import text_bpb
 from unetlm.eval.choice import continuation_nll
 from unetlm.eval.harness import HarnessAdapter
 from unetlm.model.generate import generate
-from unetlm.model.tokens import encode
+from unetlm.core.tokens import encode
 
 from test_eval import checkpoint  # noqa: F401  (the fixture)
 

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 from strategies import ROOT, component_model, documents, two_stage_dict
 from unetlm.api import build_model
-from unetlm.model import layout
+from unetlm.core import layout
 from unetlm.model.cascade import Cascade
-from unetlm.model.tokens import encode
+from unetlm.core.tokens import encode
 from unetlm.recipe import RecipeError, recipe_from_dict
 from unetlm.recipe.schema import TrainingSpec
 from unetlm.splitters.learned import Chunking, LearnedConfig, LearnedSplitter

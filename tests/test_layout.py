@@ -1,11 +1,11 @@
-"""``unetlm.model.layout``: hand-made examples, and ``link`` against a plain-Python reference."""
+"""``unetlm.core.layout``: hand-made examples, and ``link`` against a plain-Python reference."""
 from __future__ import annotations
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from unetlm.model.layout import PAD_DOC, build_links, byte_stage, link
+from unetlm.core.layout import PAD_DOC, build_links, byte_stage, link
 
 
 def row(values, dtype=torch.long) -> torch.Tensor:

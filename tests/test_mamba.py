@@ -15,9 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from unetlm.api import build_model
 from unetlm.mixers.mamba import MambaBlock, MambaConfig, segment_ids, ssd_scan
-from unetlm.model.layout import PAD_DOC, StageInfo, byte_stage
+from unetlm.core.layout import PAD_DOC, StageInfo, byte_stage
 from unetlm.model.summary import summarize
-from unetlm.model.tokens import BOS, encode
+from unetlm.core.tokens import BOS, encode
 from unetlm.recipe import load_recipe
 from unetlm.recipe.errors import RecipeError
 

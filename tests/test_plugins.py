@@ -325,7 +325,7 @@ def test_sentence_boundary_moves_to_the_next_parent_position(sentence_plugin):
 
 
 def test_sentence_boundaries_sit_on_word_boundaries(sentence_plugin):
-    from unetlm.model.splitting import split_document
+    from unetlm.splitters.splitting import split_document
     from unetlm.recipe.structure import structure
 
     data = b'Words here. "Quoted!" (Aside.) Done?\n\nNew paragraph\n\nend'

@@ -17,7 +17,7 @@ from strategies import (
 )
 from unetlm.api import build_model
 from unetlm.model.summary import summarize
-from unetlm.model.tokens import encode
+from unetlm.core.tokens import encode
 from unetlm.plugins import registry
 from unetlm.recipe import RecipeError, dump_recipe, load_recipe, recipe_from_dict
 from unetlm.registry import KINDS

@@ -13,8 +13,8 @@ from hypothesis import example, find, given, settings
 from hypothesis import strategies as st
 
 from strategies import byte_splitter_cases, case_id, documents, make_splitter, rich_bytes, with_parent
-from unetlm.model.splitting import split_document, split_row
-from unetlm.model.tokens import BOS, PAD
+from unetlm.splitters.splitting import split_document, split_row
+from unetlm.core.tokens import BOS, PAD
 
 # learned splitters decide inside the model from hidden states (test_causality.py, test_hnet.py)
 SPLITTERS = [pytest.param(name, options, id=case_id(name, options)) for name, options in byte_splitter_cases()]

@@ -29,7 +29,7 @@ def __getattr__(name: str):
 
         return load_checkpoint
     if name == "encode":
-        from unetlm.model.tokens import encode
+        from unetlm.core.tokens import encode
 
         return encode
     if name == "generate":

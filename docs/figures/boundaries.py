@@ -14,7 +14,7 @@ import argparse
 import torch
 
 import unetlm
-from unetlm.model.tokens import BOS, documents_from_tokens
+from unetlm.core.tokens import BOS, documents_from_tokens
 
 DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 SHOWN = {BOS: "^", ord(" "): "␣", ord("\n"): "⏎"}

@@ -103,7 +103,7 @@ def _measure(task: dict) -> dict:
     from unetlm.model.cascade import Cascade, stage_counts
     from unetlm.model.generate import sample_next
     from unetlm.model.summary import summarize
-    from unetlm.model.tokens import encode
+    from unetlm.core.tokens import encode
 
     torch.set_num_threads(task["threads"])
     model, recipe = _load(task)

@@ -1,6 +1,6 @@
 """Byte-level BPE for the subword baseline, trained with the ``tokenizers`` library.
 
-Ids keep the byte vocabulary of :mod:`unetlm.model.tokens` (0-255 the bytes, 256 BOS, 257
+Ids keep the byte vocabulary of :mod:`unetlm.core.tokens` (0-255 the bytes, 256 BOS, 257
 PAD) and number the merged tokens from 258 in merge order, so a BPE model differs from a
 byte model only in its larger vocabulary. Text is split with GPT-2's pre-tokenizer regex.
 Bytes that are not valid UTF-8 are data: they become single-byte tokens, so decoding any
@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from unetlm.model.tokens import BOS, PAD, VOCAB
+from unetlm.core.tokens import BOS, PAD, VOCAB
 
 _ESCAPED = re.compile("([\udc80-\udcff]+)")  # bytes that were not valid UTF-8, after surrogateescape
 

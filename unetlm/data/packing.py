@@ -12,8 +12,8 @@ import attrs
 import numpy as np
 import torch
 
-from unetlm.model.splitting import split_document
-from unetlm.model.tokens import BOS, BYTES
+from unetlm.splitters.splitting import split_document
+from unetlm.core.tokens import BOS, BYTES
 from unetlm.splitters.base import Splitter
 
 

@@ -28,7 +28,7 @@ from unetlm.data.packing import held_out_text, text_prefix, training_text
 from unetlm.data.sources import load_documents
 from unetlm.eval.bpb import text_bpb
 from unetlm.model.summary import summarize
-from unetlm.model.tokens import BOS
+from unetlm.core.tokens import BOS
 from unetlm.recipe import Recipe, load_recipe
 from unetlm.recipe.schema import DataSpec
 from unetlm.train.checkpoint import CHECKPOINT, load_state

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from unetlm.data.packing import TokenStream, pack
-from unetlm.model.tokens import PAD
+from unetlm.core.tokens import PAD
 
 
 def padded_stream(documents: list[bytes | tuple[bytes, ...]], model) -> TokenStream:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetlm.mixers.base import Mixer, StepInfo
-from unetlm.model.layout import StageInfo
+from unetlm.core.layout import StageInfo
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.structure import non_negative, positive
 

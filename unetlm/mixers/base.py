@@ -19,8 +19,8 @@ import attrs
 import torch
 from torch import nn
 
-from unetlm.model.layout import StageInfo
-from unetlm.splitters.base import NoOptions
+from unetlm.core.layout import StageInfo
+from unetlm.core.options import NoOptions
 
 
 @attrs.frozen

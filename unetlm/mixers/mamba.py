@@ -19,7 +19,7 @@ from torch import nn
 
 from unetlm.mixers.attention import AttentionConfig
 from unetlm.mixers.base import Mixer
-from unetlm.model.layout import StageInfo
+from unetlm.core.layout import StageInfo
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.structure import non_negative, positive
 

@@ -13,7 +13,7 @@ full forward is the reference; tests check equality at every position). Per byte
 
 Every stage keeps its own mixer caches and, per transition, an upsampler state holding the
 coarse outputs so far (or the start vector), the newest one's boundary and whether one exists. A stage holding
-``max_len`` positions drops further boundaries exactly as :func:`~unetlm.model.layout.link`
+``max_len`` positions drops further boundaries exactly as :func:`~unetlm.core.layout.link`
 does: finer positions keep reading its last kept vector. A row holds at most ``seq_len``
 tokens (the full forward refuses more); :mod:`unetlm.model.generate` decides what to drop.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from unetlm.mixers.base import Mixer, StepInfo
-from unetlm.model.tokens import BOS, PAD, documents_from_tokens
+from unetlm.core.tokens import BOS, PAD, documents_from_tokens
 from unetlm.poolers.base import Pooler
 from unetlm.splitters.base import Splitter
 from unetlm.upsamplers.base import Upsampler

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unetlm.model.tokens import PAD, VOCAB
+from unetlm.core.tokens import PAD, VOCAB
 from unetlm.recipe.schema import EmbeddingSpec
 
 HASH_MOD = 2_147_483_647  # a prime below 2**31: every product below stays inside int64

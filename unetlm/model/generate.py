@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from unetlm.model.cascade import Cascade, stage_counts
-from unetlm.model.tokens import BOS, PAD
+from unetlm.core.tokens import BOS, PAD
 
 
 class Generated(list):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from unetlm.model.layout import StageInfo
+from unetlm.core.layout import StageInfo
 from unetlm.recipe.schema import Component
 
 

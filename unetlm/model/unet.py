@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetlm.model.embedding import ByteEmbedding
-from unetlm.model import layout
-from unetlm.model.layout import Link, StageInfo, build_links, byte_stage
-from unetlm.model.splitting import split_batch
+from unetlm.core import layout
+from unetlm.core.layout import Link, StageInfo, build_links, byte_stage
+from unetlm.splitters.splitting import split_batch
 from unetlm.model.stack import Stack
-from unetlm.model.tokens import BYTES, PAD, documents_from_tokens
+from unetlm.core.tokens import BYTES, PAD, documents_from_tokens
 from unetlm.recipe.schema import ModelSpec
 
 

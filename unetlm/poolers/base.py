@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from unetlm.model.layout import Link
-from unetlm.splitters.base import NoOptions
+from unetlm.core.layout import Link
+from unetlm.core.options import NoOptions
 
 
 class Pooler(nn.Module):

@@ -12,7 +12,7 @@ import attrs
 import torch
 from torch import nn
 
-from unetlm.model.layout import Link
+from unetlm.core.layout import Link
 from unetlm.poolers.base import Pooler
 from unetlm.poolers.mean import segment_of
 from unetlm.recipe.structure import positive

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter, softmax
 
-from unetlm.model.layout import Link
+from unetlm.core.layout import Link
 from unetlm.poolers.base import Pooler
 from unetlm.poolers.mean import segment_of
 from unetlm.recipe.errors import RecipeError

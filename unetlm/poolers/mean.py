@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch_geometric.utils import scatter
 
-from unetlm.model.layout import Link
+from unetlm.core.layout import Link
 from unetlm.poolers.base import Pooler
 
 

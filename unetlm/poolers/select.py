@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unetlm.model.layout import Link
+from unetlm.core.layout import Link
 from unetlm.poolers.base import Pooler
 
 

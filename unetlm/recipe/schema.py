@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import attrs
 
-from unetlm.model.tokens import VOCAB
+from unetlm.core.tokens import VOCAB
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.structure import fraction, non_negative, positive, structure, unstructure
 from unetlm.registry import RegistryError

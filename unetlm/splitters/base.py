@@ -17,13 +17,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Protocol
 
-import attrs
 import numpy as np
 
-
-@attrs.define
-class NoOptions:
-    """A component without options."""
+from unetlm.core.options import NoOptions
 
 
 class SplitterState(Protocol):

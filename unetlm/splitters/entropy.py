@@ -36,7 +36,7 @@ import attrs
 import numpy as np
 import torch
 
-from unetlm.model.tokens import BOS, PAD
+from unetlm.core.tokens import BOS, PAD
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.structure import positive
 from unetlm.splitters.base import Splitter

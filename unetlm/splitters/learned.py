@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetlm.model.layout import Link, StageInfo
+from unetlm.core.layout import Link, StageInfo
 from unetlm.splitters.base import Splitter
 
 

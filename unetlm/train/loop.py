@@ -19,7 +19,7 @@ from unetlm.data.sources import load_documents
 from unetlm.model.generate import generate
 from unetlm.model.stack import Stack
 from unetlm.model.summary import summarize
-from unetlm.model.tokens import BYTES, PAD
+from unetlm.core.tokens import BYTES, PAD
 from unetlm.recipe import Recipe, dump_recipe, recipe_from_dict
 from unetlm.recipe.schema import TrainingSpec
 from unetlm.train import parallel

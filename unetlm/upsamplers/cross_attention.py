@@ -14,7 +14,7 @@ import attrs
 import torch
 from torch import nn
 
-from unetlm.model.layout import Link
+from unetlm.core.layout import Link
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.structure import positive
 from unetlm.upsamplers.base import Upsampler

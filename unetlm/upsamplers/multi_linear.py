@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetlm.model.layout import Link
+from unetlm.core.layout import Link
 from unetlm.recipe.structure import positive
 from unetlm.upsamplers.base import Upsampler
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from unetlm.model.layout import Link
+from unetlm.core.layout import Link
 from unetlm.recipe.errors import RecipeError
 from unetlm.upsamplers.base import Upsampler
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from unetlm.model.tokens import BOS, PAD
+from unetlm.core.tokens import BOS, PAD
 from unetlm.splitters.base import Splitter
 
 
