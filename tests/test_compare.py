@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from unetlm.data.packing import training_text
-from unetlm.eval import compare as cmp
+from unetlm import compare as cmp
+from unetlm.eval.report import comparison_markdown
 from unetlm.core.tokens import BYTES
 from unetlm.recipe.schema import DataSpec
 
@@ -158,6 +159,7 @@ def test_published_ordering_reports_flips_and_overlaps():
     assert order["ours"] == ["bpe", "au1", "spacebyte"] and not order["holds"]
     assert order["flipped"] == [{"better_published": "spacebyte", "better_here": "au1", "cis_overlap": True}]
     assert cmp.published_ordering(rows[:2])["holds"]
+    assert order["published_bpb"] == {"subword transformer": 0.989, "byte transformer": 1.138, "SpaceByte": 1.009}
 
 
 def test_markdown_flags_suspect_and_leaking_rows():
@@ -167,7 +169,7 @@ def test_markdown_flags_suspect_and_leaking_rows():
             row("leak", 1.5, None) | base | {"causal": False}]
     results = {"rows": rows, "settings": {"flops": 1e9}, "floor": {"factor": 0.5, "xz_bits_per_byte": 2.4, "floor": 1.2},
                "ordering": cmp.published_ordering(rows)}
-    md = cmp.markdown(results)
+    md = comparison_markdown(results)
     assert "| low |" in md and "SUSPECT: below the floor 1.200" in md.split("| low |")[1].split("\n")[0]
     assert "LEAK" in md.split("| leak |")[1].split("\n")[0]
     assert "SUSPECT" not in md.split("| ok |")[1].split("\n")[0]

@@ -34,7 +34,8 @@ from strategies import (
 from unetlm.api import build_model
 from unetlm.mixers.attention import AttentionBlock
 from unetlm.model.cascade import Cascade, missing_step_api, stage_counts
-from unetlm.model.generate import StreamPrinter, generate, sample_next
+from unetlm.console import StreamPrinter
+from unetlm.model.generate import generate, sample_next
 from unetlm.core.tokens import encode
 from unetlm.plugins import registry
 from unetlm.poolers.base import Pooler

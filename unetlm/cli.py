@@ -125,7 +125,8 @@ def _read_prompts(args) -> list[bytes]:
 
 def cmd_generate(args) -> int:
     from unetlm.api import load_checkpoint
-    from unetlm.model.generate import StreamPrinter, generate
+    from unetlm.console import StreamPrinter
+    from unetlm.model.generate import generate
 
     model, _ = load_checkpoint(args.checkpoint)
     prompts = _read_prompts(args)
@@ -182,7 +183,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from unetlm.eval.compare import compare, data_spec, markdown, parse_flops
+    from unetlm.compare import compare, data_spec, parse_flops
+    from unetlm.eval.report import comparison_markdown
 
     try:
         budget = parse_flops(args.flops)
@@ -194,7 +196,7 @@ def cmd_compare(args) -> int:
     except ValueError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
-    print(markdown(results))
+    print(comparison_markdown(results))
     written = "results.md, results.json" + (" and bpb-vs-flops.png" if results["plot"] else "")
     print(f"\nwrote {written} to {args.out}")
     return 0

@@ -18,7 +18,7 @@ from torch import nn
 from unetlm.mixers.base import Mixer, StepInfo
 from unetlm.core.layout import StageInfo
 from unetlm.recipe.errors import RecipeError
-from unetlm.recipe.structure import non_negative, positive
+from unetlm.recipe.validators import non_negative, positive
 
 
 @attrs.define

@@ -21,7 +21,7 @@ from unetlm.mixers.attention import AttentionConfig
 from unetlm.mixers.base import Mixer
 from unetlm.core.layout import StageInfo
 from unetlm.recipe.errors import RecipeError
-from unetlm.recipe.structure import non_negative, positive
+from unetlm.recipe.validators import non_negative, positive
 
 A_INIT_RANGE = (1.0, 16.0)  # as mamba_ssm: A = -uniform(1, 16) per head
 

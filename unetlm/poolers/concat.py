@@ -15,7 +15,7 @@ from torch import nn
 from unetlm.core.layout import Link
 from unetlm.poolers.base import Pooler
 from unetlm.poolers.mean import segment_of
-from unetlm.recipe.structure import positive
+from unetlm.recipe.validators import positive
 
 
 @attrs.define

@@ -19,7 +19,7 @@ from unetlm.core.layout import Link
 from unetlm.poolers.base import Pooler
 from unetlm.poolers.mean import segment_of
 from unetlm.recipe.errors import RecipeError
-from unetlm.recipe.structure import positive
+from unetlm.recipe.validators import positive
 
 
 @attrs.define

@@ -11,7 +11,8 @@ import attrs
 
 from unetlm.core.tokens import VOCAB
 from unetlm.recipe.errors import RecipeError
-from unetlm.recipe.structure import fraction, non_negative, positive, structure, unstructure
+from unetlm.recipe.structure import CONVERTER, structure, unstructure
+from unetlm.recipe.validators import fraction, non_negative, positive, positive_or_auto
 from unetlm.registry import RegistryError
 
 
@@ -51,18 +52,23 @@ def structure_component(kind: str, data: Any, path: str) -> Component:
     return Component(kind, name, config)
 
 
+def component_field(kind: str) -> dict:
+    """Field metadata: the field holds a ``kind`` component, built by :func:`structure_component`."""
+    return {CONVERTER: lambda data, path: structure_component(kind, data, path)}
+
+
 @attrs.define
 class StageSpec:
     """One level of the U-Net. Stage 0 reads bytes; stage s > 0 reads the pooled stage s - 1."""
 
     dim: int = attrs.field(validator=positive)
     layers: int = attrs.field(validator=non_negative)
-    mixer: Component = attrs.field(metadata={"component": "mixer"})
+    mixer: Component = attrs.field(metadata=component_field("mixer"))
     decoder_layers: int | None = attrs.field(default=None, validator=non_negative)
     max_len: int | None = attrs.field(default=None, validator=positive)
-    splitter: Component | None = attrs.field(default=None, metadata={"component": "splitter"})
-    pooler: Component | None = attrs.field(default=None, metadata={"component": "pooler"})
-    upsampler: Component | None = attrs.field(default=None, metadata={"component": "upsampler"})
+    splitter: Component | None = attrs.field(default=None, metadata=component_field("splitter"))
+    pooler: Component | None = attrs.field(default=None, metadata=component_field("pooler"))
+    upsampler: Component | None = attrs.field(default=None, metadata=component_field("upsampler"))
     # this stage's parameters train at training.lr times this (None: 1.0); see UNet.parameter_stages
     lr_multiplier: float | None = attrs.field(default=None, validator=positive)
 
@@ -182,11 +188,6 @@ class DataSpec:
             raise RecipeError(f"{path}.dataset: required for source 'hf' (a Hugging Face dataset name)")
         if self.source == "hf" and not self.max_bytes:
             raise RecipeError(f"{path}.max_bytes: required for source 'hf' (how many bytes to stream)")
-
-
-def positive_or_auto(_inst, attribute, value):
-    if value != "auto":
-        positive(_inst, attribute, value)
 
 
 @attrs.define

@@ -2,6 +2,8 @@
 
 ``structure(cls, data, path)`` checks every key against the class's fields, every value against
 the field's annotated type and validators, and raises :class:`RecipeError` naming the key path.
+A field whose metadata holds a :data:`CONVERTER` (``convert(value, path) -> object``) is built by
+that function instead of by its annotation (a recipe's component tables are).
 """
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from typing import Any, Literal, Union
 import attrs
 
 from unetlm.recipe.errors import RecipeError
+
+#: field metadata key: ``convert(value, path)`` builds the field's value from its TOML data
+CONVERTER = "unetlm.structure"
 
 
 def describe_type(tp: Any) -> str:
@@ -122,11 +127,9 @@ def structure(cls: type, data: Any, path: str) -> Any:
             if field.default is attrs.NOTHING:
                 raise RecipeError(f"{key_path}: required key is missing ({describe_type(hints[name])})")
             continue
-        kind = field.metadata.get("component")
-        if kind is not None:
-            from unetlm.recipe.schema import structure_component
-
-            value = None if data[name] is None else structure_component(kind, data[name], key_path)
+        convert = field.metadata.get(CONVERTER)
+        if convert is not None:
+            value = None if data[name] is None else convert(data[name], key_path)
         else:
             value = structure_value(hints[name], data[name], key_path)
         if field.validator is not None:
@@ -151,22 +154,6 @@ def _validator_text(exc: Exception) -> str:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
-
-
-def positive(_inst, attribute, value):
-    """attrs validator: value > 0 (None allowed)."""
-    if value is not None and value <= 0:
-        raise ValueError(f"expected a positive value for {attribute.name}")
-
-
-def non_negative(_inst, attribute, value):
-    if value is not None and value < 0:
-        raise ValueError(f"expected a value >= 0 for {attribute.name}")
-
-
-def fraction(_inst, attribute, value):
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"expected a value between 0 and 1 for {attribute.name}")
 
 
 def unstructure(obj: Any) -> Any:

@@ -38,7 +38,7 @@ import torch
 
 from unetlm.core.tokens import BOS, PAD
 from unetlm.recipe.errors import RecipeError
-from unetlm.recipe.structure import positive
+from unetlm.recipe.validators import positive
 from unetlm.splitters.base import Splitter
 
 BLT_THRESHOLD = 1.335  # nats; BLT's published global threshold

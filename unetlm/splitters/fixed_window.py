@@ -4,7 +4,7 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
-from unetlm.recipe.structure import positive
+from unetlm.recipe.validators import positive
 from unetlm.splitters.base import Splitter
 
 

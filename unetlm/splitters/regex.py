@@ -26,7 +26,7 @@ import numpy as np
 import regex
 
 from unetlm.recipe.errors import RecipeError
-from unetlm.recipe.structure import positive
+from unetlm.recipe.validators import positive
 from unetlm.splitters.base import Splitter
 
 PRESET_GROUP = {"word": 1, "word2": 2, "word4": 4}

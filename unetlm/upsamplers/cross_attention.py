@@ -16,7 +16,7 @@ from torch import nn
 
 from unetlm.core.layout import Link
 from unetlm.recipe.errors import RecipeError
-from unetlm.recipe.structure import positive
+from unetlm.recipe.validators import positive
 from unetlm.upsamplers.base import Upsampler
 
 

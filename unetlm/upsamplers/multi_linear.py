@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetlm.core.layout import Link
-from unetlm.recipe.structure import positive
+from unetlm.recipe.validators import positive
 from unetlm.upsamplers.base import Upsampler
 
 

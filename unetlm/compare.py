@@ -27,6 +27,7 @@ from unetlm.api import build_model, load_checkpoint
 from unetlm.data.packing import held_out_text, text_prefix, training_text
 from unetlm.data.sources import load_documents
 from unetlm.eval.bpb import text_bpb
+from unetlm.eval.report import comparison_markdown
 from unetlm.model.summary import summarize
 from unetlm.core.tokens import BOS
 from unetlm.recipe import Recipe, load_recipe
@@ -223,7 +224,7 @@ def compare(
             print(f"no plot: {exc}", flush=True)
     results = {"settings": settings, "floor": floor, "rows": rows, "ordering": published_ordering(rows), "plot": plot}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "results.md").write_text(markdown(results) + "\n")
+    (out / "results.md").write_text(comparison_markdown(results) + "\n")
     return results
 
 
@@ -238,55 +239,8 @@ def published_ordering(rows: list[dict]) -> dict:
                 overlap = a["ci"][0] <= b["ci"][1]
                 flipped.append({"better_published": a["name"], "better_here": b["name"], "cis_overlap": overlap})
     return {"ours": [r["name"] for r in ours], "published": [r["name"] for r in theirs], "flipped": flipped,
-            "holds": not flipped and len(ours) > 1}
-
-
-def markdown(results: dict) -> str:
-    from unetlm.eval.cute import TASKS
-
-    def task_columns(row: dict) -> dict:
-        """Choice tasks one column each; the CUTE-style tasks one column, their mean (each is in results.json)."""
-        columns = {t: v[0] for t, v in row["tasks"].items() if t not in TASKS}
-        cute = [row["tasks"][t][0] for t in TASKS if t in row["tasks"]]
-        return columns | ({"CUTE mean": sum(cute) / len(cute)} if cute else {})
-
-    rows = results["rows"]
-    columns = {r["name"]: task_columns(r) for r in rows}
-    task_names = list(dict.fromkeys(t for c in columns.values() for t in c))
-    floor = results["floor"]
-    head = ["recipe", "params", "MFLOPs/byte", "steps", "bytes seen", "held-out bits/byte [95% CI]", "check"]
-    lines = ["| " + " | ".join(head + task_names) + " |", "|" + "---|" * (len(head) + len(task_names))]
-    for r in sorted(rows, key=lambda r: r["bpb"]):
-        check = "ok" if r["causal"] and not r["below_floor"] else ", ".join(
-            ([] if r["causal"] else ["LEAK: later tokens change earlier logits"])
-            + ([f"SUSPECT: below the floor {floor['floor']:.3f}"] if r["below_floor"] else [])
-        )
-        cells = [r["name"], f"{r['params']:,}", f"{r['flops_per_byte'] / 1e6:.2f}", f"{r['steps']:,}",
-                 f"{r['bytes_seen']:,.0f}", f"{r['bpb']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]", check]
-        cells += [f"{columns[r['name']][t]:.3f}" if t in columns[r["name"]] else "-" for t in task_names]
-        lines.append("| " + " | ".join(cells) + " |")
-    s = results["settings"]
-    lines += ["", f"Budget {s['flops']:.3g} training FLOPs per recipe; held-out text: {rows[0]['eval_bytes']:,} bytes "
-              f"never trained on. Sanity floor: {floor['factor']} x xz's {floor['xz_bits_per_byte']:.3f} bits/byte "
-              f"on the held-out text given the training text = {floor['floor']:.3f}."]
-    if results.get("plot"):
-        lines += ["", f"![validation bits per byte against bytes and FLOPs]({results['plot']})"]
-    else:
-        lines += ["", "No plot: matplotlib is not installed (pip install 'unetlm[plot]')."]
-    order = results["ordering"]
-    if len(order["ours"]) > 1:
-        published = " < ".join(f"{n} {PUBLISHED[n]:.3f}" for n in sorted(
-            {r["published"] for r in rows if r["published"]}, key=PUBLISHED.get))
-        by_name = {r["name"]: r for r in rows}
-        here = " < ".join(f"{n} ({by_name[n]['published']}) {by_name[n]['bpb']:.3f}" for n in order["ours"])
-        lines += ["", f"Published order (SpaceByte, PG-19, 1e19 FLOPs): {published}.", f"Here: {here}."]
-        if order["holds"]:
-            lines.append("The published ordering holds here.")
-        else:
-            for f in order["flipped"]:
-                lines.append(f"Flipped: {f['better_here']} beats {f['better_published']} here"
-                             + (" (their intervals overlap)." if f["cis_overlap"] else "."))
-    return "\n".join(lines)
+            "holds": not flipped and len(ours) > 1,
+            "published_bpb": {r["published"]: PUBLISHED[r["published"]] for r in ours}}
 
 
 def parse_flops(text: str) -> float:
@@ -305,4 +259,4 @@ def data_spec(sources: list[str], max_bytes: int, valid_fraction: float) -> Data
     return DataSpec(source="files", paths=list(sources), max_bytes=max_bytes, valid_fraction=valid_fraction)
 
 
-__all__ = ["compare", "data_spec", "markdown", "parse_flops", "plan", "PUBLISHED"]
+__all__ = ["compare", "data_spec", "parse_flops", "plan", "PUBLISHED"]
