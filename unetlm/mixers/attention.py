@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetlm.mixers.base import Mixer, StepInfo
+from unetlm.mixers.mlp import SwiGLU, swiglu_hidden
 from unetlm.core.layout import StageInfo
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.validators import non_negative, positive
@@ -43,8 +44,7 @@ class AttentionConfig:
         return self.heads if self.heads is not None else dim // self.head_dim
 
     def mlp_hidden(self, dim: int) -> int:
-        hidden = int(2 * self.mlp_ratio * dim / 3)
-        return max(8, (hidden + 7) // 8 * 8)
+        return swiglu_hidden(dim, self.mlp_ratio)
 
 
 def rotary_tables(length: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,13 +85,11 @@ class AttentionBlock(Mixer):
         self.heads = config.n_heads(dim)
         self.head_dim = config.head_dim
         inner = self.heads * self.head_dim
-        hidden = config.mlp_hidden(dim)
         self.attn_norm = nn.RMSNorm(dim, eps=1e-6)
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
         self.out = nn.Linear(inner, dim, bias=False)
         self.mlp_norm = nn.RMSNorm(dim, eps=1e-6)
-        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.mlp = SwiGLU(dim, config.mlp_hidden(dim))
 
     def _backend(self, x: torch.Tensor) -> str:
         if self.config.backend != "auto":
@@ -126,8 +124,7 @@ class AttentionBlock(Mixer):
         return self._mlp(x)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        return x + self.mlp(self.mlp_norm(x))
 
     def init_state(self, batch: int, max_len: int, device, dtype) -> KVCache:
         window = self.config.window
@@ -170,10 +167,9 @@ class AttentionBlock(Mixer):
 
     def forward_flops(self, length: int) -> float:
         inner = self.heads * self.head_dim
-        hidden = self.config.mlp_hidden(self.dim)
-        matmul = 2.0 * length * (self.dim * 3 * inner + inner * self.dim + self.dim * 2 * hidden + hidden * self.dim)
+        projections = 2.0 * length * (self.dim * 3 * inner + inner * self.dim)
         attention = 4.0 * length * inner * mean_context(length, self.config.window)
-        return matmul + attention
+        return projections + attention + self.mlp.forward_flops(length)
 
 
 @attrs.define(eq=False)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetlm.mixers.attention import AttentionConfig
 from unetlm.mixers.base import Mixer
+from unetlm.mixers.mlp import SwiGLU, swiglu_hidden
 from unetlm.core.layout import StageInfo
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.validators import non_negative, positive
@@ -55,7 +55,7 @@ class MambaConfig:
             raise RecipeError(f"{path}.dt_min = {self.dt_min} is invalid: it exceeds dt_max = {self.dt_max}")
 
     def mlp_hidden(self, dim: int) -> int:
-        return AttentionConfig(mlp_ratio=self.mlp_ratio).mlp_hidden(dim)
+        return swiglu_hidden(dim, self.mlp_ratio)
 
 
 class MambaState(NamedTuple):
@@ -309,19 +309,6 @@ def kernel_scan(x, dt, A, B, C, seg, mixer: Mamba2, initial):
     return y, final
 
 
-class GatedMLP(nn.Module):
-    """SwiGLU in mamba_ssm's layout: fc1 gives (value, gate), fc2 maps back."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.fc2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(value * F.silu(gate))
-
-
 class MambaBlock(Mixer):
     """Pre-RMSNorm Mamba-2 residual block (names as mamba_ssm's Block: norm, mixer, norm2, mlp)."""
 
@@ -337,7 +324,7 @@ class MambaBlock(Mixer):
         self.mixer = Mamba2(config, dim)
         if config.mlp_ratio > 0:
             self.norm2 = nn.RMSNorm(dim, eps=1e-5)
-            self.mlp = GatedMLP(dim, config.mlp_hidden(dim))
+            self.mlp = SwiGLU(dim, config.mlp_hidden(dim))
 
     def forward(self, x: torch.Tensor, info: StageInfo, memo: dict) -> torch.Tensor:
         key = ("mamba-segments",)
@@ -377,7 +364,7 @@ class MambaBlock(Mixer):
           in_proj 2 L d (2E + 2GN + H) + conv 2 L (E + 2GN) k + out_proj 2 L E d
           + scan 2 H [Lp Q N (C.B) + Lp Q P (scores.X) + 2 Lp P N (chunk states, state
           read-out) + (c + 1)^2 P N (state passing between chunks, done as a matrix)]
-          + SwiGLU 6 L d hidden when mlp_ratio > 0.
+          + SwiGLU (:meth:`SwiGLU.forward_flops`) when mlp_ratio > 0.
         Norms, gates, softplus and exponentials are elementwise and not counted.
         """
         cfg, m = self.config, self.mixer
@@ -388,5 +375,5 @@ class MambaBlock(Mixer):
         proj = 2.0 * L * d * (2 * E + 2 * cfg.ngroups * N + H) + 2.0 * L * E * d
         conv = 2.0 * L * m.conv_dim * cfg.d_conv
         scan = 2.0 * H * (Lp * Q * N + Lp * Q * P + 2 * Lp * P * N + (c + 1) ** 2 * P * N)
-        mlp = 6.0 * L * d * cfg.mlp_hidden(d) if cfg.mlp_ratio > 0 else 0.0
+        mlp = self.mlp.forward_flops(L) if cfg.mlp_ratio > 0 else 0.0
         return proj + conv + scan + mlp

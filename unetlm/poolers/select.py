@@ -1,6 +1,11 @@
-"""Take the fine vector at each boundary, then a linear map to the coarse dim (AU-Net)."""
+"""Take the fine vector at each boundary, then a linear map to the coarse dim (AU-Net).
+
+With ``norm = true`` the taken vector passes an RMSNorm first: gather, RMSNorm, linear, as in
+lingua's AU-Net. Coarse vector k reads fine position ``link.coarse_src[k]`` only.
+"""
 from __future__ import annotations
 
+import attrs
 import torch
 from torch import nn
 
@@ -8,17 +13,26 @@ from unetlm.core.layout import Link
 from unetlm.poolers.base import Pooler
 
 
+@attrs.define
+class SelectConfig:
+    norm: bool = False  # RMSNorm of the taken fine vector before the linear map
+
+
 class SelectPooler(Pooler):
-    def __init__(self, config, fine_dim: int, coarse_dim: int) -> None:
+    Config = SelectConfig
+    examples = [{}, {"norm": True}]
+
+    def __init__(self, config: SelectConfig, fine_dim: int, coarse_dim: int) -> None:
         super().__init__(config, fine_dim, coarse_dim)
+        self.norm = nn.RMSNorm(fine_dim, eps=1e-5) if config.norm else nn.Identity()
         self.proj = nn.Linear(fine_dim, coarse_dim, bias=False)
 
     def forward(self, h: torch.Tensor, link: Link) -> torch.Tensor:
         index = link.coarse_src.unsqueeze(-1).expand(-1, -1, h.shape[-1])
-        return self.proj(h.gather(1, index))
+        return self.proj(self.norm(h.gather(1, index)))
 
     def init_state(self, batch: int, device, dtype) -> None:
         return None
 
     def step(self, h: torch.Tensor, state, write: torch.Tensor, fire: torch.Tensor | None):
-        return (None if fire is None else self.proj(h)), state
+        return (None if fire is None else self.proj(self.norm(h))), state

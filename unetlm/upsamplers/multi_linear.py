@@ -5,11 +5,14 @@ code there are 16 offset maps and a shared one; unlike it, offsets past the last
 clamped to it instead of wrapping modulo 16, so offset 16 is not confused with offset 0.
 All offset maps run as one matmul on the (short) coarse side, then one gather picks, for
 each fine position, its (segment, offset) row: no Python loop, no host synchronisation.
+With ``norm = true`` the coarse vectors pass an RMSNorm before both maps, as lingua's AU-Net
+normalises before its upsampling projection.
 """
 from __future__ import annotations
 
 import attrs
 import torch
+from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,22 +24,23 @@ from unetlm.upsamplers.base import Upsampler
 @attrs.define
 class MultiLinearConfig:
     offsets: int = attrs.field(default=16, validator=positive)
+    norm: bool = False  # RMSNorm of each coarse vector (and the start vector) before the maps
 
 
 class MultiLinearUpsampler(Upsampler):
     Config = MultiLinearConfig
-    examples = [{}, {"offsets": 2}]
+    examples = [{}, {"offsets": 2, "norm": True}]
 
     def __init__(self, config: MultiLinearConfig, coarse_dim: int, fine_dim: int) -> None:
         super().__init__(config, coarse_dim, fine_dim)
+        self.norm = nn.RMSNorm(coarse_dim, eps=1e-5) if config.norm else nn.Identity()
         self.shared = nn.Linear(coarse_dim, fine_dim, bias=False)
         self.per_offset = nn.Linear(coarse_dim, fine_dim * config.offsets, bias=False)
 
     def forward(self, coarse: torch.Tensor, link: Link, fine: torch.Tensor | None = None) -> torch.Tensor:
-        ext = self.with_start(coarse)  # (B, Lc+1, dc)
-        B, Lc1, _ = ext.shape
+        ext = self.norm(self.with_start(coarse))  # (B, Lc+1, dc)
         K, df = self.config.offsets, self.fine_dim
-        by_offset = self.per_offset(ext).view(B, Lc1 * K, df)  # row (segment, offset)
+        by_offset = rearrange(self.per_offset(ext), "b s (k f) -> b (s k) f", k=K)
         index = link.fine_seg * K + link.fine_offset.clamp(max=K - 1)
         picked = by_offset.gather(1, index.unsqueeze(-1).expand(-1, -1, df))
         return picked + self.spread(self.shared(ext), link)
@@ -44,11 +48,12 @@ class MultiLinearUpsampler(Upsampler):
     def prepare(self, coarse: torch.Tensor) -> torch.Tensor:
         """(B, dc) -> (B, df + dc): the shared map's output, then the coarse vector itself (each
         step applies the one offset map it needs: a segment rarely uses all of them)."""
+        coarse = self.norm(coarse)
         return torch.cat([self.shared(coarse), coarse], dim=-1)
 
     def step(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
         shared, coarse = prepared.split([self.fine_dim, self.coarse_dim], dim=-1)
-        maps = self.per_offset.weight.view(self.config.offsets, self.fine_dim, self.coarse_dim)
+        maps = rearrange(self.per_offset.weight, "(k f) c -> k f c", k=self.config.offsets)
         offset = offset.clamp(max=self.config.offsets - 1)
         if bool((offset == offset[0]).all()):  # one map for every row: no copy of it
             picked = F.linear(coarse, maps[int(offset[0])])
