@@ -257,14 +257,17 @@ def ensure_example_checkpoint() -> str:
     from unetlm.recipe import recipe_from_dict
 
     data = {"name": "entropy-example", "model": EXAMPLE_MODEL}
-    key = hashlib.sha256(json.dumps([data, torch.__version__], sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / "unetlm-examples" / f"entropy-{key}.pt"
-    if path.is_file():
-        return str(path)
     recipe = recipe_from_dict(data)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # real weights, also under a meta default
         torch.manual_seed(0)
         model = build_model(recipe)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():  # the file follows the code's parameter layout
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    path = Path(tempfile.gettempdir()) / "unetlm-examples" / f"entropy-{digest.hexdigest()[:16]}.pt"
+    if path.is_file():
+        return str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
