@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from unetlm.api import build_model
-from unetlm.mixers.mamba import MambaBlock, MambaConfig, segment_ids, ssd_scan
+from unetlm.mixers.mamba import MambaBlock, MambaConfig, causal_conv, segment_ids, ssd_scan
 from unetlm.core.layout import PAD_DOC, StageInfo, byte_stage
 from unetlm.model.summary import summarize
 from unetlm.core.tokens import BOS, encode
@@ -89,6 +89,68 @@ def test_scan_accumulates_in_float32_for_low_precision_inputs():
     x, dt, A, B, C, seg, initial = random_scan_inputs(1, 10, 2, 3, 1, 4, seed=1)
     y, final = ssd_scan(x.bfloat16(), dt.bfloat16(), A.float(), B.bfloat16(), C.bfloat16(), seg, 4)
     assert y.dtype == torch.float32 and final.dtype == torch.float32
+
+
+def test_scan_gradients_equal_the_recurrence():
+    """The scan recomputes its intermediates in backward: gradients still equal autograd
+    through the sequential recurrence."""
+    inputs = random_scan_inputs(2, 11, 4, 3, 2, 5, seed=3)
+    ours = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    ref = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    x, dt, A, B, C, seg, initial = ours
+    y, final = ssd_scan(x, dt, A, B, C, seg, 4, initial)
+    weights = torch.randn_like(y), torch.randn_like(final)
+    ((y * weights[0]).sum() + (final * weights[1]).sum()).backward()
+    x, dt, A, B, C, seg, initial = ref
+    y_ref, final_ref = naive_scan(x, dt, A, B, C, seg, initial)
+    ((y_ref * weights[0]).sum() + (final_ref * weights[1]).sum()).backward()
+    for got, want in zip(ours, ref):
+        if want.grad is not None:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-9)
+
+
+def saved_for_backward(block: MambaBlock, length: int, chunk: int) -> tuple[int, int]:
+    """(bytes, largest element count) of the tensors one forward keeps for backward, counted
+    once per storage, parameters excluded."""
+    block.mixer.config.chunk_size = chunk
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    seen: set[int] = set()
+    total = largest = 0
+
+    def pack(t):
+        nonlocal total, largest
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen | params:
+            seen.add(storage.data_ptr())
+            total, largest = total + storage.nbytes(), max(largest, t.numel())
+        return t
+
+    x = torch.randn(1, length, block.dim, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, info_for(torch.zeros(1, length, dtype=torch.long)), {})
+    return total, largest
+
+
+def test_saved_memory_is_linear_in_length_with_no_chunk_factor():
+    block = make_block(dtype=torch.float32, headdim=4, d_state=8)
+    heads, L, q = block.mixer.heads, 64, 32
+    short, _ = saved_for_backward(block, L, q)
+    long, largest = saved_for_backward(block, 2 * L, q)
+    small_chunks, _ = saved_for_backward(block, 2 * L, 4)
+    assert long / short == pytest.approx(2.0, rel=0.02)
+    assert small_chunks == pytest.approx(long, rel=0.01)  # the chunk size does not matter
+    assert largest < heads * 2 * L * q  # no (b, h, c, q, q) block is kept
+
+
+def test_conv_output_keeps_the_input_dtype_under_autocast():
+    u = torch.randn(2, 7, 6).bfloat16()
+    weight, bias = torch.randn(6, 1, 3), torch.randn(6)
+    seg = torch.zeros(2, 7, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, state = causal_conv(u, weight, bias, seg, torch.zeros(2, 6, 3))
+    assert out.dtype == torch.bfloat16
+    ref, _ = causal_conv(u.float(), weight, bias, seg, torch.zeros(2, 6, 3))
+    torch.testing.assert_close(out.float(), ref, rtol=0.03, atol=0.03)
 
 
 def test_scan_ignores_autocast():
@@ -319,6 +381,36 @@ def test_cuda_backend_passes_mamba_ssm_the_same_problem(monkeypatch):
     # "auto" on a CPU tensor keeps the PyTorch scan even when mamba_ssm imports
     calls.clear()
     make_block(backend="auto")(x, info_for(doc), {})
+    assert calls == []
+
+
+def test_causal_conv1d_kernel_gets_channel_last_input_and_segment_ids(monkeypatch):
+    """With causal_conv1d installed the fresh-state conv runs in its kernel (a stand-in with the
+    documented semantics here: seq_idx restarts the conv, no initial state)."""
+    calls: list = []
+    fake_mamba_ssm(monkeypatch, [])
+
+    def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, activation=None, **unused):
+        calls.append({"stride": x.stride(1), "seq_idx": seq_idx.dtype, "weight": tuple(weight.shape)})
+        out, _ = causal_conv(x.transpose(1, 2), weight.unsqueeze(1), bias, seq_idx.long(),
+                             x.new_zeros(x.shape[0], x.shape[1], weight.shape[-1]))
+        return out.transpose(1, 2)
+
+    module = types.ModuleType("causal_conv1d")
+    module.causal_conv1d_fn = causal_conv1d_fn
+    monkeypatch.setitem(sys.modules, "causal_conv1d", module)
+    torch_block = make_block(backend="torch", d_conv=3)
+    kernel_block = make_block(backend="cuda", d_conv=3)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    doc = torch.tensor([[0] * 9, [0] * 4 + [1] * 5])
+    ref, ref_state = torch_block.forward_with_state(x, info_for(doc))
+    out, state = kernel_block.forward_with_state(x, info_for(doc))
+    conv_dim = kernel_block.mixer.conv_dim
+    assert calls == [{"stride": 1, "seq_idx": torch.int32, "weight": (conv_dim, 3)}]
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state.conv, ref_state.conv, rtol=0, atol=0)
+    calls.clear()
+    kernel_block.forward_with_state(x, info_for(doc), state)  # a handed-in state: the PyTorch conv
     assert calls == []
 
 

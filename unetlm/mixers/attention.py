@@ -2,7 +2,10 @@
 
 Query i attends to keys j with j <= i, i - j < window (when window > 0) and the same
 document. FlexAttention (block-sparse, compiled) serves CUDA; elsewhere scaled-dot-product
-attention with a dense boolean mask gives the same numbers. Step by step, a KV cache holds
+attention with a dense boolean mask gives the same numbers. Off CUDA, ``backend = "flex"``
+runs eager FlexAttention only where it is right and can run: compiled FlexAttention on the CPU
+gives wrong outputs with rotary q and k (torch 2.13, docs/architecture.md), and eager
+FlexAttention on the CPU has no backward, so a compiled or differentiated call uses SDPA. Step by step, a KV cache holds
 the keys (a ring buffer of exactly ``window`` slots for a sliding window) and the same
 :func:`allowed_keys` rule picks the keys each query sees.
 """
@@ -13,6 +16,7 @@ from typing import Literal
 import attrs
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from unetlm.mixers.base import Mixer, StepInfo
@@ -92,9 +96,15 @@ class AttentionBlock(Mixer):
         self.mlp = SwiGLU(dim, config.mlp_hidden(dim))
 
     def _backend(self, x: torch.Tensor) -> str:
-        if self.config.backend != "auto":
-            return self.config.backend
-        return "flex" if x.is_cuda else "sdpa"
+        choice = self.config.backend
+        if choice == "sdpa":
+            return "sdpa"
+        if x.is_cuda:
+            return "flex"
+        # off CUDA: "auto" is SDPA; "flex" runs eager without autograd only (compiled FlexAttention
+        # gives wrong outputs there, eager FlexAttention has no backward)
+        eager_inference = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad)
+        return "flex" if choice == "flex" and eager_inference else "sdpa"
 
     def _mask(self, info: StageInfo, backend: str, memo: dict):
         key = ("attention-mask", backend, self.config.window)
@@ -103,12 +113,12 @@ class AttentionBlock(Mixer):
         return memo[key]
 
     def forward(self, x: torch.Tensor, info: StageInfo, memo: dict) -> torch.Tensor:
-        B, L, _ = x.shape
+        L = x.shape[1]
         rope_key = ("rotary", L, self.head_dim, self.config.rope_base)
         if rope_key not in memo:
             memo[rope_key] = rotary_tables(L, self.head_dim, self.config.rope_base, x.device)
         cos, sin = memo[rope_key]
-        q, k, v = self.qkv(self.attn_norm(x)).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = rearrange(self.qkv(self.attn_norm(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         backend = self._backend(x)
         mask = self._mask(info, backend, memo)
@@ -120,7 +130,7 @@ class AttentionBlock(Mixer):
             y = banded_attention(q, k, v, mask, self.config.window)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + self.out(y.transpose(1, 2).reshape(B, L, -1))
+        x = x + self.out(rearrange(y, "b h l d -> b l (h d)"))
         return self._mlp(x)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:

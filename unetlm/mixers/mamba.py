@@ -5,7 +5,13 @@ One residual block: ``x + Mamba2(RMSNorm(x))``, then ``x + SwiGLU(RMSNorm(x))`` 
 conv and the SSM state restart wherever ``info.doc`` changes. The chunked scan accumulates in
 float32 (or wider), takes an initial state and returns the final one, so a prefill hands its
 state to :meth:`MambaBlock.step`. With ``backend = "cuda"`` (or ``"auto"`` on a CUDA tensor
-with ``mamba_ssm`` installed) the scan runs in ``mamba_ssm``'s kernels instead.
+with ``mamba_ssm`` installed) the scan runs in ``mamba_ssm``'s kernels instead, and the causal
+conv in ``causal_conv1d``'s kernel when that package is installed.
+
+Memory: the chunked scan's intermediates (the q x q decay and score blocks of every chunk, the
+per-head copies of B and C) are recomputed in the backward pass instead of kept, so what a
+block saves for backward is linear in the sequence length with no chunk-size factor
+(``tests/test_mamba.py`` counts the bytes). The recompute costs one more scan forward.
 """
 from __future__ import annotations
 
@@ -15,7 +21,9 @@ from typing import Literal, NamedTuple
 import attrs
 import torch
 import torch.nn.functional as F
+from einops import rearrange, repeat
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from unetlm.mixers.base import Mixer
 from unetlm.mixers.mlp import SwiGLU, swiglu_hidden
@@ -79,18 +87,48 @@ def causal_conv(
 
     u (B, L, C); weight (C, 1, k) as ``nn.Conv1d``; seg (B, L); past (B, C, k) the conv state
     (its last k - 1 inputs precede position 0, in segment 0). Returns the conv output
-    (B, L, C) and the new state: the last k inputs, zeroed where not in the last segment.
+    (B, L, C) in u's dtype (also under autocast) and the new state: the last k inputs, zeroed
+    where not in the last segment.
     """
     B, L, C = u.shape
     k = weight.shape[-1]
-    full = torch.cat([past[:, :, 1:].transpose(1, 2).to(u.dtype), u], dim=1)  # (B, L + k - 1, C)
+    weight = weight.to(u.dtype)
+    full = torch.cat([rearrange(past[:, :, 1:], "b c k -> b k c").to(u.dtype), u], dim=1)  # (B, L + k - 1, C)
     full_seg = torch.cat([seg.new_zeros(B, k - 1), seg], dim=1)
-    out = u.new_zeros(B, L, C) if bias is None else bias.expand(B, L, C)
+    out = u.new_zeros(B, L, C) if bias is None else bias.to(u.dtype).expand(B, L, C)
     for i in range(k):  # tap i reads position t - (k - 1 - i)
         same = (full_seg[:, i : i + L] == seg).unsqueeze(-1)
-        out = out + weight[:, 0, i] * full[:, i : i + L] * same
+        out = out + weight[:, 0, i] * (full[:, i : i + L] * same)
+    return out, conv_tail(full, full_seg, seg, k)
+
+
+def conv_tail(full: torch.Tensor, full_seg: torch.Tensor, seg: torch.Tensor, k: int) -> torch.Tensor:
+    """The conv state after the last position: (B, C, k), inputs outside the last segment zeroed."""
     tail = full[:, -k:] * (full_seg[:, -k:] == seg[:, -1:]).unsqueeze(-1)  # L >= 1, so k entries exist
-    return out, tail.transpose(1, 2)
+    return rearrange(tail, "b k c -> b c k")
+
+
+def kernel_conv(conv_fn, u: torch.Tensor, weight: torch.Tensor, bias, seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`causal_conv` from an empty state in ``causal_conv1d``'s kernel (CUDA only, untested
+    here): channel-last input, ``seq_idx`` restarts the conv at each segment."""
+    k = weight.shape[-1]
+    x = rearrange(u.contiguous(), "b l c -> b c l")  # channel-last: the layout seq_idx needs
+    w = rearrange(weight, "c 1 k -> c k").to(u.dtype)
+    out = rearrange(conv_fn(x, w, None if bias is None else bias.to(u.dtype), seq_idx=seg.to(torch.int32)), "b c l -> b l c")
+    B = u.shape[0]
+    full = torch.cat([u.new_zeros(B, k - 1, u.shape[-1]), u], dim=1)
+    return out, conv_tail(full, torch.cat([seg.new_zeros(B, k - 1), seg], dim=1), seg, k)
+
+
+def load_conv_kernel(u: torch.Tensor, backend: str):
+    """``causal_conv1d_fn`` when it applies (installed; a CUDA tensor, or backend "cuda"), else None."""
+    if backend == "torch" or (backend == "auto" and not u.is_cuda):
+        return None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except ImportError:
+        return None
+    return causal_conv1d_fn
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -121,9 +159,12 @@ def ssd_scan(
     id changes; segment 0 continues ``initial`` (b, h, p, n)). The length is padded to a
     multiple of ``chunk`` (padding leaves the state unchanged: dt = 0). Returns y (b, l, h, p)
     and the final state (b, h, p, n), both in the accumulation dtype (float32 or wider), also
-    under autocast.
+    under autocast. With autograd recording, only the inputs are kept for backward: the
+    intermediates are recomputed there (:func:`torch.utils.checkpoint.checkpoint`).
     """
     with full_precision(x):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, initial)):
+            return checkpoint(_chunked_scan, x, dt, A, B, C, seg, chunk, initial, use_reentrant=False)
         return _chunked_scan(x, dt, A, B, C, seg, chunk, initial)
 
 
@@ -145,12 +186,12 @@ def _chunked_scan(x, dt, A, B, C, seg, chunk, initial):
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
         seg = torch.cat([seg, seg[:, -1:].expand(b, pad)], dim=1)
     c = (l + pad) // chunk
-    B = B.repeat_interleave(h // g, dim=2).view(b, c, chunk, h, n)
-    C = C.repeat_interleave(h // g, dim=2).view(b, c, chunk, h, n)
-    X = (x * dt.unsqueeze(-1)).view(b, c, chunk, h, p)
-    dA = (dt * A).view(b, c, chunk, h).permute(0, 3, 1, 2)  # (b, h, c, q)
+    B = repeat(B, "b (c q) g n -> b c q (g r) n", q=chunk, r=h // g)  # head i reads group i // r
+    C = repeat(C, "b (c q) g n -> b c q (g r) n", q=chunk, r=h // g)
+    X = rearrange(x * dt.unsqueeze(-1), "b (c q) h p -> b c q h p", q=chunk)
+    dA = rearrange(dt * A, "b (c q) h -> b h c q", q=chunk)
     A_cum = dA.cumsum(-1)
-    seg = seg.view(b, c, chunk)
+    seg = rearrange(seg, "b (c q) -> b c q", q=chunk)
 
     # within each chunk: a causal, decayed "attention" C_t . B_s over the same segment
     same = (seg.unsqueeze(-1) == seg.unsqueeze(-2)).unsqueeze(1)  # (b, 1, c, q, q)
@@ -160,7 +201,7 @@ def _chunked_scan(x, dt, A, B, C, seg, chunk, initial):
 
     # state contributed by each chunk at its end
     to_end = torch.exp(A_cum[..., -1:] - A_cum) * (seg == seg[:, :, -1:]).unsqueeze(1)
-    states = torch.einsum("bclhn,bclhp->bchpn", B * to_end.permute(0, 2, 3, 1).unsqueeze(-1), X)
+    states = torch.einsum("bclhn,bclhp->bchpn", B * rearrange(to_end, "b h c q -> b c q h 1"), X)
 
     # pass states from chunk to chunk (entry 0 = the initial state, in segment 0)
     if initial is None:
@@ -174,8 +215,8 @@ def _chunked_scan(x, dt, A, B, C, seg, chunk, initial):
 
     # output read from the state entering each chunk
     from_start = torch.exp(A_cum) * (seg == end_seg[:, :-1].unsqueeze(-1)).unsqueeze(1)
-    y = y + torch.einsum("bclhn,bchpn->bclhp", C * from_start.permute(0, 2, 3, 1).unsqueeze(-1), entering)
-    return y.reshape(b, c * chunk, h, p)[:, :l], final
+    y = y + torch.einsum("bclhn,bchpn->bclhp", C * rearrange(from_start, "b h c q -> b c q h 1"), entering)
+    return rearrange(y, "b c q h p -> b (c q) h p")[:, :l], final
 
 
 class GatedRMSNorm(nn.Module):
@@ -256,10 +297,14 @@ class Mamba2(nn.Module):
     def forward(self, u: torch.Tensor, seg: torch.Tensor, state: MambaState | None = None):
         """u (B, L, d), seg (B, L) from :func:`segment_ids` -> (out (B, L, d), final state)."""
         batch, L, _ = u.shape
+        conv_fn = load_conv_kernel(u, self.config.backend) if state is None else None
         if state is None:
             state = self.init_state(batch, u.device, u.dtype)
         z, xbc, dt = self._split(self.in_proj(u))
-        xbc, conv_state = causal_conv(xbc, self.conv1d.weight, self.conv1d.bias, seg, state.conv)
+        if conv_fn is not None:
+            xbc, conv_state = kernel_conv(conv_fn, xbc, self.conv1d.weight, self.conv1d.bias, seg)
+        else:
+            xbc, conv_state = causal_conv(xbc, self.conv1d.weight, self.conv1d.bias, seg, state.conv)
         x, B, C = self._split_xbc(F.silu(xbc))
         acc = torch.promote_types(u.dtype, torch.float32)
         A = -torch.exp(self.A_log.to(acc))
