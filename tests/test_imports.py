@@ -125,3 +125,10 @@ def test_allowed_exceptions_are_still_needed():
     """An entry of ALLOWED whose import is gone must leave the list."""
     for (module, target), reason in ALLOWED.items():
         assert any(real_unit(t) == target for t in MODULES[module]), f"{module} no longer imports {target}: drop it ({reason})"
+
+
+def test_training_and_evaluation_do_not_import_each_other():
+    """What uses both (``unetlm.compare``, the CLI) sits above them."""
+    graph = unit_graph()
+    assert "eval" not in graph.get("train", ()) and "train" not in graph.get("eval", ())
+    assert {"train", "eval"} <= graph["compare"]
