@@ -201,9 +201,9 @@ def is_banded(length: int, window: int) -> bool:
 
 def _blocks(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, L, D) -> (B, H, n, window, D), zero-padded to n = ceil(L / window) blocks."""
-    B, H, L, D = x.shape
+    L = x.shape[2]
     n = -(-L // window)
-    return F.pad(x, (0, 0, 0, n * window - L)).view(B, H, n, window, D)
+    return rearrange(F.pad(x, (0, 0, 0, n * window - L)), "b h (n w) d -> b h n w d", w=window)
 
 
 def _with_previous_block(x: torch.Tensor) -> torch.Tensor:
@@ -216,10 +216,10 @@ def banded_attention(q, k, v, mask: torch.Tensor, window: int) -> torch.Tensor:
     """SDPA for a sliding window of W keys, block by block: the queries of block i read only the
     keys of blocks i - 1 and i (2W keys, not L), with ``mask`` from :func:`build_banded_mask`.
     Equal to full SDPA under the full mask, at a fraction of its work when L >> W."""
-    B, H, L, D = q.shape
+    L = q.shape[2]
     keys, values = _with_previous_block(_blocks(k, window)), _with_previous_block(_blocks(v, window))
     y = F.scaled_dot_product_attention(_blocks(q, window), keys, values, attn_mask=mask)
-    return y.reshape(B, H, -1, D)[:, :, :L]
+    return rearrange(y, "b h n w d -> b h (n w) d")[:, :, :L]
 
 
 def build_banded_mask(info: StageInfo, window: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+from einops import rearrange
 from torch import nn
 from torch_geometric.utils import scatter, softmax
 
@@ -57,8 +58,8 @@ class CrossAttentionPooler(Pooler):
         Lc = link.coarse_src.shape[1]
         H, hd = self.heads, self.head_dim
         query = self.init(h.gather(1, link.coarse_src.unsqueeze(-1).expand(-1, -1, d)))  # (B, Lc, dc)
-        q = self.q(self.q_norm(query)).view(B, Lc, H, hd)
-        k, v = self.kv(self.kv_norm(h)).view(B, Lf, 2, H, hd).unbind(2)
+        q = rearrange(self.q(self.q_norm(query)), "b c (h d) -> b c h d", h=H)
+        k, v = rearrange(self.kv(self.kv_norm(h)), "b l (two h d) -> two b l h d", two=2, h=H)
         segment = segment_of(link)  # (B, Lf) in [0, Lc]; Lc = no patch
         q_ext = torch.cat([q, q.new_zeros(B, 1, H, hd)], dim=1)
         q_at = q_ext.gather(1, segment.view(B, Lf, 1, 1).expand(B, Lf, H, hd))  # each position's patch query
@@ -66,7 +67,7 @@ class CrossAttentionPooler(Pooler):
         flat = (segment + torch.arange(B, device=h.device)[:, None] * (Lc + 1)).reshape(-1)
         weights = softmax(scores.reshape(B * Lf, H), flat, num_nodes=B * (Lc + 1))
         mixed = scatter(weights.unsqueeze(-1) * v.reshape(B * Lf, H, hd), flat, dim=0, dim_size=B * (Lc + 1))
-        return query + self.out(mixed.view(B, Lc + 1, H * hd)[:, :Lc])
+        return query + self.out(rearrange(mixed, "(b c) h d -> b c (h d)", b=B)[:, :Lc])
 
     def init_state(self, batch: int, device, dtype):
         """(keys, values (B, n, H, hd), live (B, n)): the open patches; columns no row needs are dropped."""

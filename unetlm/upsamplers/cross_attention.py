@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import attrs
 import torch
+from einops import rearrange
 from torch import nn
 
 from unetlm.core.layout import Link
@@ -65,12 +66,12 @@ class CrossAttentionUpsampler(Upsampler):
         if fine is None:
             raise ValueError("the cross-attention upsampler needs the fine encoder states (fine=...) as queries")
         B, Lf, _ = fine.shape
-        H, hd, W, K = self.heads, self.head_dim, self.config.window, self.config.keys
+        H, W, K = self.heads, self.config.window, self.config.keys
         kv = self.kv(self.kv_norm(self.with_start(coarse)))  # (B, Lc + 1, K * 2 * H * hd)
         index, allowed = self.visible(link)
         picked = kv.gather(1, index.view(B, Lf * W, 1).expand(-1, -1, kv.shape[-1]))
-        k, v = picked.view(B, Lf, W * K, 2, H, hd).unbind(3)  # (B, Lf, W*K, H, hd)
-        q = self.q(self.q_norm(fine)).view(B, Lf, H, hd)
+        k, v = rearrange(picked, "b (l w) (k two h d) -> two b l (w k) h d", w=W, k=K, two=2, h=H)
+        q = rearrange(self.q(self.q_norm(fine)), "b l (h d) -> b l h d", h=H)
         return self._attend(q, k, v, allowed.repeat_interleave(K, dim=-1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
