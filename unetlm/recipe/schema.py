@@ -189,12 +189,18 @@ def positive_or_auto(_inst, attribute, value):
         positive(_inst, attribute, value)
 
 
+def non_negative_or_auto(_inst, attribute, value):
+    if value != "auto":
+        non_negative(_inst, attribute, value)
+
+
 @attrs.define
 class TrainingSpec:
     steps: int = attrs.field(default=300, validator=positive)
     batch_size: int | Literal["auto"] = attrs.field(default=8, validator=positive_or_auto)  # global, in sequences
-    # sequences per forward on each process; gradients accumulate over a step's micro-batches (0: all at once)
-    micro_batch_size: int = attrs.field(default=0, validator=non_negative)
+    # sequences per forward on each process; gradients accumulate over a step's micro-batches (0: all at
+    # once; "auto": the most that fit in device memory, from the planner, unetlm/train/plan.py)
+    micro_batch_size: int | Literal["auto"] = attrs.field(default=0, validator=non_negative_or_auto)
     lr: float | Literal["auto"] = attrs.field(default=3e-3, validator=positive_or_auto)
     min_lr_fraction: float = attrs.field(default=0.1, validator=fraction)
     warmup_fraction: float = attrs.field(default=0.1, validator=fraction)
@@ -212,7 +218,9 @@ class TrainingSpec:
     threads: int = attrs.field(default=0, validator=non_negative)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bfloat16 on CUDA with bf16 support
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA only
-    activation_checkpointing: bool = False  # recompute each mixer block in the backward pass
+    # recompute each mixer block in the backward pass; "auto": only where the planner finds that
+    # not even one sequence per forward fits without it
+    activation_checkpointing: bool | Literal["auto"] = False
     tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard
 
 
