@@ -2,6 +2,7 @@
 the global batch is the process count's master, not its servant; `unetlm plan` refuses what cannot fit."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import attrs
@@ -122,3 +123,20 @@ def test_plan_command_prints_the_plan_and_refuses_what_cannot_fit(capsys):
     assert err.count("\n") == 1
     assert main(["plan", "recipes/tiny/au2.toml", "--gpus", "1", "--gpu-memory", "lots"]) == 2
     assert plan.parse_memory("80GiB") == 80 * 2**30 and plan.parse_memory("141 GB") == 141 * 10**9
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_its_figures(tmp_path, capsys):
+    from unetlm.bench.gpu_check import main as gpu_check
+
+    out = tmp_path / "gpu-check.json"
+    assert gpu_check(["--dry-run", "--steps", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    checks = report["checks"]
+    assert report["dry_run"] and set(checks) == {"train_au2", "train_au3", "flex_vs_sdpa", "mamba_vs_mamba_ssm"}
+    for name in ("train_au2", "train_au3"):
+        train = checks[name]
+        assert train["status"] == "ok" and len(train["losses"]) == 2 and train["predicted_bytes"] > 0
+    assert checks["flex_vs_sdpa"]["eager_max_abs_diff"] < 1e-3
+    assert checks["mamba_vs_mamba_ssm"]["status"] == "skipped"
+    assert "skipped: needs CUDA" in capsys.readouterr().out
