@@ -69,7 +69,7 @@ def test_train_runs_the_planned_micro_batch_and_checkpointing(tmp_path, monkeypa
     )
     with torch.device("meta"):
         layout = plan.parameter_layout(build_model(recipe))
-    profile = plan.measure_activations(recipe.model)
+    profile = plan.measure_activations(recipe.model, autocast=False)  # a CPU trains in float32 by default
     static = plan.Plan(plan.Hardware(1, 1 << 40, None), layout, profile, 8, 512, 1.0, False, 1, 8).static
     # room for 2.5 sequences without checkpointing: the planner must pick 2 (a divisor of 8), no checkpointing
     host = plan.Hardware(1, int((static + 2.5 * profile.per_row(False)) / plan.USABLE_FRACTION), None)

@@ -1,7 +1,8 @@
 """Memory and throughput planner: what one GPU holds, and what a step costs, before weights exist.
 
 Activations are measured, not modelled: the recipe's model is built under ``FakeTensorMode``
-(shapes and dtypes only, no storage), one forward runs under bfloat16 autocast with
+(shapes and dtypes only, no storage), one forward runs under bfloat16 autocast (or in float32,
+as the run will) with
 ``saved_tensors_hooks`` adding up the distinct storages autograd keeps for backward
 (parameters excluded), at 1 and 2 sequences per forward, with and without activation
 checkpointing: the difference is the cost per sequence. The forward takes the CPU code path
@@ -34,6 +35,10 @@ GPUS_PER_NODE = 8
 
 class PlanError(ValueError):
     """The configuration cannot fit; the message holds the numbers and what to change."""
+
+
+class MeasurementError(PlanError):
+    """The model's forward does not run on fake tensors, so its activations cannot be measured."""
 
 
 def _storage_key(t: torch.Tensor):
@@ -98,8 +103,9 @@ def example_inputs(model, rows: int, seq_len: int) -> tuple:
     return tokens, doc, masks, tokens.clone()
 
 
-def saved_by_forward(model, inputs: tuple, checkpointing: bool) -> SavedBytes:
-    """Saved bytes of one training forward of ``inputs`` under bfloat16 autocast (the CPU's code path)."""
+def saved_by_forward(model, inputs: tuple, checkpointing: bool, autocast: bool = True) -> SavedBytes:
+    """Saved bytes of one training forward of ``inputs`` (the CPU's code path), under bfloat16
+    autocast or in float32."""
     from unetlm.model.stack import Stack
 
     stacks = [m for m in model.modules() if isinstance(m, Stack)]
@@ -109,7 +115,7 @@ def saved_by_forward(model, inputs: tuple, checkpointing: bool) -> SavedBytes:
     model.train()
 
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return model(*inputs)
 
     try:
@@ -151,28 +157,38 @@ def _fake_mode():
 _PROFILES: dict[str, ActivationProfile] = {}
 
 
-def measure_activations(model_spec) -> ActivationProfile:
-    """The profile of ``model_spec`` (a ModelSpec), measured on a fake model: nothing is allocated.
-    Remembered per process by the spec's content."""
+def measure_activations(model_spec, autocast: bool = True) -> ActivationProfile:
+    """The profile of ``model_spec`` (a ModelSpec) under bfloat16 autocast (or float32), measured on a
+    fake model: nothing is allocated. Remembered per process by the spec's content."""
     import json
 
     from unetlm.recipe.structure import unstructure
 
-    key = json.dumps(unstructure(model_spec), sort_keys=True, default=str)
+    key = json.dumps([unstructure(model_spec), autocast], sort_keys=True, default=str)
     if key not in _PROFILES:
-        _PROFILES[key] = _measure(model_spec)
+        try:
+            _PROFILES[key] = _measure(model_spec, autocast)
+        except Exception as exc:  # noqa: BLE001 - e.g. a plugin component that reads tensor values
+            raise MeasurementError(
+                f"the planner could not run the model on fake tensors ({type(exc).__name__}: {exc}); set "
+                f"training.micro_batch_size and training.activation_checkpointing explicitly"
+            ) from exc
     return _PROFILES[key]
 
 
-def _measure(model_spec) -> ActivationProfile:
+def _measure(model_spec, autocast: bool) -> ActivationProfile:
+    import warnings
+
     from unetlm.api import build_model
 
-    with _fake_mode():
+    with _fake_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autocast's dtype notices, once per op kind: not the user's concern
         model = build_model(model_spec)
         runs = {}
         for ckpt in (False, True):
             for rows in (1, 2):
-                runs[ckpt, rows] = saved_by_forward(model, example_inputs(model, rows, model_spec.seq_len), ckpt)
+                inputs = example_inputs(model, rows, model_spec.seq_len)
+                runs[ckpt, rows] = saved_by_forward(model, inputs, ckpt, autocast)
     from unetlm.model.stack import Stack
 
     blocks = {name: len(m.blocks) for name, m in model.named_modules() if isinstance(m, Stack)}
@@ -398,14 +414,16 @@ def plan_recipe(recipe, hardware: Hardware, flops_per_byte: float | None = None)
             bytes_per_token = 1.0  # only the batch needs it, and the batch is fixed
         flops_per_byte = summary.train_flops_per_token / bytes_per_token
     budget = resolve_budget(spec.batch_size, spec.lr, spec.steps, seq_len, flops_per_byte, bytes_per_token or 1.0)
-    return plan_model(recipe, model, budget, hardware)
+    return plan_model(recipe, model, budget, hardware, autocast=spec.dtype != "float32")
 
 
-def plan_model(recipe, meta_model, budget, hardware: Hardware) -> Plan:
-    """The plan of ``recipe`` (its ``meta_model``, any device) for the resolved ``budget``."""
+def plan_model(recipe, meta_model, budget, hardware: Hardware, autocast: bool) -> Plan:
+    """The plan of ``recipe`` (its ``meta_model``, any device) for the resolved ``budget``, its
+    activations measured under bfloat16 autocast or in float32."""
     spec, seq_len = recipe.training, recipe.model.seq_len
+    activations = measure_activations(recipe.model, autocast)
     return choose_plan(
-        hardware, parameter_layout(meta_model), measure_activations(recipe.model), budget.batch_size, seq_len,
+        hardware, parameter_layout(meta_model), activations, budget.batch_size, seq_len,
         budget.flops_per_byte * seq_len * budget.bytes_per_token, spec.micro_batch_size, spec.activation_checkpointing,
     )
 
@@ -423,7 +441,7 @@ def describe(plan: Plan, name: str = "recipe") -> str:
         f"  parameters (fp32, sharded)        {gib(plan.parameters):>9}",
         f"  gradients (fp32, sharded)         {gib(plan.gradients):>9}",
         f"  optimizer state (AdamW, sharded)  {gib(plan.optimizer):>9}",
-        f"  {'FSDP2 buffers' if hw.gpus > 1 else 'autocast weight copies':<32}  {gib(plan.buffers):>9}",
+        f"  {'FSDP2 buffers' if hw.gpus > 1 else 'batch-independent saved':<32}  {gib(plan.buffers):>9}",
         f"  activations per sequence          {gib(a.per_row(False)):>9} without checkpointing, "
         f"{gib(a.per_row(True))} with",
         f"  activations of the micro-batch    {gib(plan.activation_bytes):>9}",
@@ -493,7 +511,16 @@ def plan_training(recipe, budget, device: torch.device, processes: int, stored_b
 
     with torch.device("meta"):
         model = build_model(recipe)
-    plan = plan_model(recipe, model, budget, hardware_for(device, processes))
+    try:
+        from unetlm.train.loop import autocast_dtype  # the dtype training will run in
+
+        autocast = autocast_dtype(spec, device) is not None
+        plan = plan_model(recipe, model, budget, hardware_for(device, processes), autocast)
+    except MeasurementError as exc:
+        if auto:
+            raise
+        print(f"note: no memory plan: {exc}", flush=True)
+        return spec, None
     return attrs.evolve(spec, micro_batch_size=plan.micro_batch, activation_checkpointing=plan.checkpointing), plan
 
 
