@@ -92,6 +92,11 @@ def test_train_runs_the_planned_micro_batch_and_checkpointing(tmp_path, monkeypa
     assert (chosen.checkpointing, chosen.micro_batch, chosen.accumulation) == (True, 1, 8)
     loop.train(recipe, tmp_path / "run2", progress=False, sample=False)
     assert used == {"micro": 1, "checkpointing": {True}}
+    # too little memory even with checkpointing: refused with the numbers, before a step runs
+    monkeypatch.setattr(plan, "host_hardware", lambda processes: attrs.evolve(host, memory=static))
+    with pytest.raises(TrainingError, match="do not fit in .* GiB before activations.*Change:"):
+        loop.train(recipe, tmp_path / "run3", progress=False, sample=False)
+    assert not (tmp_path / "run3").exists()
     # a resume that would change the global batch is refused, naming the stored one
     bigger = attrs.evolve(recipe, training=attrs.evolve(recipe.training, batch_size=16, steps=2))
     with pytest.raises(TrainingError, match="global batch of 8 sequences"):

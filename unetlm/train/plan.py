@@ -367,7 +367,7 @@ def refusal(hardware, params, activations, global_batch, seq_len, flops, micro) 
     if needed is not None and needed > hardware.gpus:
         fixes.insert(0, f"at least {needed} GPUs")
     fixes.append("a shorter model.seq_len or a smaller model")
-    return "; ".join(lines) + ". Change: " + ", or ".join(fixes)
+    return "; ".join(lines) + ". Change: " + ", or ".join(fixes) + "."
 
 
 def gib(n: float) -> str:
