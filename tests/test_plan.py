@@ -12,7 +12,7 @@ import torch
 from unetlm.api import build_model
 from unetlm.cli import main
 from unetlm.recipe import load_recipe
-from unetlm.train import loop, plan
+from unetlm.train import activations, hardware, loop, plan
 from unetlm.train.errors import TrainingError
 from unetlm.train.scaling import check_resumed_batch, round_batch, split_batch
 
@@ -43,12 +43,12 @@ def test_planned_activations_equal_the_bytes_saved_for_backward():
     assert len(TINY) >= 10
     for path in TINY:
         recipe = shortened(path)
-        profile = plan.measure_activations(recipe.model)
+        profile = activations.measure_activations(recipe.model)
         torch.manual_seed(0)
         model = build_model(recipe)
         inputs = real_inputs(model, 3, recipe.model.seq_len)
         for ckpt in (False, True):
-            real = plan.saved_by_forward(model, inputs, ckpt).total
+            real = activations.saved_by_forward(model, inputs, ckpt).total
             predicted = profile.saved(3, ckpt)
             assert real > 0
             assert abs(predicted - real) <= 0.1 * real, (path.name, ckpt, predicted, real)
@@ -69,11 +69,11 @@ def test_train_runs_the_planned_micro_batch_and_checkpointing(tmp_path, monkeypa
     )
     with torch.device("meta"):
         layout = plan.parameter_layout(build_model(recipe))
-    profile = plan.measure_activations(recipe.model, autocast=False)  # a CPU trains in float32 by default
-    static = plan.Plan(plan.Hardware(1, 1 << 40, None), layout, profile, 8, 512, 1.0, False, 1, 8).static
+    profile = activations.measure_activations(recipe.model, autocast=False)  # a CPU trains in float32 by default
+    static = plan.Plan(hardware.Hardware(1, 1 << 40, None), layout, profile, 8, 512, 1.0, False, 1, 8).static
     # room for 2.5 sequences without checkpointing: the planner must pick 2 (a divisor of 8), no checkpointing
-    host = plan.Hardware(1, int((static + 2.5 * profile.per_row(False)) / plan.USABLE_FRACTION), None)
-    monkeypatch.setattr(plan, "host_hardware", lambda processes: host)
+    host = hardware.Hardware(1, int((static + 2.5 * profile.per_row(False)) / hardware.USABLE_FRACTION), None)
+    monkeypatch.setattr(hardware, "host_hardware", lambda processes: host)
     used = {}
     real_forward_backward = loop.forward_backward
 
@@ -86,14 +86,14 @@ def test_train_runs_the_planned_micro_batch_and_checkpointing(tmp_path, monkeypa
     loop.train(recipe, tmp_path / "run", progress=False, sample=False)
     assert used == {"micro": 2, "checkpointing": {False}}
     # less room than one sequence without checkpointing: checkpointing on, and what fits with it
-    tight = attrs.evolve(host, memory=int((static + 1.5 * profile.per_row(True)) / plan.USABLE_FRACTION))
-    monkeypatch.setattr(plan, "host_hardware", lambda processes: tight)
+    tight = attrs.evolve(host, memory=int((static + 1.5 * profile.per_row(True)) / hardware.USABLE_FRACTION))
+    monkeypatch.setattr(hardware, "host_hardware", lambda processes: tight)
     chosen = plan.choose_plan(tight, layout, profile, 8, 512, 1.0)
     assert (chosen.checkpointing, chosen.micro_batch, chosen.accumulation) == (True, 1, 8)
     loop.train(recipe, tmp_path / "run2", progress=False, sample=False)
     assert used == {"micro": 1, "checkpointing": {True}}
     # too little memory even with checkpointing: refused with the numbers, before a step runs
-    monkeypatch.setattr(plan, "host_hardware", lambda processes: attrs.evolve(host, memory=static))
+    monkeypatch.setattr(hardware, "host_hardware", lambda processes: attrs.evolve(host, memory=static))
     with pytest.raises(TrainingError, match="do not fit in .* GiB before activations.*Change:"):
         loop.train(recipe, tmp_path / "run3", progress=False, sample=False)
     assert not (tmp_path / "run3").exists()
@@ -127,7 +127,7 @@ def test_plan_command_prints_the_plan_and_refuses_what_cannot_fit(capsys):
     assert err.startswith("unetlm: error: au2 on 1 x 1MiB: 8 sequences per GPU") and "Change:" in err
     assert err.count("\n") == 1
     assert main(["plan", "recipes/tiny/au2.toml", "--gpus", "1", "--gpu-memory", "lots"]) == 2
-    assert plan.parse_memory("80GiB") == 80 * 2**30 and plan.parse_memory("141 GB") == 141 * 10**9
+    assert hardware.parse_memory("80GiB") == 80 * 2**30 and hardware.parse_memory("141 GB") == 141 * 10**9
 
 
 @pytest.mark.slow

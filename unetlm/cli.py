@@ -88,7 +88,9 @@ def cmd_train(args) -> int:
 
 def cmd_plan(args) -> int:
     from unetlm.recipe import load_recipe
-    from unetlm.train.plan import Hardware, PlanError, describe, parse_memory, plan_recipe
+    from unetlm.train.activations import MeasurementError
+    from unetlm.train.hardware import Hardware, parse_memory
+    from unetlm.train.plan import PlanError, describe, plan_recipe
 
     try:
         memory = parse_memory(args.gpu_memory)
@@ -102,7 +104,7 @@ def cmd_plan(args) -> int:
     name = recipe.name or Path(args.recipe).stem
     try:
         plan = plan_recipe(recipe, Hardware(args.gpus, memory, args.peak_tflops * 1e12))
-    except PlanError as exc:
+    except (PlanError, MeasurementError) as exc:
         print(f"unetlm: error: {name} on {args.gpus} x {args.gpu_memory}: {exc}", file=sys.stderr)
         return 1
     print(describe(plan, name))

@@ -23,6 +23,8 @@ from unetlm.data.packing import Batch
 from unetlm.model.summary import summarize
 from unetlm.recipe import load_recipe
 from unetlm.train import loop, plan
+from unetlm.train.activations import measure_activations
+from unetlm.train.hardware import Hardware, cuda_hardware, hardware_for
 from unetlm.train.optim import make_optimizer
 from unetlm.train.parallel import World
 
@@ -66,9 +68,9 @@ def check_training(name: str, device: torch.device, steps: int, peak: float | No
     seq_len = recipe.model.seq_len
     with torch.device("meta"):
         layout = plan.parameter_layout(build_model(recipe))
-    profile = plan.measure_activations(recipe.model)
-    hardware = plan.hardware_for(device, 1)
-    hardware = plan.Hardware(1, hardware.memory, peak, hardware.name)
+    profile = measure_activations(recipe.model)
+    hardware = hardware_for(device, 1)
+    hardware = Hardware(1, hardware.memory, peak, hardware.name)
     model = build_model(recipe)
     flops_per_sequence = summarize(model).train_flops_per_token * seq_len
     chosen = plan.choose_plan(hardware, layout, profile, 8, seq_len, flops_per_sequence, "auto", True)
@@ -202,7 +204,7 @@ def gpu_check(out: Path, dry: bool, steps: int, peak_tflops: float | None) -> di
     device = torch.device("cuda" if cuda else "cpu")
     peak = None
     if cuda:
-        peak = peak_tflops * 1e12 if peak_tflops else plan.cuda_hardware(device, 1).peak_flops
+        peak = peak_tflops * 1e12 if peak_tflops else cuda_hardware(device, 1).peak_flops
     report = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu (dry run)", "dry_run": dry,
         "torch": torch.__version__, "peak_flops": peak, "checks": {},

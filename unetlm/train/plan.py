@@ -1,13 +1,7 @@
 """Memory and throughput planner: what one GPU holds, and what a step costs, before weights exist.
 
-Activations are measured, not modelled: the recipe's model is built under ``FakeTensorMode``
-(shapes and dtypes only, no storage), one forward runs under bfloat16 autocast (or in float32,
-as the run will) with
-``saved_tensors_hooks`` adding up the distinct storages autograd keeps for backward
-(parameters excluded), at 1 and 2 sequences per forward, with and without activation
-checkpointing: the difference is the cost per sequence. The forward takes the CPU code path
-(SDPA; FlexAttention serves CUDA and saves no more than that, so on a GPU the figure is an
-upper bound for sliding-window attention).
+Activations are measured on fake tensors (:mod:`unetlm.train.activations`), devices described by
+:mod:`unetlm.train.hardware`.
 
 Per GPU, with FSDP2 over ``gpus`` processes and AdamW: fp32 parameters, gradients and two
 moments sharded ``1/gpus``; the bf16 all-gather buffers of the units in flight (the root unit
@@ -17,188 +11,17 @@ autocast copies of the weights saved for backward count instead of the buffers.
 """
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Callable
-from contextlib import contextmanager
-
 import attrs
 import torch
 
-GIB = 2**30
-USABLE_FRACTION = 0.85  # of device memory: the rest for the CUDA context, NCCL, allocator slack, temporaries
+from unetlm.train.activations import ActivationProfile, MeasurementError, measure_activations
+from unetlm.train.hardware import GIB, USABLE_FRACTION, Hardware, hardware_for
+
 KERNEL_EFFICIENCY = 0.5  # achieved fraction of the bf16 peak in the estimate of the compute time
-INTRA_NODE_BYTES_S = 300e9  # NVLink collectives, per GPU (up to 8 GPUs: one node)
-INTER_NODE_BYTES_S = 40e9  # InfiniBand collectives, per GPU (more than 8 GPUs)
-GPUS_PER_NODE = 8
 
 
 class PlanError(ValueError):
     """The configuration cannot fit; the message holds the numbers and what to change."""
-
-
-class MeasurementError(PlanError):
-    """The model's forward does not run on fake tensors, so its activations cannot be measured."""
-
-
-def _storage_key(t: torch.Tensor):
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    return StorageWeakRef(t.untyped_storage())
-
-
-@attrs.define
-class SavedBytes:
-    """Bytes autograd keeps for backward: in total and by the module (a mixer stack) that saved them."""
-
-    total: int = 0
-    by_stack: dict = attrs.field(factory=dict)
-
-
-def count_saved_bytes(model: torch.nn.Module, run: Callable[[], object]) -> SavedBytes:
-    """Run ``run()`` (a forward of ``model``) and count the distinct storages saved for backward,
-    leaving out the model's parameters; real and fake tensors alike."""
-    from unetlm.model.stack import Stack
-
-    params = {_storage_key(p) for p in model.parameters()}
-    seen: set = set()
-    out = SavedBytes()
-    current: list[str] = []
-
-    def enter(name: str):
-        return lambda module, args: current.append(name)
-
-    def leave(module, args, output) -> None:
-        current.pop()
-
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, Stack):
-            hooks += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
-
-    def pack(t: torch.Tensor):
-        key = _storage_key(t)
-        if key not in params and key not in seen:
-            seen.add(key)
-            size = t.untyped_storage().nbytes()
-            out.total += size
-            if current:
-                out.by_stack[current[-1]] = out.by_stack.get(current[-1], 0) + size
-        return t
-
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
-
-
-def example_inputs(model, rows: int, seq_len: int) -> tuple:
-    """(tokens, doc, masks, targets) of ``rows`` sequences: shapes are all the planner needs."""
-    tokens = torch.randint(0, 256, (rows, seq_len))
-    doc = torch.zeros(rows, seq_len, dtype=torch.long)
-    masks = [torch.zeros(rows, seq_len, dtype=torch.bool) for _ in model.splitters]
-    return tokens, doc, masks, tokens.clone()
-
-
-def saved_by_forward(model, inputs: tuple, checkpointing: bool, autocast: bool = True) -> SavedBytes:
-    """Saved bytes of one training forward of ``inputs`` (the CPU's code path), under bfloat16
-    autocast or in float32."""
-    from unetlm.model.stack import Stack
-
-    stacks = [m for m in model.modules() if isinstance(m, Stack)]
-    before = [s.checkpointing for s in stacks]
-    for s in stacks:
-        s.checkpointing = checkpointing
-    model.train()
-
-    def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            return model(*inputs)
-
-    try:
-        return count_saved_bytes(model, run)
-    finally:
-        for s, b in zip(stacks, before):
-            s.checkpointing = b
-
-
-@attrs.frozen
-class ActivationProfile:
-    """Saved bytes of a forward: ``fixed + rows * per_sequence``, without and with checkpointing."""
-
-    per_sequence: int
-    fixed: int  # independent of the rows: mostly the autocast bf16 copies of the weights
-    per_sequence_checkpointed: int  # the checkpointed blocks' inputs and what lies outside blocks
-    fixed_checkpointed: int
-    block_peak: int  # per sequence: the largest block's saved bytes, live again while it is recomputed
-
-    def saved(self, rows: int, checkpointing: bool) -> int:
-        """Bytes saved for backward by a forward of ``rows`` sequences."""
-        if checkpointing:
-            return self.fixed_checkpointed + rows * self.per_sequence_checkpointed
-        return self.fixed + rows * self.per_sequence
-
-    def per_row(self, checkpointing: bool) -> int:
-        """Peak activation bytes per sequence (with checkpointing: plus one block recomputed)."""
-        return self.per_sequence_checkpointed + self.block_peak if checkpointing else self.per_sequence
-
-
-@contextmanager
-def _fake_mode():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode():
-        yield
-
-
-_PROFILES: dict[str, ActivationProfile] = {}
-
-
-def measure_activations(model_spec, autocast: bool = True) -> ActivationProfile:
-    """The profile of ``model_spec`` (a ModelSpec) under bfloat16 autocast (or float32), measured on a
-    fake model: nothing is allocated. Remembered per process by the spec's content."""
-    import json
-
-    from unetlm.recipe.structure import unstructure
-
-    key = json.dumps([unstructure(model_spec), autocast], sort_keys=True, default=str)
-    if key not in _PROFILES:
-        try:
-            _PROFILES[key] = _measure(model_spec, autocast)
-        except Exception as exc:  # noqa: BLE001 - e.g. a plugin component that reads tensor values
-            raise MeasurementError(
-                f"the planner could not run the model on fake tensors ({type(exc).__name__}: {exc}); set "
-                f"training.micro_batch_size and training.activation_checkpointing explicitly"
-            ) from exc
-    return _PROFILES[key]
-
-
-def _measure(model_spec, autocast: bool) -> ActivationProfile:
-    import warnings
-
-    from unetlm.api import build_model
-
-    with _fake_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # autocast's dtype notices, once per op kind: not the user's concern
-        model = build_model(model_spec)
-        runs = {}
-        for ckpt in (False, True):
-            for rows in (1, 2):
-                inputs = example_inputs(model, rows, model_spec.seq_len)
-                runs[ckpt, rows] = saved_by_forward(model, inputs, ckpt, autocast)
-    from unetlm.model.stack import Stack
-
-    blocks = {name: len(m.blocks) for name, m in model.named_modules() if isinstance(m, Stack)}
-    one, two = runs[False, 1], runs[False, 2]
-    block_peak = max(
-        ((two.by_stack.get(n, 0) - one.by_stack.get(n, 0)) // k for n, k in blocks.items() if k), default=0
-    )
-    per = two.total - one.total
-    per_ck = runs[True, 2].total - runs[True, 1].total
-    return ActivationProfile(per, one.total - per, per_ck, runs[True, 1].total - per_ck, block_peak)
 
 
 @attrs.frozen
@@ -218,22 +41,6 @@ def parameter_layout(model) -> ParameterLayout:
     total = count_params(model)
     in_blocks = count_params(*blocks) if blocks else 0
     return ParameterLayout(total, max((count_params(b) for b in blocks), default=0), total - in_blocks)
-
-
-@attrs.frozen
-class Hardware:
-    gpus: int
-    memory: int  # bytes per device
-    peak_flops: float | None  # bf16 dense FLOP/s per device (None: no time estimate)
-    name: str = "GPU"
-
-    @property
-    def usable(self) -> int:
-        return int(self.memory * USABLE_FRACTION)
-
-    @property
-    def bandwidth(self) -> float:
-        return INTRA_NODE_BYTES_S if self.gpus <= GPUS_PER_NODE else INTER_NODE_BYTES_S
 
 
 @attrs.frozen
@@ -374,24 +181,7 @@ def gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
-def parse_memory(text: str) -> int:
-    """``"80GiB"``, ``"80GB"``, ``"141 GB"`` or ``"80"`` (GiB) -> bytes."""
-    units = {"gib": GIB, "gb": 10**9, "tib": 2**40, "tb": 10**12, "mib": 2**20, "mb": 10**6, "": GIB}
-    t = text.strip().lower().replace(" ", "")
-    number = t.rstrip("abgimt")
-    unit = t[len(number):]
-    if unit not in units or not number:
-        raise ValueError(f"--gpu-memory {text!r} is invalid: expected a size such as 80GiB or 141GB")
-    try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"--gpu-memory {text!r} is invalid: expected a size such as 80GiB or 141GB") from None
-    if value <= 0:
-        raise ValueError(f"--gpu-memory {text!r} is invalid: expected a positive size")
-    return int(value * units[unit])
-
-
-def plan_recipe(recipe, hardware: Hardware, flops_per_byte: float | None = None) -> Plan:
+def plan_recipe(recipe, hardware: Hardware) -> Plan:
     """The plan of ``recipe`` on ``hardware``, from a meta-device model (no weights are built);
     "auto" batch and lr resolve from the compute budget as training does."""
     from unetlm.api import build_model
@@ -404,16 +194,15 @@ def plan_recipe(recipe, hardware: Hardware, flops_per_byte: float | None = None)
     summary = summarize(model)
     seq_len = recipe.model.seq_len
     bytes_per_token = summary.bytes_per_token
-    if flops_per_byte is None:
-        if bytes_per_token is None:
-            if spec.batch_size == "auto":
-                raise PlanError(
-                    "a tokenized model's auto batch needs its bytes per token, known once the tokenizer is "
-                    "trained; set training.batch_size to plan it"
-                )
-            bytes_per_token = 1.0  # only the batch needs it, and the batch is fixed
-        flops_per_byte = summary.train_flops_per_token / bytes_per_token
-    budget = resolve_budget(spec.batch_size, spec.lr, spec.steps, seq_len, flops_per_byte, bytes_per_token or 1.0)
+    if bytes_per_token is None:  # a tokenized model before its tokenizer is trained
+        if spec.batch_size == "auto":
+            raise PlanError(
+                "a tokenized model's auto batch needs its bytes per token, known once the tokenizer is "
+                "trained; set training.batch_size to plan it"
+            )
+        bytes_per_token = 1.0  # the plan counts FLOPs per token; the fixed batch needs no bytes
+    flops_per_byte = summary.train_flops_per_token / bytes_per_token
+    budget = resolve_budget(spec.batch_size, spec.lr, spec.steps, seq_len, flops_per_byte, bytes_per_token)
     return plan_model(recipe, model, budget, hardware, autocast=spec.dtype != "float32")
 
 
@@ -459,37 +248,6 @@ def describe(plan: Plan, name: str = "recipe") -> str:
             f"{hw.peak_flops / 1e12:.0f} TFLOP/s, communication at {hw.bandwidth / 1e9:.0f} GB/s overlapped)"
         )
     return "\n".join(lines)
-
-
-def host_hardware(local_processes: int) -> Hardware:
-    """This host's memory available to one of ``local_processes`` processes (training on CPUs)."""
-    available = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if available is None:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Hardware(1, available // max(local_processes, 1), None, "CPU process")
-
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12}
-
-
-def cuda_hardware(device: torch.device, gpus: int) -> Hardware:
-    props = torch.cuda.get_device_properties(device)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in props.name), None)
-    return Hardware(gpus, props.total_memory, peak, props.name)
-
-
-def hardware_for(device: torch.device, processes: int) -> Hardware:
-    if device.type == "cuda":
-        return cuda_hardware(device, processes)
-    hw = host_hardware(int(os.environ.get("LOCAL_WORLD_SIZE", processes)))
-    return attrs.evolve(hw, gpus=processes)
 
 
 def plan_training(recipe, budget, device: torch.device, processes: int, stored_batch: int | None = None):
