@@ -127,6 +127,8 @@ def test_plan_command_prints_the_plan_and_refuses_what_cannot_fit(capsys):
     assert err.startswith("unetlm: error: au2 on 1 x 1MiB: 8 sequences per GPU") and "Change:" in err
     assert err.count("\n") == 1
     assert main(["plan", "recipes/tiny/au2.toml", "--gpus", "1", "--gpu-memory", "lots"]) == 2
+    assert main(["plan", "recipes/tiny/au2.toml", "--gpus", "3"]) == 2
+    assert "training.batch_size = 8 does not split over 3 processes" in capsys.readouterr().err
     assert hardware.parse_memory("80GiB") == 80 * 2**30 and hardware.parse_memory("141 GB") == 141 * 10**9
 
 

@@ -104,9 +104,12 @@ def cmd_plan(args) -> int:
     name = recipe.name or Path(args.recipe).stem
     try:
         plan = plan_recipe(recipe, Hardware(args.gpus, memory, args.peak_tflops * 1e12))
-    except (PlanError, MeasurementError) as exc:
+    except (PlanError, MeasurementError) as exc:  # the configuration cannot run: the numbers say why
         print(f"unetlm: error: {name} on {args.gpus} x {args.gpu_memory}: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # e.g. a global batch that does not split over --gpus
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 2
     print(describe(plan, name))
     return 0
 

@@ -209,7 +209,10 @@ def plan_recipe(recipe, hardware: Hardware) -> Plan:
 def plan_model(recipe, meta_model, budget, hardware: Hardware, autocast: bool) -> Plan:
     """The plan of ``recipe`` (its ``meta_model``, any device) for the resolved ``budget``, its
     activations measured under bfloat16 autocast or in float32."""
+    from unetlm.train.scaling import split_batch
+
     spec, seq_len = recipe.training, recipe.model.seq_len
+    split_batch(budget.batch_size, hardware.gpus)  # before the measurement: a batch that cannot split
     activations = measure_activations(recipe.model, autocast)
     return choose_plan(
         hardware, parameter_layout(meta_model), activations, budget.batch_size, seq_len,
