@@ -2,12 +2,12 @@
 # The GPU check (docs/benchmarks.md): a few compiled, checkpointed bf16 training steps of AU-Net 2 and
 # 3 at full width and reduced depth, FlexAttention == SDPA on CUDA, the Mamba mixer against mamba_ssm
 # (when installed), MFU and the planner's memory against torch.cuda.max_memory_allocated.
-# Usage: scripts/gpu-check.sh [OUT.json] [--dry-run] [--steps N] [--peak-tflops T]
+# Usage: scripts/gpu-check.sh [OUT.json] [--dry-run] [--steps N] [--peak-tflops T]  (OUT relative to the repository root)
 # Budget: under 10 minutes on one H100/H200, installs included. Without CUDA it runs the dry mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-gpu-check.json}"
-[[ $# -gt 0 ]] && shift
+out="gpu-check.json"
+if [[ $# -gt 0 && "$1" != --* ]]; then out="$1"; shift; fi
 start=$(date +%s)
 if ! python -c "import unetlm" 2>/dev/null; then
     python -m pip install --quiet -e . || { echo "unetlm: error: could not install the project" >&2; exit 1; }
