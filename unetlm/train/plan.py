@@ -151,10 +151,16 @@ def choose_plan(
             )
             if plan.total <= hardware.usable:
                 return plan
-    raise PlanError(refusal(hardware, params, activations, global_batch, seq_len, flops_per_sequence, min(sizes)))
+    fixes = [f"training.activation_checkpointing = {v}" for v in ("true",) if checkpointing is False]
+    fixes += ['training.micro_batch_size = "auto"'] if micro_batch != "auto" else []
+    raise PlanError(
+        refusal(hardware, params, activations, global_batch, seq_len, flops_per_sequence, min(sizes), fixes)
+    )
 
 
-def refusal(hardware, params, activations, global_batch, seq_len, flops, micro) -> str:
+def refusal(hardware, params, activations, global_batch, seq_len, flops, micro, fixes: list[str]) -> str:
+    """Why nothing fits, in numbers, and what would: more GPUs (the fewest that fit one sequence per
+    forward with checkpointing), the ``fixes`` of settings, a smaller model."""
     worst = Plan(hardware, params, activations, global_batch, seq_len, flops, True, micro, 1)
     lines = [
         f"{global_batch // hardware.gpus} sequences per GPU ({global_batch} over {hardware.gpus}) do not fit in "
@@ -170,10 +176,8 @@ def refusal(hardware, params, activations, global_batch, seq_len, flops, micro) 
                   global_batch // n).total <= hardware.usable),
         None,
     )
-    fixes = ["training.activation_checkpointing = true (or \"auto\")", "training.micro_batch_size = \"auto\""]
-    if needed is not None and needed > hardware.gpus:
-        fixes.insert(0, f"at least {needed} GPUs")
-    fixes.append("a shorter model.seq_len or a smaller model")
+    more = [f"at least {needed} GPUs"] if needed is not None and needed > hardware.gpus else []
+    fixes = more + fixes + ["a shorter model.seq_len or a smaller model"]
     return "; ".join(lines) + ". Change: " + ", or ".join(fixes) + "."
 
 
