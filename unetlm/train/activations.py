@@ -42,6 +42,7 @@ def count_saved_bytes(model: torch.nn.Module, run: Callable[[], object]) -> Save
 
     params = {_storage_key(p) for p in model.parameters()}
     seen: set = set()
+    kept: list[torch.Tensor] = []  # alive until the count ends, so no storage address is reused
     out = SavedBytes()
     current: list[str] = []
 
@@ -60,6 +61,7 @@ def count_saved_bytes(model: torch.nn.Module, run: Callable[[], object]) -> Save
         key = _storage_key(t)
         if key not in params and key not in seen:
             seen.add(key)
+            kept.append(t)
             size = t.untyped_storage().nbytes()
             out.total += size
             if current:
