@@ -13,7 +13,7 @@ from unetlm.train import checkpoint as ckpt_module
 from unetlm.train import loop
 from unetlm.train.checkpoint import CHECKPOINT, load_state, save_atomic
 from unetlm.train.metrics import read_metrics
-from unetlm.train.scaling import fitted_batch_bytes, fitted_lr, resolve_budget
+from unetlm.train.scaling import fitted_batch_bytes, fitted_lr, resolve_budget, round_batch
 
 WORDS = "the a byte model learns words from text and pools them into coarser stages then back".split()
 
@@ -179,11 +179,12 @@ def test_budget_fits_and_units():
     assert fitted_batch_bytes(1e19) == pytest.approx(0.66 * 1e19**0.321)
     assert 5e5 < fitted_batch_bytes(1e19) < 1e6  # about 100 sequences of 8192 bytes
     assert fitted_lr(1e19) == pytest.approx(6.6 * 1e19**-0.176)
-    budget = resolve_budget("auto", "auto", steps=1000, seq_len=512, flops_per_byte=4e6, world=2)
-    assert budget.batch_size % 2 == 0
+    budget = resolve_budget("auto", "auto", steps=1000, seq_len=512, flops_per_byte=4e6)
     assert budget.compute == pytest.approx(4e6 * 1000 * budget.batch_size * 512)
-    # the automatic batch is the fit at the compute it implies (up to rounding to whole sequences)
-    assert abs(budget.batch_size * 512 - fitted_batch_bytes(budget.compute)) <= 512 * 2 * 1.01
+    # the automatic batch is the fit at the compute it implies, rounded (never by the process count)
+    exact = (0.66 * (4e6 * 1000) ** 0.321) ** (1 / 0.679)
+    assert fitted_batch_bytes(4e6 * 1000 * exact) == pytest.approx(exact)
+    assert budget.batch_size == round_batch(exact / 512) == 32  # 36.7 sequences: the nearest power of two
     assert budget.lr == pytest.approx(fitted_lr(budget.compute))
     fixed = resolve_budget(8, 1e-3, steps=10, seq_len=512, flops_per_byte=4e6)
     assert (fixed.batch_size, fixed.lr, fixed.bytes) == (8, 1e-3, 10 * 8 * 512)

@@ -86,6 +86,34 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from unetlm.recipe import load_recipe
+    from unetlm.train.activations import MeasurementError
+    from unetlm.train.hardware import Hardware, parse_memory
+    from unetlm.train.plan import PlanError, describe, plan_recipe
+
+    try:
+        memory = parse_memory(args.gpu_memory)
+    except ValueError as exc:
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 2
+    if args.gpus < 1 or args.peak_tflops <= 0:
+        print("unetlm: error: --gpus and --peak-tflops must be positive", file=sys.stderr)
+        return 2
+    recipe = load_recipe(args.recipe, args.overrides)
+    name = recipe.name or Path(args.recipe).stem
+    try:
+        plan = plan_recipe(recipe, Hardware(args.gpus, memory, args.peak_tflops * 1e12))
+    except (PlanError, MeasurementError) as exc:  # the configuration cannot run: the numbers say why
+        print(f"unetlm: error: {name} on {args.gpus} x {args.gpu_memory}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # e.g. a global batch that does not split over --gpus
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 2
+    print(describe(plan, name))
+    return 0
+
+
 def cmd_plot(args) -> int:
     from unetlm.train.plot import plot_runs
 
@@ -242,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plan", help="per-GPU memory, micro-batch, communication and step time of a recipe")
+    p.add_argument("recipe")
+    p.add_argument("--gpus", type=int, required=True, help="processes (GPUs) the run shards over")
+    p.add_argument("--gpu-memory", default="80GiB", help="memory per GPU (default 80GiB)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (default 989, H100)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("plot", help="plot loss and validation bits/byte of runs against bytes and FLOPs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")

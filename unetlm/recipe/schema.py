@@ -12,7 +12,7 @@ import attrs
 from unetlm.core.tokens import VOCAB
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.structure import CONVERTER, structure, unstructure
-from unetlm.recipe.validators import fraction, non_negative, positive, positive_or_auto
+from unetlm.recipe.validators import fraction, non_negative, non_negative_or_auto, positive, positive_or_auto
 from unetlm.registry import RegistryError
 
 
@@ -194,8 +194,9 @@ class DataSpec:
 class TrainingSpec:
     steps: int = attrs.field(default=300, validator=positive)
     batch_size: int | Literal["auto"] = attrs.field(default=8, validator=positive_or_auto)  # global, in sequences
-    # sequences per forward on each process; gradients accumulate over a step's micro-batches (0: all at once)
-    micro_batch_size: int = attrs.field(default=0, validator=non_negative)
+    # sequences per forward on each process; gradients accumulate over a step's micro-batches (0: all at
+    # once; "auto": the most that fit in device memory, from the planner, unetlm/train/plan.py)
+    micro_batch_size: int | Literal["auto"] = attrs.field(default=0, validator=non_negative_or_auto)
     lr: float | Literal["auto"] = attrs.field(default=3e-3, validator=positive_or_auto)
     min_lr_fraction: float = attrs.field(default=0.1, validator=fraction)
     warmup_fraction: float = attrs.field(default=0.1, validator=fraction)
@@ -213,7 +214,9 @@ class TrainingSpec:
     threads: int = attrs.field(default=0, validator=non_negative)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bfloat16 on CUDA with bf16 support
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA only
-    activation_checkpointing: bool = False  # recompute each mixer block in the backward pass
+    # recompute each mixer block in the backward pass; "auto": only where the planner finds that
+    # not even one sequence per forward fits without it
+    activation_checkpointing: bool | Literal["auto"] = False
     tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard
 
 

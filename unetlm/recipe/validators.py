@@ -28,3 +28,9 @@ def positive_or_auto(_inst, attribute, value):
     """value > 0, or the string "auto"."""
     if value != "auto":
         positive(_inst, attribute, value)
+
+
+def non_negative_or_auto(_inst, attribute, value):
+    """value >= 0, or the string "auto"."""
+    if value != "auto":
+        non_negative(_inst, attribute, value)

@@ -28,6 +28,7 @@ from unetlm.train.checkpoint import CHECKPOINT, load_state, rng_state, save_atom
 from unetlm.train.metrics import MetricsWriter, bits_per_byte, open_tensorboard
 from unetlm.train.optim import make_optimizer, make_scheduler
 from unetlm.train.parallel import World, from_rank0
+from unetlm.train.plan import plan_run
 from unetlm.train.progress import Progress
 from unetlm.train.scaling import resolve_budget
 
@@ -204,16 +205,9 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
     summary = summarize(model)
     seq_len = recipe.model.seq_len
     budget = resolve_budget(
-        spec.batch_size, spec.lr, spec.steps, seq_len, summary.train_flops_per_byte, world.size, summary.bytes_per_token
+        spec.batch_size, spec.lr, spec.steps, seq_len, summary.train_flops_per_byte, summary.bytes_per_token
     )
-    if budget.batch_size % world.size:
-        raise TrainingError(f"training.batch_size = {budget.batch_size} does not split over {world.size} processes")
-    local_rows = budget.batch_size // world.size
-    if spec.micro_batch_size and local_rows % spec.micro_batch_size:
-        raise TrainingError(
-            f"training.micro_batch_size = {spec.micro_batch_size} does not divide the {local_rows} sequences "
-            f"each of the {world.size} processes takes from training.batch_size = {budget.batch_size}"
-        )
+    spec = plan_run(recipe, budget, world, state, show=progress)  # micro-batch and checkpointing resolved
     if state is not None:
         model.load_state_dict(state["model"])
     model.to(device)
@@ -264,7 +258,7 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
                     "optimizer": optim_state,
                     "scheduler": scheduler.state_dict(),
                     "step": step,
-                    "data": {"next_step": step, "seed": spec.seed, "world_size": world.size},
+                    "data": {"next_step": step, "seed": spec.seed, "world_size": world.size, "batch_size": budget.batch_size},
                     "recipe": recipe.to_dict(),
                     "rng": rng_state(),
                 }
