@@ -256,9 +256,17 @@ def ensure_example_checkpoint() -> str:
     from unetlm.api import build_model
     from unetlm.recipe import recipe_from_dict
 
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    # real weights, also under a meta default device or a fake-tensor mode (the memory planner)
+    with unset_fake_temporarily(), torch.device("cpu"):
+        return _write_example_checkpoint(build_model, recipe_from_dict)
+
+
+def _write_example_checkpoint(build_model, recipe_from_dict) -> str:
     data = {"name": "entropy-example", "model": EXAMPLE_MODEL}
     recipe = recipe_from_dict(data)
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # real weights, also under a meta default
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build_model(recipe)
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
