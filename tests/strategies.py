@@ -164,7 +164,16 @@ def _cached_component_model(kind: str, name: str, options_json: str, max_len: in
 
     torch.manual_seed(0)
     recipe = two_stage_recipe(kind, name, json.loads(options_json), max_len=max_len)
-    return build_model(recipe).double().eval()
+    return with_random_starts(build_model(recipe)).double().eval()
+
+
+def with_random_starts(model, std: float = 0.2):
+    """The model with random upsampler start vectors: they start at zero, which would hide any
+    leak through what a position before its first boundary receives (e.g. its offset)."""
+    with torch.no_grad():
+        for upsampler in model.upsamplers:
+            upsampler.start.normal_(0.0, std)
+    return model
 
 
 def component_model(kind: str, name: str, options: dict, max_len: int | None = None):
@@ -206,7 +215,7 @@ def recipe_model(
     torch.manual_seed(0)
     overrides = [] if seq_len is None else shortened(path, seq_len)
     overrides += [] if std is None else [f"model.init_std={std}"]
-    model = build_model(load_runnable(path, [*overrides, *extra])).to(dtype).eval()
+    model = with_random_starts(build_model(load_runnable(path, [*overrides, *extra]))).to(dtype).eval()
     if model.tokenizer is None:  # a tokenized recipe: a tokenizer learned from a little text
         model.tokenizer = small_tokenizer(model.spec.vocab_size)
     return model
