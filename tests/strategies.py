@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
+from entropy_example import with_example_checkpoint, with_example_options
 from unetlm.plugins import registry
 from unetlm.recipe import RecipeError, load_recipe, recipe_from_dict
 from unetlm.recipe.structure import structure
@@ -28,10 +29,13 @@ TINY_RECIPES = sorted((ROOT / "recipes" / "tiny").glob("*.toml"))
 
 
 def component_cases(kind: str) -> list[tuple[str, dict]]:
-    """(name, options) for every registered component of ``kind`` and every example table."""
+    """(name, options) for every registered component of ``kind`` and every example table
+    (an entropy splitter's checkpoint: the example model of :mod:`entropy_example`)."""
     cases = []
     for entry in registry().entries(kind):
         for options in entry.load().examples:
+            if kind == "splitter" and entry.name == "entropy":
+                options = with_example_options(options)
             cases.append((entry.name, dict(options)))
     return cases
 
@@ -184,8 +188,6 @@ def component_model(kind: str, name: str, options: dict, max_len: int | None = N
 def runnable(recipe):
     """Entropy splitters that name a trained checkpoint get the (untrained) example one."""
     if any(stage.splitter is not None and stage.splitter.name == "entropy" for stage in recipe.model.stages):
-        from unetlm.splitters.entropy import with_example_checkpoint
-
         recipe = with_example_checkpoint(recipe)
     return recipe
 

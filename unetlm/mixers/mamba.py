@@ -9,6 +9,7 @@ with ``mamba_ssm`` installed) the scan runs in ``mamba_ssm``'s kernels instead.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Literal, NamedTuple
 
@@ -53,6 +54,21 @@ class MambaConfig:
             )
         if self.dt_min > self.dt_max:
             raise RecipeError(f"{path}.dt_min = {self.dt_min} is invalid: it exceeds dt_max = {self.dt_max}")
+
+    def check_device(self, path: str, device_type: str, training: bool) -> None:
+        """The 'cuda' backend runs mamba_ssm's kernels: a CUDA device and that package."""
+        if self.backend != "cuda":
+            return
+        if device_type != "cuda":
+            raise RecipeError(
+                f"{path}.backend = 'cuda' is invalid on {device_type}: mamba_ssm's kernels need a CUDA device; "
+                f"use 'auto' (the kernels on CUDA when installed, plain PyTorch elsewhere) or 'torch'"
+            )
+        if importlib.util.find_spec("mamba_ssm") is None:
+            raise RecipeError(
+                f"{path}.backend = 'cuda' needs the mamba_ssm package (pip install 'unetlm[mamba]'); "
+                f"use 'auto' or 'torch' without it"
+            )
 
     def mlp_hidden(self, dim: int) -> int:
         return AttentionConfig(mlp_ratio=self.mlp_ratio).mlp_hidden(dim)
