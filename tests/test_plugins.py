@@ -412,3 +412,19 @@ def test_cached_generation_matches_recompute_with_the_sentence_splitter(sentence
     recomputed = generate(model, prompts, 4, temperature=0, cached=False)
     assert list(cached) == list(recomputed) and [len(t) for t in cached] == [4, 4]
     assert cached.firing_rates[2] > 0  # the sentence stage ran on the prompts' boundaries
+
+
+def test_loading_components_has_no_side_effects(tmp_path, monkeypatch):
+    """Importing every registered component and reading its examples writes nothing (the
+    entropy splitter's example checkpoint is built by the tests, not by the component)."""
+    import tempfile
+
+    from unetlm.registry import KINDS
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    reg = build_registry()
+    for kind in KINDS:
+        for entry in reg.entries(kind):
+            assert entry.load().examples
+    written = [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor")]  # torch's own cache
+    assert written == []
