@@ -111,7 +111,7 @@ def test_bad_input_is_one_line_with_its_exit_status(argv, status, fragment, load
     if loader is not None:
         monkeypatch.setattr(unetlm.api, "load_checkpoint", loader)
     if argv[0] == "train":
-        argv = [*argv, "--out", str(tmp_path / "run"), "--quiet"]
+        argv = [*argv, "--set", "training.device='cpu'", "--out", str(tmp_path / "run"), "--quiet"]
     assert main(argv) == status
     out, err = capsys.readouterr()
     assert err.splitlines() == [err.splitlines()[0]] and err.startswith("unetlm: error: "), err

@@ -341,9 +341,10 @@ def exit_status(exc: BaseException) -> int | None:
 
     # ValueError: bad input caught below the command line (eval's and compare's options);
     # ImportError: an optional extra is missing (the message names it)
-    if isinstance(exc, (UsageError, TrainingError, FileNotFoundError, ValueError, ImportError)):
+    bad_path = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+    if isinstance(exc, (UsageError, TrainingError, ValueError, ImportError, *bad_path)):
         return 2
-    if isinstance(exc, RunError):
+    if isinstance(exc, (RunError, OSError)):  # OSError: e.g. a full disk
         return 1
     return None
 
