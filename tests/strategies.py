@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
+from entropy_example import with_example_checkpoint, with_example_options
 from unetlm.plugins import registry
 from unetlm.recipe import RecipeError, load_recipe, recipe_from_dict
 from unetlm.recipe.structure import structure
@@ -28,10 +29,13 @@ TINY_RECIPES = sorted((ROOT / "recipes" / "tiny").glob("*.toml"))
 
 
 def component_cases(kind: str) -> list[tuple[str, dict]]:
-    """(name, options) for every registered component of ``kind`` and every example table."""
+    """(name, options) for every registered component of ``kind`` and every example table
+    (an entropy splitter's checkpoint: the example model of :mod:`entropy_example`)."""
     cases = []
     for entry in registry().entries(kind):
         for options in entry.load().examples:
+            if kind == "splitter" and entry.name == "entropy":
+                options = with_example_options(options)
             cases.append((entry.name, dict(options)))
     return cases
 
@@ -164,7 +168,16 @@ def _cached_component_model(kind: str, name: str, options_json: str, max_len: in
 
     torch.manual_seed(0)
     recipe = two_stage_recipe(kind, name, json.loads(options_json), max_len=max_len)
-    return build_model(recipe).double().eval()
+    return with_random_starts(build_model(recipe)).double().eval()
+
+
+def with_random_starts(model, std: float = 0.2):
+    """The model with random upsampler start vectors: they start at zero, which would hide any
+    leak through what a position before its first boundary receives (e.g. its offset)."""
+    with torch.no_grad():
+        for upsampler in model.upsamplers:
+            upsampler.start.normal_(0.0, std)
+    return model
 
 
 def component_model(kind: str, name: str, options: dict, max_len: int | None = None):
@@ -175,8 +188,6 @@ def component_model(kind: str, name: str, options: dict, max_len: int | None = N
 def runnable(recipe):
     """Entropy splitters that name a trained checkpoint get the (untrained) example one."""
     if any(stage.splitter is not None and stage.splitter.name == "entropy" for stage in recipe.model.stages):
-        from unetlm.splitters.entropy import with_example_checkpoint
-
         recipe = with_example_checkpoint(recipe)
     return recipe
 
@@ -206,7 +217,7 @@ def recipe_model(
     torch.manual_seed(0)
     overrides = [] if seq_len is None else shortened(path, seq_len)
     overrides += [] if std is None else [f"model.init_std={std}"]
-    model = build_model(load_runnable(path, [*overrides, *extra])).to(dtype).eval()
+    model = with_random_starts(build_model(load_runnable(path, [*overrides, *extra]))).to(dtype).eval()
     if model.tokenizer is None:  # a tokenized recipe: a tokenizer learned from a little text
         model.tokenizer = small_tokenizer(model.spec.vocab_size)
     return model

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import unetlm
+from entropy_example import ensure_example_checkpoint, with_example_checkpoint
 from unetlm.model.embedding import HASH_BASE, HASH_MOD, ByteEmbedding, ngram_hashes
 from unetlm.core.layout import build_links
 from unetlm.core.tokens import BOS, PAD, documents_from_tokens, encode
@@ -23,9 +24,7 @@ from unetlm.poolers.base import Pooler
 from unetlm.recipe import RecipeError, recipe_from_dict
 from unetlm.recipe.schema import EmbeddingSpec
 from unetlm.recipe.structure import structure
-from unetlm.splitters.entropy import (
-    EntropyConfig, EntropySplitter, ensure_example_checkpoint, entropy_boundaries, with_example_checkpoint,
-)
+from unetlm.splitters.entropy import EntropyConfig, EntropySplitter, entropy_boundaries
 from unetlm.splitters.space import SpaceSplitter
 
 ROOT = Path(__file__).resolve().parents[1]

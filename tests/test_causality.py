@@ -8,17 +8,19 @@ model (mixers at both stages), also with a coarse stage short enough to truncate
   t + 1 is byte t, after the BOS token at index 0); appending bytes likewise;
 * d logits[<= t] / d embedding[> t] == 0 (catches leaks too small for a random change);
 * in a row of two packed documents, neither document's logits depend on the other's bytes,
-  in value and in gradient.
+  in value and in gradient; in value also when the row gives explicit document ids, with
+  and without BOS tokens (rows short enough that no stage truncates).
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+import torch.nn.functional as F
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from strategies import TINY_RECIPES, case_id, component_cases, component_model, documents, recipe_model
-from unetlm.core.tokens import BOS, encode
+from unetlm.core.tokens import BOS, PAD, encode
 
 KINDS = ("splitter", "pooler", "upsampler", "mixer")
 TRUNCATING_MAX_LEN = 6  # the coarse stage keeps only this many boundaries
@@ -47,11 +49,18 @@ def _model(case):
     return recipe_model(case[1], seq_len=RECIPE_SEQ_LEN)
 
 
-def _check(case, examples: int, **strategies):
+def _check(case, examples: int, explicit: tuple[dict, ...] = (), **strategies):
     """Decorate a property with ``given(**strategies)`` and run it, with fewer examples for
-    the (costlier) recipe models."""
+    the (costlier) recipe models; ``explicit`` examples always run first."""
     n = examples if case[0] == "component" else max(2, examples // RECIPE_COST)
-    return lambda prop: settings(max_examples=n)(given(**strategies)(prop))()
+
+    def run(prop):
+        test = given(**strategies)(prop)
+        for values in explicit:
+            test = example(**values)(test)
+        settings(max_examples=n)(test)()
+
+    return run
 
 
 def _limit(model, packed: bool = False) -> int:
@@ -98,8 +107,29 @@ def _assert_invisible(grad: torch.Tensor, positions: slice, what: str) -> None:
     )
 
 
-def _packed(a: bytes, b: bytes) -> torch.Tensor:
-    return torch.cat([encode(a), encode(b)])
+# How a row marks its documents: BOS tokens alone (ids from them), BOS tokens with explicit ids,
+# explicit ids without BOS (a window cut inside each document). Ids need not be ordered.
+PACKINGS = ("bos", "bos+doc", "doc")
+FIRST_DOC, SECOND_DOC = 5, 2
+
+
+def _packed_row(a: bytes, b: bytes, packing: str) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(tokens, doc ids or None, index of the second document's first token)."""
+    bos = packing != "doc"
+    first, second = encode(a, bos=bos), encode(b, bos=bos)
+    doc = torch.cat([torch.full_like(first, FIRST_DOC), torch.full_like(second, SECOND_DOC)])
+    return torch.cat([first, second]), (None if packing == "bos" else doc), len(first)
+
+
+def _packed_logits(model, pairs: list[tuple[bytes, bytes]], packing: str) -> tuple[torch.Tensor, list[int]]:
+    """Logits (len(pairs), T, V) of the packed rows (PAD after the shorter ones), and where each
+    row's second document starts."""
+    rows = [_packed_row(a, b, packing) for a, b in pairs]
+    T = max(len(t) for t, _, _ in rows)
+    tokens = torch.stack([F.pad(t, (0, T - len(t)), value=PAD) for t, _, _ in rows])
+    doc = None if packing == "bos" else torch.stack([F.pad(d, (0, T - len(d)), value=FIRST_DOC) for _, d, _ in rows])
+    with torch.no_grad():
+        return model(tokens, doc=doc).logits, [n for _, _, n in rows]
 
 
 def _crop_pair(model, a: bytes, b: bytes) -> tuple[bytes, bytes]:
@@ -143,18 +173,24 @@ def test_appending_bytes_keeps_earlier_logits(case):
 def test_packed_documents_do_not_see_each_other(case):
     model = _model(case)
 
-    @_check(case, 6, a=documents, b=documents, draw=st.data())
-    def prop(a, b, draw):
+    # the second document opens with a word (positions before its first boundary), and the
+    # first one shrinks from many bytes to one: the second then starts earlier in the row
+    shrink = {"a": b"one two three four five", "b": b"sixty-six", "a2": b"x", "b2": b"seven"}
+
+    @_check(case, 6, explicit=(shrink,), a=documents, b=documents, a2=documents, b2=documents)
+    def prop(a, b, a2, b2):
         a, b = _crop_pair(model, a, b)
-        a2 = draw.draw(st.binary(min_size=len(a), max_size=len(a)), label="other first document")
-        b2 = draw.draw(st.binary(min_size=len(b), max_size=len(b)), label="other second document")
-        n = len(a) + 1
-        logits = _logits(model, [_packed(a, b), _packed(a2, b), _packed(a, b2)])
-        assert logits.isfinite().all()
-        torch.testing.assert_close(logits[2, :n], logits[0, :n], rtol=0, atol=1e-10)
-        # when the first document changes, the second may sit at other coarse positions;
-        # rotary attention gives the same scores there up to rounding of its float32 tables
-        torch.testing.assert_close(logits[1, n:], logits[0, n:], rtol=1e-5, atol=1e-5)
+        a2, b2 = (a2 or b"a")[: max(1, len(a))], b2[: len(b)]
+        for packing in PACKINGS if a and b else PACKINGS[:2]:  # "doc" needs two non-empty documents
+            logits, (n, n2, _) = _packed_logits(model, [(a, b), (a2, b), (a, b2)], packing)
+            assert logits.isfinite().all()
+            torch.testing.assert_close(logits[2, :n], logits[0, :n], rtol=0, atol=1e-10,
+                                       msg=lambda m: f"{packing}: {m}")
+            # when the first document changes, the second may sit at other positions; rotary
+            # attention gives the same scores there up to rounding of its float32 tables
+            second = logits[0, n : n + len(b) + 1]
+            torch.testing.assert_close(logits[1, n2 : n2 + len(second)], second, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{packing}, second document: {m}")
 
 
 @pytest.mark.parametrize("case", _cases())
@@ -164,7 +200,7 @@ def test_no_gradient_from_the_future_or_the_other_document(case):
     @_check(case, 5, a=documents, b=documents, draw=st.data())
     def prop(a, b, draw):
         a, b = _crop_pair(model, a, b + b" end")
-        tokens = _packed(a, b)
+        tokens, _, _ = _packed_row(a, b, "bos")
         n, T = len(a) + 1, len(tokens)
         assert tokens[n] == BOS
         cut_a = draw.draw(st.integers(0, n - 1), label="cut in the first document")

@@ -1,7 +1,9 @@
 """The command line: list, show, train, generate, and its error reporting."""
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,7 +48,14 @@ def test_bad_override_is_one_clear_error(capsys, override, fragment):
     assert fragment in err and "Traceback" not in err
 
 
-def test_train_then_generate(tmp_path, capsys):
+def _bytes_stdout(monkeypatch) -> io.BytesIO:
+    """Point sys.stdout at a fresh byte buffer (pytest's capture decodes its text strictly)."""
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="utf-8", write_through=True))
+    return raw
+
+
+def test_train_then_generate(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     args = ["train", TINY_AU2, "--out", str(run), "--quiet", "--set", "training.steps=4",
             "--set", "training.batch_size=2", "--set", "training.eval_every=2", "--set", "training.sample_bytes=8"]
@@ -59,7 +68,68 @@ def test_train_then_generate(tmp_path, capsys):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert "val_bpb" in records[1] and "val_bpb" in records[3]
     assert "steps = 4" in (run / "recipe.toml").read_text()
-    assert main(["generate", str(run / "checkpoint.pt"), "--prompt", "def ", "--max-bytes", "5", "--seed", "1"]) == 0
-    assert capsys.readouterr().out.startswith("def ")
+    with monkeypatch.context() as patch:
+        raw = _bytes_stdout(patch)
+        assert main(["generate", str(run / "checkpoint.pt"), "--prompt", "def ", "--max-bytes", "5", "--seed", "1"]) == 0
+        assert raw.getvalue().startswith(b"def ")
     assert main(args) == 2  # a second run into the same directory is refused, with a reason
     assert "pass --resume" in capsys.readouterr().err
+
+
+def _untrained_bpe(_path, **_kw):
+    """``load_checkpoint`` stand-in: a tokenized model whose tokenizer was never trained."""
+    import unetlm
+
+    return unetlm.build_model(ROOT / "recipes" / "tiny" / "bpe.toml"), {}
+
+
+GENERATE = ["generate", "no-such-checkpoint.pt", "--prompt", "Hello"]
+TINY = ROOT / "recipes" / "tiny"
+BAD_INPUTS = [  # (argv, exit status, the message's fragment, load_checkpoint stand-in)
+    ([*GENERATE, "--max-bytes", "-5"], 2, "--max-bytes = -5 is invalid: expected a number of bytes >= 0", None),
+    ([*GENERATE, "--top-p", "2"], 2, "--top-p = 2.0 is invalid: expected a number in (0, 1]", None),
+    ([*GENERATE, "--top-p", "0"], 2, "--top-p = 0.0 is invalid", None),
+    ([*GENERATE, "--top-k", "-3"], 2, "--top-k = -3 is invalid: expected an integer >= 0", None),
+    ([*GENERATE, "--temperature", "-1"], 2, "--temperature = -1.0 is invalid: expected a number >= 0 (0: greedy)", None),
+    (GENERATE, 1, "has none yet: train the recipe", _untrained_bpe),
+    (["train", str(TINY / "byte-mamba.toml"), "--set", "model.stages[0].mixer.backend='cuda'"], 2,
+     "model.stages[0].mixer.backend = 'cuda' is invalid on cpu: mamba_ssm's kernels need a CUDA device", None),
+    (["train", str(TINY / "au1.toml"), "--set", "model.stages[0].mixer.backend='flex'"], 2,
+     "model.stages[0].mixer.backend = 'flex' is invalid on cpu: FlexAttention trains on CUDA only", None),
+    (["show", str(TINY / "au2.toml"), "--set", "model.stages[1].splitter={name='wordpiece'}"], 2,
+     "a splitter that is not built in comes from a plugin: install the one that provides 'wordpiece' "
+     "(a checkpoint needs the plugins it was trained with)", None),
+    (["show", str(TINY / "au2.toml"), "--set", "model.stages[1].splitter={name='regex',preset='word',every=8}"], 2,
+     "model.stages[1].splitter.every = 8 is invalid: every applies to 'pattern' only", None),
+]
+
+
+@pytest.mark.parametrize("argv, status, fragment, loader", BAD_INPUTS, ids=[" ".join(c[0][2:])[-40:] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_with_its_exit_status(argv, status, fragment, loader, capsys, monkeypatch, tmp_path):
+    import unetlm.api
+
+    if loader is not None:
+        monkeypatch.setattr(unetlm.api, "load_checkpoint", loader)
+    if argv[0] == "train":
+        argv = [*argv, "--set", "training.device='cpu'", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == status
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [err.splitlines()[0]] and err.startswith("unetlm: error: "), err
+    assert fragment in err, err
+    assert "Hello" not in out  # options are checked before the prompt is echoed
+
+
+def test_generate_writes_raw_bytes(tmp_path, monkeypatch):
+    """Invalid UTF-8 in the prompt (and in the continuation) reaches stdout as it is."""
+    import unetlm
+    import unetlm.api
+
+    model = unetlm.build_model(TINY / "au1.toml")
+    monkeypatch.setattr(unetlm.api, "load_checkpoint", lambda _path, **_kw: (model, {}))
+    prompt = tmp_path / "prompt.bin"
+    prompt.write_bytes(b"caf\xe9 \xff")
+    for extra in ([], ["--prompt", "x"]):  # one prompt streams; a batch prints at the end
+        raw = _bytes_stdout(monkeypatch)
+        argv = ["generate", "x.pt", "--prompt-file", str(prompt), *extra, "--max-bytes", "4", "--seed", "0"]
+        assert main(argv) == 0
+        assert b"caf\xe9 \xff" in raw.getvalue() and raw.getvalue().endswith(b"\n")

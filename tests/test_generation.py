@@ -418,8 +418,8 @@ def test_regex_patterns_see_at_most_window_bytes(options):
     for b in data:
         state.push(b, True)
     assert len(seen) == len(data), "one search per byte"
-    assert max(seen) == splitter.config.window
-    assert len(state.recent) <= 2 * splitter.config.window
+    assert max(seen) == splitter.config.pattern_window
+    assert len(state.recent) <= 2 * splitter.config.pattern_window
 
 
 # ------------------------------------------------------------------ benchmark records

@@ -107,9 +107,12 @@ def reference_link(byte_pos, valid, doc, mask, coarse_len):
         if k >= 0 and fine_doc[kept[k]] == fine_doc[j]:
             seg.append(k + 1)
             offset.append(j - kept[k])
-        else:
+        else:  # the start vector, at the steps since the document's first position in the row
+            start = j
+            while start > 0 and fine_doc[start - 1] == fine_doc[j]:
+                start -= 1
             seg.append(0)
-            offset.append(j)
+            offset.append(j - start)
     return {
         "is_boundary": [j in bounds for j in range(len(byte_pos))],
         "src": kept,

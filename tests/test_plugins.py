@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -140,37 +141,48 @@ def test_broken_plugin_does_not_take_the_cli_down(site):
     assert "(not loaded) plugin broken-plugin" in done.stdout
 
 
+def _not_loaded(pattern: str):
+    """Build the registry; the one plugin that breaks the contract is skipped with ``pattern``
+    in its message, and the built-ins still load."""
+    reg = build_registry()
+    assert len(load_failures) == 1 and re.search(pattern, load_failures[0]), load_failures
+    assert "regex" in reg.names("splitter")
+    return reg
+
+
 def test_misspelled_hook_is_an_error_naming_the_plugin(site):
     site("typo-plugin", {"typo": "plugtest_typo"},
          plugtest_typo=plugin_source(("splitter", "typo", WINDOW), hook="unetlm_registr"))
-    with pytest.raises(PluginError, match=r"plugin typo-plugin .*'unetlm_registr'.*did you mean 'unetlm_register'"):
-        build_registry()
+    reg = _not_loaded(r"plugin typo-plugin .*'unetlm_registr'.*did you mean 'unetlm_register'")
+    with pytest.raises(RegistryError, match=r"unknown splitter 'typo'.*failed to load: plugin typo-plugin"):
+        reg.get("splitter", "typo")
 
 
 def test_hook_arguments_outside_the_spec_are_an_error_naming_the_plugin(site):
     site("args-plugin", {"args": "plugtest_args"}, plugtest_args=plugin_source(("splitter", "x", WINDOW), args="reg"))
-    with pytest.raises(PluginError, match=r"plugin args-plugin has an invalid hook.*reg"):
-        build_registry()
+    _not_loaded(r"plugin args-plugin has an invalid hook.*reg")
 
 
 def test_unmarked_hook_is_an_error_naming_the_plugin(site):
     source = "def unetlm_register(registry):\n    registry.add('splitter', 'x', 'a:B', 'unmarked')\n"
     site("unmarked-plugin", {"unmarked": "plugtest_unmarked"}, plugtest_unmarked=source)
-    with pytest.raises(PluginError, match=r"plugin unmarked-plugin implements no hook.*hookimpl"):
-        build_registry()
+    _not_loaded(r"plugin unmarked-plugin implements no hook.*hookimpl")
 
 
 def test_two_plugins_claiming_one_name_is_an_error_naming_both(site):
     site("dup-a", {"a": "plugtest_dup_a"}, plugtest_dup_a=plugin_source(("mixer", "twin", WINDOW)))
     site("dup-b", {"b": "plugtest_dup_b"}, plugtest_dup_b=plugin_source(("mixer", "twin", WINDOW)))
-    with pytest.raises(PluginError, match=r"mixer 'twin' is registered twice: by plugin dup-a .* by plugin dup-b"):
-        build_registry()
+    reg = _not_loaded(r"mixer 'twin' is registered twice: by plugin dup-a .* by plugin dup-b")
+    with pytest.raises(RegistryError, match=r"mixer 'twin' is registered twice: by plugin dup-a .* by plugin dup-b"):
+        reg.get("mixer", "twin")  # neither is picked silently
 
 
 def test_plugin_cannot_take_a_builtin_name(site):
     site("shadow", {"shadow": "plugtest_shadow"}, plugtest_shadow=plugin_source(("splitter", "regex", WINDOW)))
-    with pytest.raises(PluginError, match=r"splitter 'regex' is registered twice: by built-in .* by plugin shadow"):
-        build_registry()
+    reg = build_registry()
+    with pytest.raises(RegistryError, match=r"splitter 'regex' is registered twice: by built-in .* by plugin shadow"):
+        reg.get("splitter", "regex")
+    assert reg.get("pooler", "select").__name__ == "SelectPooler"  # what the plugin does not touch still loads
 
 
 @pytest.mark.parametrize(
@@ -183,8 +195,21 @@ def test_plugin_cannot_take_a_builtin_name(site):
 )
 def test_malformed_registration_is_an_error_naming_the_plugin(site, registration, message):
     site("bad-plugin", {"bad": "plugtest_bad"}, plugtest_bad=plugin_source(registration))
-    with pytest.raises(PluginError, match=message):
-        build_registry()
+    _not_loaded(message)
+
+
+def test_broken_plugin_is_reported_as_its_own_error_and_other_recipes_load(site, monkeypatch):
+    """A contract error is the plugin's, never pinned on an unrelated recipe key."""
+    from unetlm import plugins
+
+    site("typo-plugin", {"typo": "plugtest_typo2"},
+         plugtest_typo2=plugin_source(("splitter", "typo", WINDOW), hook="unetlm_registr"))
+    monkeypatch.setattr(plugins, "_registry", None)  # the process-wide registry, rebuilt with the plugin
+    monkeypatch.setattr(plugins, "_manager", None)
+    load_recipe(ROOT / "recipes" / "tiny" / "au2.toml")
+    with pytest.raises(RecipeError, match=r"stages\[1\]\.splitter\.name = 'typo' is invalid: .*plugin typo-plugin "
+                                          r"implements unknown hook"):
+        load_recipe(ROOT / "recipes" / "tiny" / "au2.toml", ["model.stages[1].splitter={name='typo'}"])
 
 
 @pytest.mark.parametrize(
@@ -387,3 +412,19 @@ def test_cached_generation_matches_recompute_with_the_sentence_splitter(sentence
     recomputed = generate(model, prompts, 4, temperature=0, cached=False)
     assert list(cached) == list(recomputed) and [len(t) for t in cached] == [4, 4]
     assert cached.firing_rates[2] > 0  # the sentence stage ran on the prompts' boundaries
+
+
+def test_loading_components_has_no_side_effects(tmp_path, monkeypatch):
+    """Importing every registered component and reading its examples writes nothing (the
+    entropy splitter's example checkpoint is built by the tests, not by the component)."""
+    import tempfile
+
+    from unetlm.registry import KINDS
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    reg = build_registry()
+    for kind in KINDS:
+        for entry in reg.entries(kind):
+            assert entry.load().examples
+    written = [p.name for p in tmp_path.iterdir() if not p.name.startswith("torchinductor")]  # torch's own cache
+    assert written == []

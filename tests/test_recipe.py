@@ -312,3 +312,65 @@ def test_tiny_recipe_builds_and_runs(path):
         out = model(tokens, targets=torch.roll(tokens, -1, 1))
     assert out.logits.shape == (1, tokens.shape[1], model.spec.vocab_size)
     assert out.logits.isfinite().all() and out.loss.isfinite()
+
+
+# ---------------------------------------------------------------- the key reference in docs/recipes.md
+
+
+def _documented_sections() -> dict[str, dict[str, str]]:
+    """Heading -> {key: default cell} of every table under "## Every recipe key"."""
+    text = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
+    reference = text.split("\n## Every recipe key\n", 1)[1].split("\n## ", 1)[0]
+    sections: dict[str, dict[str, str]] = {}
+    heading = None
+    for line in reference.splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+            sections[heading] = {}
+        elif heading and line.startswith("| `"):
+            key, default = (cell.strip() for cell in line.strip("|").split("|")[:2])
+            sections[heading][key.strip("`")] = default
+    return sections
+
+
+def _default_matches(cell: str, field) -> bool:
+    import tomllib
+
+    default = field.default
+    if default is attrs.NOTHING:
+        return cell == "required"
+    if isinstance(default, attrs.Factory):
+        default = default.factory()
+        if attrs.has(type(default)):
+            return cell == "table"
+    if default is None:
+        return cell == "—"
+    return tomllib.loads(f"v = {cell.strip('`')}")["v"] == default
+
+
+def test_every_recipe_key_is_documented_with_its_default():
+    from unetlm.recipe.schema import DataSpec, EmbeddingSpec, ModelSpec, Recipe, StageSpec, TokenizerSpec, TrainingSpec
+
+    classes = {
+        "Top level": (Recipe, {"model", "data", "training"}), "`[model]`": (ModelSpec, set()),
+        "`[[model.stages]]`": (StageSpec, set()), "`[model.embedding]`": (EmbeddingSpec, set()),
+        "`[model.tokenizer]`": (TokenizerSpec, set()), "`[data]`": (DataSpec, set()),
+        "`[training]`": (TrainingSpec, set()),
+    }
+    for kind in KINDS:
+        for entry in registry().entries(kind):
+            if entry.origin == "built-in":
+                classes[f"{kind} `{entry.name}`"] = (entry.load().Config, set())
+    sections = _documented_sections()
+    for heading, section in list(sections.items()):  # "pooler `select`, pooler `mean`": one section, two names
+        for part in heading.split(", ")[1:] if ", " in heading else []:
+            sections[part] = section
+        if ", " in heading:
+            sections[heading.split(", ")[0]] = section
+    for heading, (cls, tables) in classes.items():
+        assert heading in sections, f"docs/recipes.md has no section {heading!r}"
+        documented = sections[heading]
+        fields = {f.name: f for f in attrs.fields(cls) if f.name not in tables}
+        assert set(documented) == set(fields), f"{heading}: documented {sorted(documented)}, options {sorted(fields)}"
+        for name, field in fields.items():
+            assert _default_matches(documented[name], field), f"{heading}.{name}: documented default {documented[name]}"

@@ -117,11 +117,7 @@ def cmd_plan(args) -> int:
 def cmd_plot(args) -> int:
     from unetlm.train.plot import plot_runs
 
-    try:
-        print(f"wrote {plot_runs(args.runs, args.out)}")
-    except ImportError as exc:
-        print(f"unetlm: error: {exc}", file=sys.stderr)
-        return 2
+    print(f"wrote {plot_runs(args.runs, args.out)}")
     return 0
 
 
@@ -151,30 +147,46 @@ def _read_prompts(args) -> list[bytes]:
     return prompts or [b""]
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def cmd_generate(args) -> int:
     from unetlm.api import load_checkpoint
-    from unetlm.console import StreamPrinter
-    from unetlm.model.generate import generate
+    from unetlm.model.generate import check_ready, check_sampling, generate
 
+    check_sampling(args.max_bytes, args.temperature, args.top_k, args.top_p, flag=_flag)
     model, _ = load_checkpoint(args.checkpoint)
+    check_ready(model)
     prompts = _read_prompts(args)
-    printer = StreamPrinter(sys.stdout) if len(prompts) == 1 else None  # a batch prints row by row at the end
-    if printer is not None:
-        printer(0, prompts[0])
+    out = _binary_stdout()  # raw bytes: invalid UTF-8 survives a pipe
+
+    def show(_index: int, data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    live = show if len(prompts) == 1 else None  # a batch prints row by row at the end
+    if live is not None:
+        show(0, prompts[0])
     result = generate(
         model, prompts, args.max_bytes, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.seed, stop=args.stop, cached=not args.recompute, on_bytes=printer,
+        seed=args.seed, stop=args.stop, cached=not args.recompute, on_bytes=live,
     )
-    if printer is not None:
-        printer.close()
-        sys.stdout.write("\n")
+    if live is not None:
+        show(0, b"\n")
     else:
         for i, (prompt, text) in enumerate(zip(prompts, result)):
-            sys.stdout.write(f"--- [{i}]\n" + (prompt + text).decode("utf-8", errors="replace") + "\n")
+            show(i, f"--- [{i}]\n".encode() + prompt + text + b"\n")
     rates = ", ".join(f"stage {i}: {r:.1%}" for i, r in enumerate(result.firing_rates))
     print(f"[{'cached' if result.cached else 'recompute'}; stage firing rates {rates}; "
           f"ended by {', '.join(result.reasons)}]", file=sys.stderr)
     return 0
+
+
+def _binary_stdout():
+    """The byte stream under stdout (text written so far flushed first)."""
+    sys.stdout.flush()
+    return sys.stdout.buffer
 
 
 def cmd_patches(args) -> int:
@@ -191,16 +203,12 @@ def cmd_eval(args) -> int:
     from unetlm.eval.report import format_table, write_json
     from unetlm.eval.suite import evaluate_checkpoint
 
-    try:
-        result = evaluate_checkpoint(
-            args.checkpoint, bpb_files=args.bpb, choice_files=args.choice, cute_words=args.cute_words,
-            cute_text=args.cute_text, cute_tasks=args.cute_tasks, cute_items=args.cute_items, shots=args.shots,
-            stride=args.stride, batch_size=args.batch_size, resamples=args.resamples, seed=args.seed,
-            device=args.device,
-        )
-    except ValueError as exc:
-        print(f"unetlm: error: {exc}", file=sys.stderr)
-        return 2
+    result = evaluate_checkpoint(
+        args.checkpoint, bpb_files=args.bpb, choice_files=args.choice, cute_words=args.cute_words,
+        cute_text=args.cute_text, cute_tasks=args.cute_tasks, cute_items=args.cute_items, shots=args.shots,
+        stride=args.stride, batch_size=args.batch_size, resamples=args.resamples, seed=args.seed,
+        device=args.device,
+    )
     print(format_table(result))
     for row in result["bpb"]:
         if row["truncated"]:
@@ -214,16 +222,12 @@ def cmd_compare(args) -> int:
     from unetlm.compare import compare, data_spec, parse_flops
     from unetlm.eval.report import comparison_markdown
 
-    try:
-        budget = parse_flops(args.flops)
-        data = data_spec(args.data, args.max_bytes, args.valid_fraction)
-        results = compare(
-            args.recipes, budget, args.out, data, args.overrides, eval_bytes=args.eval_bytes,
-            cute_items=args.cute_items, choice_files=args.choice, progress=not args.quiet, seed=args.seed,
-        )
-    except ValueError as exc:
-        print(f"unetlm: error: {exc}", file=sys.stderr)
-        return 2
+    budget = parse_flops(args.flops)
+    data = data_spec(args.data, args.max_bytes, args.valid_fraction)
+    results = compare(
+        args.recipes, budget, args.out, data, args.overrides, eval_bytes=args.eval_bytes,
+        cute_items=args.cute_items, choice_files=args.choice, progress=not args.quiet, seed=args.seed,
+    )
     print(comparison_markdown(results))
     written = "results.md, results.json" + (" and bpb-vs-flops.png" if results["plot"] else "")
     print(f"\nwrote {written} to {args.out}")
@@ -234,13 +238,8 @@ def cmd_harness(args) -> int:
     from unetlm.eval.harness import run_harness
     from unetlm.eval.report import write_json
 
-    try:
-        result = run_harness(args.checkpoint, args.tasks, limit=args.limit, device=args.device,
-                             batch_size=args.batch_size, num_fewshot=args.num_fewshot,
-                             include_path=args.include_path)
-    except ImportError as exc:
-        print(f"unetlm: error: {exc}", file=sys.stderr)
-        return 2
+    result = run_harness(args.checkpoint, args.tasks, limit=args.limit, device=args.device,
+                         batch_size=args.batch_size, num_fewshot=args.num_fewshot, include_path=args.include_path)
     for task, metrics in result["results"].items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"{task}: {shown}")
@@ -371,21 +370,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from unetlm.recipe.errors import RecipeError
-    from unetlm.registry import RegistryError
+def exit_status(exc: BaseException) -> int | None:
+    """The exit status of an error the command line reports as one line: 2 when the input is
+    wrong, 1 when a run failed; None for anything else (a bug: its traceback is shown)."""
+    from unetlm.core.errors import RunError, UsageError
     from unetlm.train.errors import TrainingError
 
+    # ValueError: bad input caught below the command line (eval's and compare's options);
+    # ImportError: an optional extra is missing (the message names it)
+    bad_path = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+    if isinstance(exc, (UsageError, TrainingError, ValueError, ImportError, *bad_path)):
+        return 2
+    if isinstance(exc, (RunError, OSError)):  # OSError: e.g. a full disk
+        return 1
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, RegistryError, TrainingError) as exc:
+    except Exception as exc:
+        status = exit_status(exc)
+        if status is None:
+            raise
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads the recipe; one reports
             print(f"unetlm: error: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"unetlm: error: {exc}", file=sys.stderr)
-        return 2
+        return status
 
 
 if __name__ == "__main__":

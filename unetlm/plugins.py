@@ -4,10 +4,13 @@ Third parties declare an entry point in the group ``unetlm`` whose module implem
 :meth:`UnetlmSpec.unetlm_register`, marked with :data:`hookimpl`. The built-in components use
 the very same path (``unetlm.builtins``), so the plugin machinery is exercised by every run.
 
-Failure policy (docs/plugins.md): a plugin whose module cannot be imported, or whose hook
-raises, is skipped and named in :data:`load_failures` (and on stderr); a plugin that breaks
-the contract (unknown hook name, wrong hook arguments, no hook, a component name another
-plugin already took) raises :class:`PluginError` naming it. Nothing here imports torch.
+Failure policy (docs/plugins.md): a plugin whose module cannot be imported, whose hook raises,
+or that breaks the contract (unknown hook name, wrong hook arguments, no hook, a malformed
+registration) is skipped and named in :data:`load_failures` (and on stderr), so recipes that
+do not use it still load; a recipe naming a component nobody registered gets those failures
+in its error. A component name that two plugins (or a plugin and a built-in) claim becomes
+unusable: using it is an error naming both. :func:`register_plugin` (an explicit call)
+raises :class:`PluginError` instead. Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import sys
 
 import pluggy
 
-from unetlm.registry import Registry, RegistryError
+from unetlm.registry import NameTakenError, Registry, RegistryError
 
 PROJECT = "unetlm"  # the pluggy project name and the entry-point group
 BUILTINS = "unetlm.builtins"
@@ -79,8 +82,11 @@ def _discover() -> list[tuple[str, object]]:
     return [("built-in", builtins), *plugins]
 
 
-def _add_plugin(manager: pluggy.PluginManager, registry: Registry, plugin: object, origin: str) -> None:
-    """Register one plugin with pluggy, check its hooks, and run its ``unetlm_register``."""
+def _add_plugin(
+    manager: pluggy.PluginManager, registry: Registry, plugin: object, origin: str, block_taken: bool = False
+) -> None:
+    """Register one plugin with pluggy, check its hooks, and run its ``unetlm_register``;
+    ``block_taken``: a name it takes from another origin becomes unusable (:meth:`Registry.block`)."""
     if manager.is_registered(plugin):
         return
     try:
@@ -106,7 +112,13 @@ def _add_plugin(manager: pluggy.PluginManager, registry: Registry, plugin: objec
     registry.current_origin = origin
     try:
         call(registry=registry)
-    except RegistryError as exc:  # a duplicate name or a malformed registration
+    except NameTakenError as exc:
+        registry.drop_origin(origin)
+        manager.unregister(plugin)
+        if block_taken:
+            registry.block(exc.kind, exc.name, str(exc))
+        raise PluginError(str(exc)) from None
+    except RegistryError as exc:  # a malformed registration
         registry.drop_origin(origin)
         manager.unregister(plugin)
         raise PluginError(str(exc)) from None
@@ -138,7 +150,14 @@ def _build(extra_plugins: list[tuple[str, object]] | None) -> tuple[Registry, pl
     registry = Registry()
     load_failures.clear()
     for origin, plugin in [*_discover(), *(extra_plugins or [])]:
-        _add_plugin(manager, registry, plugin, origin)
+        if origin == "built-in":
+            _add_plugin(manager, registry, plugin, origin)
+            continue
+        try:
+            _add_plugin(manager, registry, plugin, origin, block_taken=True)
+        except PluginError as exc:  # recipes that do not use this plugin must still load
+            _report(f"{exc} (not loaded)")
+    registry.failures = list(load_failures)
     return registry, manager
 
 

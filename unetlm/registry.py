@@ -11,6 +11,8 @@ import importlib
 
 import attrs
 
+from unetlm.core.errors import UsageError
+
 KINDS = ("splitter", "pooler", "upsampler", "mixer")
 
 #: the class every component of a kind subclasses (checked when the component is loaded)
@@ -22,8 +24,16 @@ BASES = {
 }
 
 
-class RegistryError(ValueError):
+class RegistryError(UsageError):
     """A component name is unknown, duplicated, or its import path is broken."""
+
+
+class NameTakenError(RegistryError):
+    """A second registration of a (kind, name) pair."""
+
+    def __init__(self, message: str, kind: str, name: str) -> None:
+        super().__init__(message)
+        self.kind, self.name = kind, name
 
 
 def import_target(target: str) -> object:
@@ -63,6 +73,8 @@ class Registry:
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         self.current_origin = "built-in"  # set by the plugin loader around each plugin's hook
+        self._blocked: dict[tuple[str, str], str] = {}  # names two origins claimed -> why unusable
+        self.failures: list[str] = []  # plugins that were not loaded (set by the plugin loader)
 
     def add(self, kind: str, name: str, target: str, description: str) -> None:
         """Register component ``name`` of ``kind`` implemented at ``target`` ("module:Class")."""
@@ -76,9 +88,9 @@ class Registry:
             raise RegistryError(f"{origin} registers {kind} {name!r}: target {target!r} must look like 'module:Class'")
         existing = self._entries[kind].get(name)
         if existing is not None:
-            raise RegistryError(
+            raise NameTakenError(
                 f"{kind} {name!r} is registered twice: by {existing.origin} ({existing.target}) "
-                f"and by {origin} ({target}); uninstall one of them"
+                f"and by {origin} ({target}); uninstall one of them", kind, name,
             )
         self._entries[kind][name] = Entry(kind, name, target, str(description), origin)
 
@@ -87,6 +99,11 @@ class Registry:
         for table in self._entries.values():
             for name in [n for n, e in table.items() if e.origin == origin]:
                 del table[name]
+
+    def block(self, kind: str, name: str, reason: str) -> None:
+        """Make ``name`` unusable: using it raises ``reason`` (two plugins claimed it, and picking
+        one would silently change what a recipe gets)."""
+        self._blocked[(kind, name)] = reason
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._table(kind))
@@ -97,10 +114,18 @@ class Registry:
 
     def entry(self, kind: str, name: str) -> Entry:
         table = self._table(kind)
+        if isinstance(name, str) and (kind, name) in self._blocked:
+            raise RegistryError(self._blocked[(kind, name)])
         try:
             return table[name]
         except (KeyError, TypeError):
-            raise RegistryError(unknown_name_message(kind, name, sorted(table))) from None
+            message = unknown_name_message(kind, name, sorted(table))
+            if self.failures:
+                message += "; plugins that failed to load: " + "; ".join(self.failures)
+            elif "did you mean" not in message:
+                message += (f"; a {kind} that is not built in comes from a plugin: install the one "
+                            f"that provides {name!r} (a checkpoint needs the plugins it was trained with)")
+            raise RegistryError(message) from None
 
     def get(self, kind: str, name: str) -> type:
         """The component class (imported now, on first use)."""

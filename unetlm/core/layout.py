@@ -31,6 +31,8 @@ class Link:
     ``coarse_src[k]`` is the fine index of coarse vector k's boundary: pooling may read fine
     positions <= it. ``fine_seg[j]`` is 1 + the index of the newest coarse vector fine
     position j may see (boundary <= j, same document), or 0 for the learned start vector.
+    ``fine_offset[j]`` counts fine steps since that boundary, or where ``fine_seg`` is 0 since
+    the first position of j's document in the row: never across another document.
     """
 
     fine: StageInfo
@@ -38,7 +40,7 @@ class Link:
     fine_is_boundary: torch.Tensor  # (B, Lf) bool
     coarse_src: torch.Tensor  # (B, Lc) long
     fine_seg: torch.Tensor  # (B, Lf) long in [0, Lc]
-    fine_offset: torch.Tensor  # (B, Lf) long: fine steps since that boundary
+    fine_offset: torch.Tensor  # (B, Lf) long: fine steps since that boundary (0: since the document's start)
     truncated: torch.Tensor  # (B,) long: boundaries dropped because Lc was too small
 
 
@@ -46,6 +48,14 @@ def byte_stage(doc: torch.Tensor, valid: torch.Tensor) -> StageInfo:
     B, T = doc.shape
     pos = torch.arange(T, device=doc.device).expand(B, T)
     return StageInfo(pos, valid, torch.where(valid, doc, PAD_DOC))
+
+
+def document_start(doc: torch.Tensor) -> torch.Tensor:
+    """(B, L) long: the index of the first position of each position's document in its row
+    (documents are contiguous runs of equal ``doc``)."""
+    index = torch.arange(doc.shape[1], device=doc.device).expand_as(doc)
+    starts = torch.cat([torch.ones_like(doc[:, :1], dtype=torch.bool), doc[:, 1:] != doc[:, :-1]], dim=1)
+    return torch.where(starts, index, 0).cummax(1).values
 
 
 def link(fine: StageInfo, byte_mask: torch.Tensor, coarse_len: int) -> Link:
@@ -74,7 +84,7 @@ def link_from_fine(fine: StageInfo, fine_mask: torch.Tensor, coarse_len: int) ->
     newest = (seg - 1).clamp(min=0)
     same_doc = coarse.doc.gather(1, newest) == fine.doc
     seg = torch.where((seg > 0) & same_doc, seg, 0)
-    offset = torch.where(seg > 0, fine_index - src.gather(1, newest), fine_index)
+    offset = fine_index - torch.where(seg > 0, src.gather(1, newest), document_start(fine.doc))
     return Link(
         fine=fine,
         coarse=coarse,

@@ -44,6 +44,14 @@ class AttentionConfig:
         if self.head_dim % 2:
             raise RecipeError(f"{path}.head_dim = {self.head_dim} is invalid: rotary embeddings need an even head_dim")
 
+    def check_device(self, path: str, device_type: str, training: bool) -> None:
+        """FlexAttention's backward runs on CUDA only: training elsewhere needs 'auto' or 'sdpa'."""
+        if self.backend == "flex" and training and device_type != "cuda":
+            raise RecipeError(
+                f"{path}.backend = 'flex' is invalid on {device_type}: FlexAttention trains on CUDA only; "
+                f"use 'auto' (flex on CUDA, sdpa elsewhere) or 'sdpa'"
+            )
+
     def n_heads(self, dim: int) -> int:
         return self.heads if self.heads is not None else dim // self.head_dim
 

@@ -15,6 +15,7 @@ block saves for backward is linear in the sequence length with no chunk-size fac
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Literal, NamedTuple
 
@@ -61,6 +62,21 @@ class MambaConfig:
             )
         if self.dt_min > self.dt_max:
             raise RecipeError(f"{path}.dt_min = {self.dt_min} is invalid: it exceeds dt_max = {self.dt_max}")
+
+    def check_device(self, path: str, device_type: str, training: bool) -> None:
+        """The 'cuda' backend runs mamba_ssm's kernels: a CUDA device and that package."""
+        if self.backend != "cuda":
+            return
+        if device_type != "cuda":
+            raise RecipeError(
+                f"{path}.backend = 'cuda' is invalid on {device_type}: mamba_ssm's kernels need a CUDA device; "
+                f"use 'auto' (the kernels on CUDA when installed, plain PyTorch elsewhere) or 'torch'"
+            )
+        if importlib.util.find_spec("mamba_ssm") is None:
+            raise RecipeError(
+                f"{path}.backend = 'cuda' needs the mamba_ssm package (pip install 'unetlm[mamba]'); "
+                f"use 'auto' or 'torch' without it"
+            )
 
     def mlp_hidden(self, dim: int) -> int:
         return swiglu_hidden(dim, self.mlp_ratio)

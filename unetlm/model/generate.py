@@ -16,8 +16,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from unetlm.model.cascade import Cascade, stage_counts
+from unetlm.core.errors import RunError, UsageError
 from unetlm.core.tokens import BOS, PAD
+from unetlm.model.cascade import Cascade, stage_counts
+from unetlm.recipe.schema import check_device
 
 
 class Generated(list):
@@ -35,7 +37,7 @@ def sample_next(
 ) -> torch.Tensor:
     """(B,) next tokens from logits (B, vocab_size): any id but PAD (BOS ends the document).
 
-    temperature <= 0 is greedy; otherwise scale by 1/temperature, keep the ``top_k`` best
+    temperature 0 is greedy (:func:`check_sampling` refuses negative ones); otherwise scale by 1/temperature, keep the ``top_k`` best
     (0: all), keep the smallest set of best tokens whose probability reaches ``top_p``, sample.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -54,6 +56,31 @@ def sample_next(
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1).cpu()
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(max_bytes: int, temperature: float, top_k: int, top_p: float, flag=lambda name: name) -> None:
+    """UsageError naming the first option out of range; ``flag`` spells an option's name (e.g. as
+    a command-line flag)."""
+    limits = [
+        ("max_bytes", max_bytes, max_bytes >= 0, "a number of bytes >= 0"),
+        ("temperature", temperature, temperature >= 0, "a number >= 0 (0: greedy)"),
+        ("top_k", top_k, top_k >= 0, "an integer >= 0 (0: all tokens)"),
+        ("top_p", top_p, 0.0 < top_p <= 1.0, "a number in (0, 1] (1: all tokens)"),
+    ]
+    for name, value, ok, allowed in limits:
+        if not ok:
+            raise UsageError(f"{flag(name)} = {value!r} is invalid: expected {allowed}")
+
+
+def check_ready(model) -> None:
+    """RunError if ``model`` cannot generate here: a tokenized model without its trained
+    tokenizer, or a component whose options need a device it is not on."""
+    if model.tokenizer is None:
+        raise RunError(
+            "this model reads tokens of a tokenizer that training learns, and has none yet: train the "
+            "recipe (unetlm train RECIPE) and generate from its checkpoint"
+        )
+    check_device(model.spec, next(model.parameters()).device.type, training=False)
 
 
 def initial_context(prompt: bytes, seq_len: int, tokenizer) -> list[int]:
@@ -164,8 +191,8 @@ def generate(
     if isinstance(prompts, (bytes, bytearray, str)):
         raise TypeError("prompts must be a list of bytes objects, e.g. [b'The ']")
     prompts = [bytes(p) for p in prompts]
-    if max_bytes < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need max_bytes >= 0, top_k >= 0 and 0 < top_p <= 1 (got {max_bytes}, {top_k}, {top_p})")
+    check_sampling(max_bytes, temperature, top_k, top_p)
+    check_ready(model)
     stops = _StopFilter([s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in stop if len(s)])
     generator = torch.Generator()
     if seed is None:

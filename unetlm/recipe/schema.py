@@ -167,6 +167,17 @@ class ModelSpec:
                     comp_check(f"{where}.{key}", dim=stage.dim, fine_dim=fine_dim)
 
 
+def check_device(spec: ModelSpec, device_type: str, training: bool) -> None:
+    """RecipeError if a component's options need a device this run lacks (e.g. a CUDA-only
+    backend on a CPU); components declare it with ``check_device(path, device_type, training)``."""
+    for i, stage in enumerate(spec.stages):
+        for key in ("mixer", "splitter", "pooler", "upsampler"):
+            comp = getattr(stage, key)
+            check = getattr(comp.config if comp else None, "check_device", None)
+            if check is not None:
+                check(f"model.stages[{i}].{key}", device_type, training)
+
+
 @attrs.define
 class DataSpec:
     """Where documents come from; every source yields raw bytes (invalid UTF-8 is data)."""

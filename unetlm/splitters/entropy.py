@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -42,7 +41,8 @@ from unetlm.recipe.validators import positive
 from unetlm.splitters.base import Splitter
 
 BLT_THRESHOLD = 1.335  # nats; BLT's published global threshold
-TRAIN_HINT = "train one with: unetlm train recipes/entropy-model.toml --out runs/entropy-model"
+EXAMPLE_CHECKPOINT = "runs/entropy-model/checkpoint.pt"
+TRAIN_HINT = f"train one with: unetlm train recipes/entropy-model.toml --out {EXAMPLE_CHECKPOINT.rsplit('/', 1)[0]}"
 
 
 @attrs.define
@@ -121,6 +121,13 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
 
 class EntropySplitter(Splitter):
     Config = EntropyConfig
+    # the checkpoint that TRAIN_HINT writes; the registry-wide tests point it at a tiny random model
+    examples = [
+        {"checkpoint": EXAMPLE_CHECKPOINT, "threshold": 4.0},
+        {"checkpoint": EXAMPLE_CHECKPOINT, "relative_threshold": 0.0},
+        {"checkpoint": EXAMPLE_CHECKPOINT, "threshold": 3.5, "relative_threshold": 0.1, "max_patch": 3},
+        {"checkpoint": EXAMPLE_CHECKPOINT, "threshold": 4.0, "context": 16},
+    ]
 
     @property
     def model(self):
@@ -237,80 +244,3 @@ class EntropyState:
             self.since = 0
             return True
         return False
-
-
-# ----------------------------------------------------------------------------- examples
-
-EXAMPLE_THRESHOLD = 4.0  # nats: about the median entropy of the example model on text
-EXAMPLE_MODEL = {
-    "seq_len": 32,
-    "init_std": 0.5,  # a random model with strongly varying entropies
-    "stages": [{"dim": 16, "layers": 1, "mixer": {"name": "attention", "head_dim": 8}}],
-}
-
-
-def ensure_example_checkpoint() -> str:
-    """Path of a tiny, randomly initialised (seed 0) entropy model, written on first use into
-    the temporary directory. It serves the registry-wide property tests and examples, which
-    need a real checkpoint but no trained one."""
-    from unetlm.api import build_model
-    from unetlm.recipe import recipe_from_dict
-
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    # real weights, also under a meta default device or a fake-tensor mode (the memory planner)
-    with unset_fake_temporarily(), torch.device("cpu"):
-        return _write_example_checkpoint(build_model, recipe_from_dict)
-
-
-def _write_example_checkpoint(build_model, recipe_from_dict) -> str:
-    data = {"name": "entropy-example", "model": EXAMPLE_MODEL}
-    recipe = recipe_from_dict(data)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = build_model(recipe)
-    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
-    for name, tensor in model.state_dict().items():  # the file follows the code's parameter layout
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    path = Path(tempfile.gettempdir()) / "unetlm-examples" / f"entropy-{digest.hexdigest()[:16]}.pt"
-    if path.is_file():
-        return str(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        torch.save({"recipe": recipe.to_dict(), "model": model.state_dict()}, f)
-    os.replace(tmp, path)
-    return str(path)
-
-
-class _Examples:
-    """``EntropySplitter.examples``: option tables pointing at :func:`ensure_example_checkpoint`
-    (built when the list is first read)."""
-
-    def __get__(self, obj, owner) -> list[dict]:
-        path = ensure_example_checkpoint()
-        return [
-            {"checkpoint": path, "threshold": EXAMPLE_THRESHOLD},
-            {"checkpoint": path, "relative_threshold": 0.0},
-            {"checkpoint": path, "threshold": 3.5, "relative_threshold": 0.1, "max_patch": 3},
-            {"checkpoint": path, "threshold": EXAMPLE_THRESHOLD, "context": 16},
-        ]
-
-
-EntropySplitter.examples = _Examples()
-
-
-def with_example_checkpoint(recipe):
-    """``recipe`` with every entropy splitter pointed at :func:`ensure_example_checkpoint` (and
-    a global threshold that suits it, :data:`EXAMPLE_THRESHOLD`), for tests that build recipes
-    such as ``recipes/tiny/blt.toml`` without training an entropy model."""
-    path = ensure_example_checkpoint()
-    for stage in recipe.model.stages:
-        cfg = None if stage.splitter is None else stage.splitter.config
-        if isinstance(cfg, EntropyConfig):
-            only_relative = cfg.threshold is None and cfg.relative_threshold is not None
-            stage.splitter.config = attrs.evolve(
-                cfg, checkpoint=path, threshold=None if only_relative else EXAMPLE_THRESHOLD, context=None, cache_dir=None
-            )
-    return recipe

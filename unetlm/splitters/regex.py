@@ -11,7 +11,8 @@ and word4 is nested in word2, which is nested in word.
 Patterns: a boundary at byte t when the pattern matches a span of ``data`` that *ends* at t
 (the regex engine is given the bytes up to t only, at most ``window`` of them: lookbehinds,
 ``^`` and ``\\b`` see no further back), so any pattern is stable by construction. ``every = n``
-keeps every n-th such boundary.
+keeps every n-th such boundary. ``every`` and ``window`` belong to patterns: given with a
+preset they are a recipe error (the presets group words themselves: ``word2``, ``word4``).
 
 Incremental states (:meth:`RegexSplitter.start`): a preset keeps the previous byte class and
 two counters (O(1) per byte); a pattern keeps at most 2 * ``window`` recent bytes and runs one
@@ -75,12 +76,15 @@ def keep_every(word: np.ndarray, forced: np.ndarray, group: int) -> np.ndarray:
     return out
 
 
+PATTERN_EVERY, PATTERN_WINDOW = 1, 64  # a pattern's defaults for ``every`` and ``window``
+
+
 @attrs.define
 class RegexConfig:
     preset: Literal["word", "word2", "word4"] | None = None
     pattern: str | None = None
-    every: int = attrs.field(default=1, validator=positive)
-    window: int = attrs.field(default=64, validator=positive)
+    every: int | None = attrs.field(default=None, validator=positive)  # pattern only (default 1)
+    window: int | None = attrs.field(default=None, validator=positive)  # pattern only (default 64)
 
     def __attrs_post_init__(self) -> None:
         if (self.preset is None) == (self.pattern is None):
@@ -90,6 +94,26 @@ class RegexConfig:
                 regex.compile(self.pattern.encode("utf-8"))
             except regex.error as exc:
                 raise RecipeError(f"pattern = {self.pattern!r} is not a valid regex: {exc}") from None
+
+    def check(self, path: str) -> None:
+        """A preset fixes its own grouping and reads one byte of history: ``every`` and ``window``
+        belong to patterns, and a preset given them would silently ignore them."""
+        for key in ("every", "window"):
+            value = getattr(self, key)
+            if self.preset is not None and value is not None:
+                hint = " (every 2nd or 4th word: preset 'word2' or 'word4')" if key == "every" else ""
+                raise RecipeError(
+                    f"{path}.{key} = {value!r} is invalid: {key} applies to 'pattern' only, not to "
+                    f"preset {self.preset!r}{hint}"
+                )
+
+    @property
+    def pattern_every(self) -> int:
+        return PATTERN_EVERY if self.every is None else self.every
+
+    @property
+    def pattern_window(self) -> int:
+        return PATTERN_WINDOW if self.window is None else self.window
 
 
 class RegexSplitter(Splitter):
@@ -111,21 +135,21 @@ class RegexSplitter(Splitter):
         if self.config.preset is not None:
             word, forced = word_events(data)
             return keep_every(word, forced, PRESET_GROUP[self.config.preset]) & parent
-        search, window = self._compiled.search, self.config.window
+        search, window = self._compiled.search, self.config.pattern_window
         hits = np.fromiter(
             (search(data[max(0, t + 1 - window) : t + 1]) is not None for t in range(len(data))),
             dtype=bool,
             count=len(data),
         )
         hits &= parent
-        if self.config.every == 1:
+        if self.config.pattern_every == 1:
             return hits
-        return keep_every(hits, np.zeros_like(hits), self.config.every)
+        return keep_every(hits, np.zeros_like(hits), self.config.pattern_every)
 
     def start(self) -> PresetState | PatternState:
         if self.config.preset is not None:
             return PresetState(PRESET_GROUP[self.config.preset])
-        return PatternState(self._compiled, self.config.window, self.config.every)
+        return PatternState(self._compiled, self.config.pattern_window, self.config.pattern_every)
 
 
 class PresetState:

@@ -21,7 +21,7 @@ from unetlm.model.stack import Stack
 from unetlm.model.summary import summarize
 from unetlm.core.tokens import BYTES, PAD
 from unetlm.recipe import Recipe, dump_recipe, recipe_from_dict
-from unetlm.recipe.schema import TrainingSpec
+from unetlm.recipe.schema import TrainingSpec, check_device
 from unetlm.train import parallel
 from unetlm.train.errors import TrainingError
 from unetlm.train.checkpoint import CHECKPOINT, load_state, rng_state, save_atomic, set_rng_state
@@ -197,6 +197,7 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = world.device
+    check_device(recipe.model, device.type, training=True)
     torch.manual_seed(spec.seed)
     model = build_model(recipe)
     documents = load_documents(recipe.data)
