@@ -93,27 +93,37 @@ class AttentionBlock(Mixer):
         self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, dim, bias=False)
 
-    def _backend(self, x: torch.Tensor) -> str:
+    def _backend(self, device: torch.device) -> str:
         if self.config.backend != "auto":
             return self.config.backend
-        return "flex" if x.is_cuda else "sdpa"
+        return "flex" if device.type == "cuda" else "sdpa"
 
-    def _mask(self, info: StageInfo, backend: str, memo: dict):
-        key = ("attention-mask", backend, self.config.window)
-        if key not in memo:
-            memo[key] = build_mask(info, self.config.window, backend)
-        return memo[key]
+    def _keys(self, info: StageInfo):
+        """memo keys of this block's rotary table and mask (blocks of one shape share them)."""
+        backend = self._backend(info.doc.device)
+        rope = ("rotary", info.length, self.head_dim, self.config.rope_base)
+        return rope, ("attention-mask", backend, self.config.window), backend
+
+    def _shared(self, info: StageInfo, memo: dict) -> dict:
+        """{memo key: value} of what this block reads, taken from ``memo`` or built."""
+        rope, mask, backend = self._keys(info)
+        out = {}
+        out[rope] = memo[rope] if rope in memo else rotary_tables(
+            info.length, self.head_dim, self.config.rope_base, info.doc.device
+        )
+        out[mask] = memo[mask] if mask in memo else build_mask(info, self.config.window, backend)
+        return out
+
+    def prepare(self, info: StageInfo, memo: dict) -> None:
+        memo.update(self._shared(info, memo))
 
     def forward(self, x: torch.Tensor, info: StageInfo, memo: dict) -> torch.Tensor:
         B, L, _ = x.shape
-        rope_key = ("rotary", L, self.head_dim, self.config.rope_base)
-        if rope_key not in memo:
-            memo[rope_key] = rotary_tables(L, self.head_dim, self.config.rope_base, x.device)
-        cos, sin = memo[rope_key]
+        rope, mask_key, backend = self._keys(info)
+        shared = self._shared(info, memo)
+        (cos, sin), mask = shared[rope], shared[mask_key]
         q, k, v = self.qkv(self.attn_norm(x)).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        backend = self._backend(x)
-        mask = self._mask(info, backend, memo)
         if backend == "flex":
             from torch.nn.attention.flex_attention import flex_attention
 

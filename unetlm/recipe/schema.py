@@ -213,6 +213,8 @@ class TrainingSpec:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast; auto: bfloat16 on CUDA with bf16 support
     compile: bool | Literal["auto"] = "auto"  # torch.compile the model; auto: on CUDA only
     activation_checkpointing: bool = False  # recompute each mixer block in the backward pass
+    # FSDP2: ranks each parameter is sharded over (a node's GPUs); replicated across such groups (HSDP). 0: all ranks
+    shard_size: int = attrs.field(default=0, validator=non_negative)
     tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard
 
 
