@@ -19,7 +19,6 @@ classes only, and every stored value is read with ``torch.load(weights_only=True
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -34,9 +33,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from unetlm.train.errors import CheckpointError
+
+# one process saves and loads without a process group, as asked (no_dist); DCP warns about it all the same
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 CHECKPOINT = "checkpoint"
 TEMPORARY = "checkpoint.tmp"
@@ -74,20 +77,11 @@ def write_shards(state: dict, directory: Path, distributed: bool, async_group=No
     group, or True in one process) the tensors are staged and written in the background: returns
     the future to wait on, else None once written."""
     writer = FileSystemWriter(directory)
-    with _quiet():
-        if async_group is not None:
-            group = None if async_group is True else async_group
-            return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=not distributed)
-        dcp.save(state, storage_writer=writer, no_dist=not distributed)
+    if async_group is not None:
+        group = None if async_group is True else async_group
+        return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=not distributed)
+    dcp.save(state, storage_writer=writer, no_dist=not distributed)
     return None
-
-
-@contextlib.contextmanager
-def _quiet():
-    """DCP warns that one process means no process group, which is what we ask for."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def commit(run_dir: Path) -> Path:
@@ -213,14 +207,11 @@ def read_into(state: dict, directory: Path, distributed: bool) -> None:
         shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else "")
         raise CheckpointError(f"checkpoint {directory} lacks {shown}: it was written for another model or format")
     try:
-        with _quiet():
-            dcp.load(state, storage_reader=_SafeReader(directory), planner=_SafePlanner(), no_dist=not distributed)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # DCP wraps errors of other ranks; the first line says what failed
-        text = str(exc)
-        if "refusing to load" in text or "incomplete" in text:
-            raise CheckpointError(text) from None
+        dcp.load(state, storage_reader=_SafeReader(directory), planner=_SafePlanner(), no_dist=not distributed)
+    except CheckpointException as exc:  # DCP gathers every rank's errors: report ours plainly
+        for error, _trace in exc.failures.values():
+            if isinstance(error, CheckpointError):
+                raise error from None
         raise
 
 
