@@ -42,7 +42,9 @@ def runs(tmp_path_factory):
     assert first.returncode == 0, first.stderr[-3000:]
     assert saved(root / "two")["step"] == 2 and saved(root / "two")["world_size"] == 2
     shutil.copytree(root / "two", root / "two-then-one")
-    again = torchrun(["train", str(recipe_file), "--out", str(root / "two"), "--quiet", "--resume"], root)
+    # resumed on two processes as HSDP (2 replicas of 1 shard) from shards written by plain FSDP2
+    hsdp = ["--set", "training.shard_size=1", "--force"]
+    again = torchrun(["train", str(recipe_file), "--out", str(root / "two"), "--quiet", "--resume", *hsdp], root)
     assert again.returncode == 0, again.stderr[-3000:]
     with pytest.MonkeyPatch.context() as m:
         m.setattr(torch._dynamo.config, "debug_backend_override", BACKEND)
