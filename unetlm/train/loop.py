@@ -2,7 +2,7 @@
 
 ``Trainer.setup``: the model from the recipe (unetlm.api), the data (:func:`make_data`: a global
 batch per step, a pure function of (seed, step), split into equal row blocks per rank), the
-micro-batch (:func:`micro_batch_rows`), parallelism applied from outside the model
+micro-batch and activation checkpointing (:func:`plan_memory`), parallelism applied from outside the model
 (:mod:`unetlm.train.parallelize`), optimizer and schedule, and the checkpointer
 (:mod:`unetlm.train.checkpointer`), which resumes the run. ``Trainer.step``: one optimizer step.
 ``Trainer.log``: measurements reduced over ranks, evaluation when due, records written.
@@ -228,9 +228,9 @@ class Trainer:
             summary.bytes_per_token,
         )
         data = make_data(recipe, documents, model, budget)
-        micro_rows = micro_batch_rows(spec, budget, world)
+        memory = plan_memory(spec, budget, world)
         dtype = autocast_dtype(spec, world.device)
-        plan = plan_parallelism(spec, world, use_compile(spec, world.device), dtype)
+        plan = plan_parallelism(spec, world, memory.checkpointing, use_compile(spec, world.device), dtype)
         model.to(world.device)
         parallelize(model, plan, world)
         optimizer = make_optimizer(model, spec, budget.lr)
@@ -244,7 +244,7 @@ class Trainer:
                                 start_step, progress)
         trainer = cls(recipe, out, world, model, optimizer, scheduler, data,
                       data.valid_batches(spec.eval_batches, world.rank, world.size), checkpointer, plan, budget, dtype,
-                      micro_rows, start_step, logger)
+                      memory.micro_rows, start_step, logger)
         logger.write(trainer.describe(summary))
         return trainer
 
@@ -323,8 +323,14 @@ def make_data(recipe: Recipe, documents: list[bytes], model, budget: Budget) -> 
     )
 
 
-def micro_batch_rows(spec: TrainingSpec, budget: Budget, world: World) -> int:
-    """Rows per forward on each process (0: the whole local batch at once)."""
+@attrs.frozen
+class MemoryPlan:
+    micro_rows: int  # sequences per forward on each process (0: the whole local batch at once)
+    checkpointing: bool  # recompute each mixer block in the backward pass
+
+
+def plan_memory(spec: TrainingSpec, budget: Budget, world: World) -> MemoryPlan:
+    """How each process fits its rows of a step: the micro-batch and activation checkpointing."""
     if budget.batch_size % world.size:
         raise TrainingError(f"training.batch_size = {budget.batch_size} does not split over {world.size} processes")
     local_rows = budget.batch_size // world.size
@@ -333,7 +339,7 @@ def micro_batch_rows(spec: TrainingSpec, budget: Budget, world: World) -> int:
             f"training.micro_batch_size = {spec.micro_batch_size} does not divide the {local_rows} sequences "
             f"each of the {world.size} processes takes from training.batch_size = {budget.batch_size}"
         )
-    return spec.micro_batch_size
+    return MemoryPlan(spec.micro_batch_size, bool(spec.activation_checkpointing))
 
 
 def write_run_files(out: Path, recipe: Recipe, tokenizer) -> None:

@@ -56,8 +56,11 @@ class ParallelPlan:
         return self.world_size // self.shard_size if self.shard else 1
 
 
-def plan_parallelism(spec: TrainingSpec, world: World, compiled: bool, dtype: torch.dtype | None) -> ParallelPlan:
-    """The plan for ``spec`` on ``world``: ``compiled`` and the autocast ``dtype`` as resolved by the loop."""
+def plan_parallelism(
+    spec: TrainingSpec, world: World, checkpointing: bool, compiled: bool, dtype: torch.dtype | None
+) -> ParallelPlan:
+    """The plan for ``spec`` on ``world``; ``checkpointing``, ``compiled`` and the autocast ``dtype``
+    as the loop resolved them."""
     shard_size = spec.shard_size or world.size
     if world.size % shard_size:
         raise TrainingError(
@@ -65,7 +68,7 @@ def plan_parallelism(spec: TrainingSpec, world: World, compiled: bool, dtype: to
             f"(0 shards over all of them)"
         )
     return ParallelPlan(
-        checkpointing=bool(spec.activation_checkpointing),
+        checkpointing=checkpointing,
         compile=compiled,
         shard=world.distributed,
         param_dtype=dtype if world.distributed else None,
