@@ -52,3 +52,14 @@ def test_shard_size_must_divide_the_world():
         plan_parallelism(spec, World(0, 4, 0, CPU), False, False, None)
     plan = plan_parallelism(attrs.evolve(spec, shard_size=2), World(0, 4, 0, CPU), False, False, None)
     assert plan.replicas == 2 and "HSDP (2 replicas x 2 shards)" in plan.describe()
+
+
+def test_flex_attention_only_for_compiled_blocks():
+    from unetlm.train.parallelize import compile_blocks
+
+    model = unetlm.build_model(recipe_from_dict(tiny_recipe_dict("unused")))
+    block = model.middle.blocks[0]
+    cuda = torch.device("cuda")  # only the choice is checked: nothing runs on the device
+    assert block._backend(cuda) == "sdpa" and block._backend(CPU) == "sdpa"
+    compile_blocks(model)
+    assert block._backend(cuda) == "flex" and block._backend(CPU) == "sdpa"

@@ -1,7 +1,7 @@
 """Causal self-attention block: pre-RMSNorm, RoPE, SwiGLU MLP, optional sliding window.
 
 Query i attends to keys j with j <= i, i - j < window (when window > 0) and the same
-document. FlexAttention (block-sparse, compiled) serves CUDA; elsewhere scaled-dot-product
+document. FlexAttention (block-sparse) serves compiled blocks on CUDA; elsewhere scaled-dot-product
 attention with a dense boolean mask gives the same numbers. Step by step, a KV cache holds
 the keys (a ring buffer of exactly ``window`` slots for a sliding window) and the same
 :func:`allowed_keys` rule picks the keys each query sees.
@@ -94,9 +94,11 @@ class AttentionBlock(Mixer):
         self.down = nn.Linear(hidden, dim, bias=False)
 
     def _backend(self, device: torch.device) -> str:
+        """"auto": FlexAttention for a block compiled on CUDA; SDPA otherwise (eager flex would
+        materialise every score)."""
         if self.config.backend != "auto":
             return self.config.backend
-        return "flex" if device.type == "cuda" else "sdpa"
+        return "flex" if device.type == "cuda" and self.compiled else "sdpa"
 
     def _keys(self, info: StageInfo):
         """memo keys of this block's rotary table and mask (blocks of one shape share them)."""

@@ -45,6 +45,7 @@ class Mixer(nn.Module):
         super().__init__()
         self.config = config
         self.dim = dim
+        self.compiled = False  # set when the block is compiled on its own (unetlm.train.parallelize)
 
     def prepare(self, info: StageInfo, memo: dict) -> None:
         """Add what ``forward`` reads from ``memo`` for this stage call (keys already there are kept)."""

@@ -93,7 +93,8 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each mixer block (after checkpointing, so the recomputation is compiled too)."""
     for stack in mixer_stacks(model):
-        for block in stack.blocks:
+        for block, mixer in zip(stack.blocks, stack.mixers()):
+            mixer.compiled = True  # e.g. attention picks FlexAttention on CUDA only when compiled
             block.compile(dynamic=False)
 
 
