@@ -257,22 +257,22 @@ class Trainer:
             f"{'bfloat16 autocast' if self.dtype else 'float32'}, {self.plan.describe()}\n{self.budget.describe()}"
         )
 
-    def step(self, batch) -> StepOutput:
-        """One optimizer step on this rank's rows of the step's global batch."""
+    def step(self, number: int, batch) -> StepOutput:
+        """Optimizer step ``number`` (from 1) on ``batch``, this rank's rows of the step's global batch."""
         self.optimizer.zero_grad(set_to_none=True)
         lengths = self.logger.lengths
         output = forward_backward(self.model, batch, self.micro_rows, self.dtype, lengths, self.plan)
         output.loss = parallel.mean_over_ranks(output.loss, self.world)
         if not torch.isfinite(output.loss):
             raise TrainingError(
-                f"loss became {float(output.loss)} at step {self.logger.step + 1}; stopping. The last good "
+                f"loss became {float(output.loss)} at step {number}; stopping. The last good "
                 f"checkpoint ({self.checkpointer.path}) is kept; lower training.lr or training.grad_clip and --resume."
             )
         clip = self.recipe.training.grad_clip or float("inf")
         output.grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not torch.isfinite(output.grad_norm):
             raise TrainingError(
-                f"gradient norm became {float(output.grad_norm)} at step {self.logger.step + 1}; stopping. The last "
+                f"gradient norm became {float(output.grad_norm)} at step {number}; stopping. The last "
                 f"good checkpoint ({self.checkpointer.path}) is kept; lower training.lr and --resume."
             )
         self.optimizer.step()
@@ -298,7 +298,7 @@ class Trainer:
         self.model.train()
         try:
             while step < stop:
-                output = self.step(next(batches).to(self.world.device))
+                output = self.step(step + 1, next(batches).to(self.world.device))
                 step += 1
                 last = self.log(step, output)
                 if step % spec.checkpoint_every == 0 or step == stop:
@@ -361,7 +361,6 @@ class RunLogger:
     bar: Progress
     metrics: MetricsWriter | None
     board: object | None
-    step: int = 0
     started: float = attrs.field(factory=time.perf_counter)
 
     @classmethod
@@ -377,7 +376,6 @@ class RunLogger:
             Progress(spec.steps, start_step, enabled=progress and world.main),
             MetricsWriter(out / "metrics.jsonl") if world.main else None,
             open_tensorboard(out / "tensorboard") if (spec.tensorboard and world.main) else None,
-            start_step,
         )
 
     def write(self, text: str) -> None:
@@ -386,7 +384,6 @@ class RunLogger:
 
     def record(self, step: int, output: StepOutput, optimizer) -> dict:
         world = self.world
-        self.step = step
         nats, n_bytes = parallel.sum_over_ranks(output.nats_bytes, world).tolist()
         elapsed = time.perf_counter() - self.started
         group = optimizer.param_groups[0]
