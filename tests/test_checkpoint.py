@@ -82,3 +82,11 @@ def test_code_in_a_sharded_checkpoint_is_refused(run, tmp_path):
     plain = tmp_path / "plain"
     fmt.write_shards({"train": json.dumps({"step": 3})}, plain, distributed=False)  # plain data reads
     assert fmt.read_train_state(plain) == {"step": 3}
+
+
+def test_resuming_an_old_single_file_checkpoint_says_so(tmp_path):
+    from unetlm.train import loop
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"old")
+    with pytest.raises(loop.TrainingError, match="single-file checkpoint of an older unetlm"):
+        loop.train(tiny_recipe("unused"), tmp_path, resume=True, progress=False)

@@ -152,6 +152,12 @@ def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool, f
             raise TrainingError(f"{path} exists; pass --resume to continue it or choose another --out")
         return None
     if saved is None:
+        legacy = path.parent / "checkpoint.pt"
+        if legacy.is_file():
+            raise TrainingError(
+                f"--resume: {legacy} is a single-file checkpoint of an older unetlm, which this version does "
+                f"not resume from (it resumes from sharded {path}/); start a new run with another --out"
+            )
         raise TrainingError(f"--resume: no checkpoint at {path}")
     diffs = [d for d in recipe_differences(saved["recipe"], recipe.to_dict()) if not d.startswith("training.steps")]
     if diffs and not force:
