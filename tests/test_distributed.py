@@ -19,7 +19,7 @@ from unetlm.train import loop
 # dynamo and AOTAutograd as in real training, without inductor's slow C++ code generation
 BACKEND = ">=0:aot_eager"
 PARALLEL = dict(threads=1, steps=4, eval_every=2, checkpoint_every=2)
-COMPILED = dict(PARALLEL, compile=True, activation_checkpointing=True, micro_batch_size=1)
+COMPILED = dict(PARALLEL, compile=True, activation_checkpointing=True, micro_batch_size=1, async_checkpoint=True)
 
 
 def torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:

@@ -206,6 +206,7 @@ class TrainingSpec:
     eval_every: int = attrs.field(default=100, validator=positive)
     eval_batches: int = attrs.field(default=4, validator=positive)
     checkpoint_every: int = attrs.field(default=100, validator=positive)
+    async_checkpoint: bool | Literal["auto"] = "auto"  # save in the background while training; auto: on CUDA
     sample_prompt: str = "The "
     sample_bytes: int = attrs.field(default=120, validator=non_negative)
     device: str = "auto"

@@ -219,7 +219,8 @@ class Trainer:
     @classmethod
     def setup(cls, recipe: Recipe, out: Path, world: World, resume: bool, force: bool, progress: bool) -> "Trainer":
         spec = recipe.training
-        checkpointer = Checkpointer(out, world, async_save=world.device.type == "cuda")
+        background = world.device.type == "cuda" if spec.async_checkpoint == "auto" else spec.async_checkpoint
+        checkpointer = Checkpointer(out, world, async_save=background)
         saved = check_resume(checkpointer.saved(), checkpointer.path, recipe, resume, force)
         if spec.threads:
             torch.set_num_threads(spec.threads)
