@@ -21,11 +21,10 @@ from unetlm.model.summary import summarize
 from unetlm.core.tokens import BOS, BYTES, PAD
 from unetlm.recipe import RecipeError, recipe_from_dict
 from unetlm.train import loop
-from unetlm.train.checkpoint import CHECKPOINT, load_state
 from unetlm.train.metrics import read_metrics
 
 from strategies import small_tokenizer
-from test_train import interrupt_at, tiny_recipe_dict, write_corpus
+from test_train import saved, interrupt_at, tiny_recipe_dict, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -122,24 +121,24 @@ def bpe_run(tmp_path_factory):
 
 def test_training_saves_the_tokenizer_and_reports_bits_per_byte(bpe_run):
     corpus, out = bpe_run
-    state = load_state(out / CHECKPOINT)
-    saved = BpeTokenizer.from_json((out / "tokenizer.json").read_text())
-    assert BpeTokenizer.from_json(state["tokenizer"]).to_json() == saved.to_json()
-    model, recipe = load_checkpoint(out / CHECKPOINT)
-    assert model.tokenizer.to_json() == saved.to_json() and model.head.out_features == 300
+    state = saved(out)
+    written = BpeTokenizer.from_json((out / "tokenizer.json").read_text())
+    assert BpeTokenizer.from_json(state["tokenizer"]).to_json() == written.to_json()
+    model, recipe = load_checkpoint(out)
+    assert model.tokenizer.to_json() == written.to_json() and model.head.out_features == 300
     records = read_metrics(out / "metrics.jsonl")
     last = records[-1]
     per_token_bits = last["loss"] / math.log(2)
     # a token stands for more than one byte, so a byte costs fewer bits than a token
-    assert 1.3 < per_token_bits / last["bpb"] < saved.bytes_per_token * 1.5
+    assert 1.3 < per_token_bits / last["bpb"] < written.bytes_per_token * 1.5
     flops_per_byte = summarize(model).train_flops_per_byte
     assert last["flops"] == pytest.approx(last["bytes"] * flops_per_byte)
-    assert flops_per_byte == pytest.approx(summarize(model).train_flops_per_token / saved.bytes_per_token)
+    assert flops_per_byte == pytest.approx(summarize(model).train_flops_per_token / written.bytes_per_token)
 
 
 def test_validation_bits_per_byte_is_total_nats_over_held_out_bytes(bpe_run):
     corpus, out = bpe_run
-    model, recipe = load_checkpoint(out / CHECKPOINT)
+    model, recipe = load_checkpoint(out)
     model.double()
     data = b"the byte model pools words into coarser stages then back. " * 3
     row = text_bpb(model, "text", [data], stride=32)
@@ -153,7 +152,7 @@ def test_validation_bits_per_byte_is_total_nats_over_held_out_bytes(bpe_run):
 
 def test_continuation_scores_only_the_continuations_tokens(bpe_run):
     corpus, out = bpe_run
-    model, _ = load_checkpoint(out / CHECKPOINT)
+    model, _ = load_checkpoint(out)
     model.double()
     context, continuation = b"the model learns", b" words from text"
     got = continuation_nll(model, [(context, continuation)])[0]
@@ -166,7 +165,7 @@ def test_continuation_scores_only_the_continuations_tokens(bpe_run):
 
 def test_generation_decodes_tokens_to_bytes_cached_equals_recompute(bpe_run):
     corpus, out = bpe_run
-    model, _ = load_checkpoint(out / CHECKPOINT)
+    model, _ = load_checkpoint(out)
     prompts = [b"the byte", b"\xff words"]
     cached = generate(model, prompts, 40, temperature=0.9, seed=3)
     recomputed = generate(model, prompts, 40, temperature=0.9, seed=3, cached=False)
@@ -177,7 +176,7 @@ def test_generation_decodes_tokens_to_bytes_cached_equals_recompute(bpe_run):
 
 def test_stop_string_inside_a_multi_byte_token_cuts_there(bpe_run):
     corpus, out = bpe_run
-    model, _ = load_checkpoint(out / CHECKPOINT)
+    model, _ = load_checkpoint(out)
     free = generate(model, [b"the"], 30, temperature=0, seed=0)[0]
     stop = free[3:5]
     cut = generate(model, [b"the"], 30, temperature=0, seed=0, stop=[stop])
@@ -190,10 +189,10 @@ def test_resume_keeps_the_tokenizer_and_equals_uninterrupted(bpe_run, tmp_path, 
     with monkeypatch.context() as m:
         interrupt_at(m, 4)
         loop.train(recipe, tmp_path, progress=False, sample=False)
-    before = load_state(tmp_path / CHECKPOINT)["tokenizer"]
+    before = saved(tmp_path)["tokenizer"]
     monkeypatch.setattr(BpeTokenizer, "train", None)  # resuming must not learn a new tokenizer
     loop.train(recipe, tmp_path, resume=True, progress=False, sample=False)
-    assert load_state(tmp_path / CHECKPOINT)["tokenizer"] == before
+    assert saved(tmp_path)["tokenizer"] == before
     full = read_metrics(out / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], abs=1e-6)

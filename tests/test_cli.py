@@ -62,7 +62,7 @@ def test_train_then_generate(tmp_path, capsys, monkeypatch):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "validation bits per byte" in out and "sample:" in out
-    for name in ("checkpoint.pt", "metrics.jsonl", "recipe.toml"):
+    for name in ("checkpoint/.metadata", "metrics.jsonl", "recipe.toml"):
         assert (run / name).is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -70,8 +70,19 @@ def test_train_then_generate(tmp_path, capsys, monkeypatch):
     assert "steps = 4" in (run / "recipe.toml").read_text()
     with monkeypatch.context() as patch:
         raw = _bytes_stdout(patch)
-        assert main(["generate", str(run / "checkpoint.pt"), "--prompt", "def ", "--max-bytes", "5", "--seed", "1"]) == 0
-        assert raw.getvalue().startswith(b"def ")
+        assert main(["generate", str(run), "--prompt", "def ", "--max-bytes", "5", "--seed", "1"]) == 0
+        from_run = raw.getvalue()
+    assert from_run.startswith(b"def ")
+    # export: one safetensors file beside the resolved recipe, read by the same commands
+    assert main(["export", str(run), "--out", str(tmp_path / "shared")]) == 0
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["model.safetensors", "recipe.toml"]
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        raw = _bytes_stdout(patch)
+        assert main(["generate", str(tmp_path / "shared"), "--prompt", "def ", "--max-bytes", "5", "--seed", "1"]) == 0
+        assert raw.getvalue() == from_run
+    assert main(["export", str(run), "--out", str(tmp_path / "shared")]) == 2  # never overwrites
+    assert "not empty" in capsys.readouterr().err
     assert main(args) == 2  # a second run into the same directory is refused, with a reason
     assert "pass --resume" in capsys.readouterr().err
 

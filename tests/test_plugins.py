@@ -393,7 +393,7 @@ def test_tiny_sentence_recipe_trains(sentence_plugin, tmp_path):
     assert len(losses) == 8 and final["step"] == 8
     assert losses[-1] < losses[0] - 0.2, losses
     assert np.isfinite(final["val_loss"])
-    model, again = load_checkpoint(tmp_path / "checkpoint.pt")
+    model, again = load_checkpoint(tmp_path)
     assert again.model.stages[2].splitter.name == "sentence"
     assert type(model.splitters[1]).__name__ == "SentenceSplitter"
 

@@ -5,7 +5,7 @@ The small public API (see docs/api.md)::
     recipe = unetlm.load_recipe("recipes/tiny/au2.toml", ["training.steps=10"])
     model = unetlm.build_model(recipe)
     logits = model(unetlm.encode(b"hello world").unsqueeze(0)).logits
-    model, recipe = unetlm.load_checkpoint("runs/au2/checkpoint.pt")
+    model, recipe = unetlm.load_checkpoint("runs/au2")
 """
 from __future__ import annotations
 

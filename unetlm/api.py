@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from unetlm.recipe import Recipe, load_recipe, recipe_from_dict
+from unetlm.recipe import Recipe, load_recipe
 from unetlm.recipe.schema import ModelSpec
 
 
@@ -19,20 +19,17 @@ def build_model(recipe: Recipe | ModelSpec | str | Path, overrides: list[str] | 
     return UNet(spec)
 
 
-def model_from_state(recipe: Recipe, state: dict):
-    """The trained model of a checkpoint's state (weights, and the tokenizer of a tokenized model), in eval mode."""
-    model = build_model(recipe)
-    model.load_state_dict(state["model"])
-    if "tokenizer" in state:
-        from unetlm.data.bpe import BpeTokenizer
-
-        model.tokenizer = BpeTokenizer.from_json(state["tokenizer"])
-    model.eval()
-    return model
-
-
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
-    """(model, recipe) from a checkpoint file written by ``unetlm train``."""
-    state = torch.load(Path(path), map_location=map_location, weights_only=False)
-    recipe = recipe_from_dict(state["recipe"])
-    return model_from_state(recipe, state), recipe
+    """(model in eval mode, recipe) from a run directory (its sharded checkpoint), an exported
+    directory (``unetlm export``) or a single ``.pt`` file of plain data; nothing in the files is
+    run as code (see :mod:`unetlm.train.weights`)."""
+    from unetlm.train.weights import load_trained
+
+    return load_trained(path, map_location)
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files the trained model at ``path`` (any form :func:`load_checkpoint` reads) is read from."""
+    from unetlm.train.weights import weight_files
+
+    return weight_files(path)

@@ -74,12 +74,12 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides) + (["training.compile=false"] if args.no_compile else [])
     recipe = load_recipe(args.recipe, overrides)
     out = Path(args.out) if args.out else Path("runs") / (recipe.name or Path(args.recipe).stem)
-    result = train(recipe, out, resume=args.resume, force=args.force, progress=not args.quiet)
+    result = train(recipe, out, resume=args.resume, force=args.force, progress=not args.quiet, stop_at=args.stop_at)
     if os.environ.get("RANK", "0") != "0":
         return 0
     if "val_bpb" in result:
         print(f"validation bits per byte: {result['val_bpb']:.4f}")
-    print(f"run directory: {out} (checkpoint.pt, metrics.jsonl, recipe.toml)")
+    print(f"run directory: {out} (checkpoint/, metrics.jsonl, recipe.toml)")
     if "sample" in result:
         print("sample:")
         print(result["sample"])
@@ -111,6 +111,14 @@ def cmd_plan(args) -> int:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
     print(describe(plan, name))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from unetlm.train.weights import export
+
+    out = export(args.run_dir, args.out)
+    print(f"wrote {out} (model.safetensors, recipe.toml{', tokenizer.json' if (out / 'tokenizer.json').is_file() else ''})")
     return 0
 
 
@@ -268,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="resume even if the recipe changed")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after STEP with a checkpoint (e.g. the end of a cluster job); --resume continues")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="per-GPU memory, micro-batch, communication and step time of a recipe")
@@ -277,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (default 989, H100)")
     _add_overrides(p)
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("export", help="consolidate a run's sharded checkpoint into model.safetensors + recipe.toml")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or an exported directory, or a .pt file)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (must not exist or be empty)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="plot loss and validation bits/byte of runs against bytes and FLOPs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -302,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_generate)
 
     p = sub.add_parser("generate", help="continue prompts with a trained checkpoint, streaming the output")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run directory, an exported directory (unetlm export) or a .pt file")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     p.add_argument("--prompt-file", action="append", default=[], metavar="FILE",
                    help="read a prompt from FILE ('-' for stdin; repeat for a batch); stdin is read if no prompt is given")
@@ -316,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("patches", help="print how a checkpoint's splitter (or an entropy model) patches a text")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run directory, an exported directory (unetlm export) or a .pt file")
     p.add_argument("file")
     p.add_argument("--threshold", type=float, default=None, help="global entropy threshold in nats (entropy models)")
     p.add_argument("--relative-threshold", type=float, default=None, help="BLT's monotonic rule: H(t) - H(t-1) > this")
@@ -325,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_patches)
 
     p = sub.add_parser("eval", help="bits/byte, multiple-choice and CUTE-style scores with 95%% bootstrap CIs")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run directory, an exported directory (unetlm export) or a .pt file")
     p.add_argument("--bpb", nargs="+", default=[], metavar="FILE", help="held-out files, one row each")
     p.add_argument("--choice", nargs="+", default=[], metavar="JSONL", help="multiple-choice tasks")
     p.add_argument("--cute-words", metavar="FILE", help="CUTE-style tasks from a word list (one per line)")
@@ -358,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("harness", help="run lm-evaluation-harness tasks on a checkpoint (needs unetlm[harness])")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run directory, an exported directory (unetlm export) or a .pt file")
     p.add_argument("--tasks", nargs="+", required=True, metavar="TASK", help="harness task names, e.g. hellaswag")
     p.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
     p.add_argument("--num-fewshot", type=int, default=None)

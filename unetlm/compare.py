@@ -32,7 +32,7 @@ from unetlm.model.summary import summarize
 from unetlm.core.tokens import BOS
 from unetlm.recipe import Recipe, load_recipe
 from unetlm.recipe.schema import DataSpec
-from unetlm.train.checkpoint import CHECKPOINT, load_state
+from unetlm.train.checkpoint import find_checkpoint, read_train_state
 from unetlm.train.errors import TrainingError
 
 # SpaceByte (Slagle, 2024), Table 1: PG-19 bits per byte at 1e19 training FLOPs.
@@ -108,9 +108,14 @@ def probe_causality(model, tokens: list[int], at: int) -> bool:
     return bool(torch.allclose(a, b, atol=1e-4, rtol=1e-4))
 
 
+def saved_step(run_dir: Path) -> int | None:
+    """The step of the run's checkpoint; None if it has none."""
+    directory = find_checkpoint(run_dir)
+    return None if directory is None else read_train_state(directory)["step"]
+
+
 def finished(run_dir: Path, steps: int) -> bool:
-    path = run_dir / CHECKPOINT
-    return path.is_file() and load_state(path)["step"] >= steps
+    return (saved_step(run_dir) or 0) >= steps
 
 
 def evaluate_run(entry: Entry, run_dir: Path, held: list[bytes], floor: float, cute_items: int,
@@ -119,7 +124,7 @@ def evaluate_run(entry: Entry, run_dir: Path, held: list[bytes], floor: float, c
     from unetlm.eval.cute import TASKS, evaluate_cute, make_items, words_in
     from unetlm.train.plot import run_curves
 
-    model, _ = load_checkpoint(run_dir / CHECKPOINT)
+    model, _ = load_checkpoint(run_dir)
     summary = summarize(model)
     row = text_bpb(model, "held-out", held, seed=seed)
     window = [BOS, *model.tokenizer.encode(b"".join(held)[: 4 * model.spec.seq_len]).tolist()][: model.spec.seq_len]
@@ -204,12 +209,12 @@ def compare(
         if progress:
             print(f"== {entry.name} ({entry.path}): {entry.steps} steps of {entry.flops_per_step:.3g} FLOPs", flush=True)
         if not finished(run_dir, entry.steps):
-            train(entry.recipe, run_dir, resume=(run_dir / CHECKPOINT).is_file(), force=True, progress=progress,
+            train(entry.recipe, run_dir, resume=saved_step(run_dir) is not None, force=True, progress=progress,
                   sample=False)
             if not finished(run_dir, entry.steps):  # Ctrl-C: the run saved its checkpoint and returned
                 raise TrainingError(f"{entry.name} was interrupted; run the same command again to continue")
         cached = run_dir / "compare.json"
-        stamp = {"settings": settings, "floor": floor["floor"], "step": load_state(run_dir / CHECKPOINT)["step"]}
+        stamp = {"settings": settings, "floor": floor["floor"], "step": saved_step(run_dir)}
         result = json.loads(cached.read_text()) if cached.is_file() else None
         if result is None or result.get("stamp") != json.loads(json.dumps(stamp)):
             result = evaluate_run(entry, run_dir, held, floor["floor"], cute_items, list(choice_files), seed)

@@ -214,7 +214,7 @@ def bench_generate(
             if context + new_bytes * repeats > load_checkpoint_seq_len(checkpoint):
                 progress(f"skip context {context}: the checkpoint's seq_len is below {context + new_bytes * repeats}")
                 continue
-            tasks = [{"recipe": None, "overrides": [], "name": Path(checkpoint).parent.name or "checkpoint"}]
+            tasks = [{"recipe": None, "overrides": [], "name": Path(checkpoint).resolve().name or "checkpoint"}]
         else:
             tasks = [_recipe_task(path, context, new_bytes * repeats, match_flops_of) for path in recipes]
         for task in tasks:

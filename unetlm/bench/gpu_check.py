@@ -27,6 +27,7 @@ from unetlm.train.activations import measure_activations
 from unetlm.train.hardware import Hardware, cuda_hardware, hardware_for
 from unetlm.train.optim import make_optimizer
 from unetlm.train.parallel import World
+from unetlm.train.parallelize import parallelize, plan_parallelism
 
 DEPTH = 4  # layers per stack at full width: enough blocks to measure, few enough to compile quickly
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,11 +78,10 @@ def check_training(name: str, device: torch.device, steps: int, peak: float | No
     rows = chosen.micro_batch
     predicted = plan.Plan(hardware, layout, profile, rows, seq_len, flops_per_sequence, True, rows, 1)
     model.to(device)
-    loop.set_activation_checkpointing(model, True)
     world = World(0, 1, 0, device)
+    parallel_plan = plan_parallelism(recipe.training, world, True, bool(recipe.training.compile), torch.bfloat16)
+    parallelize(model, parallel_plan, world)  # checkpointing, then compile per block, as training applies them
     optimizer = make_optimizer(model, recipe.training, 1e-3)
-    if recipe.training.compile:
-        loop.compile_model(model, world)
     batch = text_batch(model, rows, seq_len, device)
     lengths = torch.as_tensor(model.tokenizer.lengths, device=device)
     if device.type == "cuda":
@@ -90,7 +90,7 @@ def check_training(name: str, device: torch.device, steps: int, peak: float | No
     for _ in range(steps):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        out = loop.forward_backward(model, batch, 0, torch.bfloat16, lengths, world)
+        out = loop.forward_backward(model, batch, 0, torch.bfloat16, lengths, parallel_plan)
         optimizer.step()
         losses.append(float(out.loss))  # synchronises
         times.append(time.perf_counter() - start)

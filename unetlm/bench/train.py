@@ -22,9 +22,10 @@ from unetlm.data.packing import ByteData
 from unetlm.data.sources import load_documents
 from unetlm.model.summary import summarize
 from unetlm.recipe import load_recipe
-from unetlm.train.loop import autocast_dtype, compile_model, forward_loss
+from unetlm.train.loop import autocast_dtype, forward_loss
 from unetlm.train.optim import make_optimizer
-from unetlm.train.parallel import World, pick_device
+from unetlm.train.parallel import pick_device
+from unetlm.train.parallelize import compile_blocks
 from unetlm.train.scaling import resolve_budget
 
 BENCH_DATA_BYTES = 400_000
@@ -69,7 +70,7 @@ def bench_recipe(recipe, mode: str, steps: int, warmup: int, device: torch.devic
     data = ByteData.build(docs, model.splitters, recipe.model.seq_len, budget.batch_size, 0.1, spec.seed)
     optimizer = make_optimizer(model, spec, budget.lr)
     if mode == "compiled":
-        compile_model(model, World(0, 1, 0, device))
+        compile_blocks(model)
     dtype = autocast_dtype(spec, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -10,10 +10,10 @@ is imported only there. From Python::
     import lm_eval
     from unetlm.eval.harness import harness_model_class
 
-    lm = harness_model_class()(checkpoint="runs/au2/checkpoint.pt")
+    lm = harness_model_class()(checkpoint="runs/au2")
     lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
 
-or ``unetlm harness runs/au2/checkpoint.pt --tasks hellaswag``.
+or ``unetlm harness runs/au2 --tasks hellaswag``.
 """
 from __future__ import annotations
 

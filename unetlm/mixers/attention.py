@@ -1,11 +1,11 @@
 """Causal self-attention block: pre-RMSNorm, RoPE, SwiGLU MLP, optional sliding window.
 
 Query i attends to keys j with j <= i, i - j < window (when window > 0) and the same
-document. FlexAttention (block-sparse, compiled) serves CUDA; elsewhere scaled-dot-product
-attention with a dense boolean mask gives the same numbers. Off CUDA, ``backend = "flex"``
-runs eager FlexAttention only where it is right and can run: compiled FlexAttention on the CPU
-gives wrong outputs with rotary q and k (torch 2.13, docs/architecture.md), and eager
-FlexAttention on the CPU has no backward, so a compiled or differentiated call uses SDPA. Step by step, a KV cache holds
+document. FlexAttention (block-sparse) serves compiled blocks on CUDA; elsewhere scaled-dot-product
+attention with a dense boolean mask gives the same numbers. Off CUDA, ``backend = "flex"`` runs
+eager FlexAttention only where it is right and can run: compiled FlexAttention on the CPU gives
+wrong outputs with rotary q and k (torch 2.13, docs/architecture.md), and eager FlexAttention on
+the CPU has no backward, so a compiled block or a call under autograd uses SDPA. Step by step, a KV cache holds
 the keys (a ring buffer of exactly ``window`` slots for a sliding window) and the same
 :func:`allowed_keys` rule picks the keys each query sees.
 """
@@ -103,33 +103,43 @@ class AttentionBlock(Mixer):
         self.mlp_norm = nn.RMSNorm(dim, eps=1e-6)
         self.mlp = SwiGLU(dim, config.mlp_hidden(dim))
 
-    def _backend(self, x: torch.Tensor) -> str:
+    def _backend(self, device: torch.device) -> str:
+        """"auto": FlexAttention for a block compiled on CUDA, SDPA otherwise (eager flex would
+        materialise every score). "flex" off CUDA: eager FlexAttention without autograd only."""
         choice = self.config.backend
-        if choice == "sdpa":
-            return "sdpa"
-        if x.is_cuda:
-            return "flex"
-        # off CUDA: "auto" is SDPA; "flex" runs eager without autograd only (compiled FlexAttention
-        # gives wrong outputs there, eager FlexAttention has no backward)
-        eager_inference = not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad)
-        return "flex" if choice == "flex" and eager_inference else "sdpa"
+        if choice == "auto":
+            return "flex" if device.type == "cuda" and self.compiled else "sdpa"
+        if choice == "sdpa" or device.type == "cuda":
+            return choice
+        eager_inference = not (self.compiled or torch.compiler.is_compiling()) and not torch.is_grad_enabled()
+        return "flex" if eager_inference else "sdpa"
 
-    def _mask(self, info: StageInfo, backend: str, memo: dict):
-        key = ("attention-mask", backend, self.config.window)
-        if key not in memo:
-            memo[key] = build_mask(info, self.config.window, backend)
-        return memo[key]
+    def _keys(self, info: StageInfo):
+        """memo keys of this block's rotary table and mask (blocks of one shape share them)."""
+        backend = self._backend(info.doc.device)
+        rope = ("rotary", info.length, self.head_dim, self.config.rope_base)
+        return rope, ("attention-mask", backend, self.config.window), backend
+
+    def _shared(self, info: StageInfo, memo: dict) -> dict:
+        """{memo key: value} of what this block reads, taken from ``memo`` or built."""
+        rope, mask, backend = self._keys(info)
+        out = {}
+        out[rope] = memo[rope] if rope in memo else rotary_tables(
+            info.length, self.head_dim, self.config.rope_base, info.doc.device
+        )
+        out[mask] = memo[mask] if mask in memo else build_mask(info, self.config.window, backend)
+        return out
+
+    def prepare(self, info: StageInfo, memo: dict) -> None:
+        memo.update(self._shared(info, memo))
 
     def forward(self, x: torch.Tensor, info: StageInfo, memo: dict) -> torch.Tensor:
         L = x.shape[1]
-        rope_key = ("rotary", L, self.head_dim, self.config.rope_base)
-        if rope_key not in memo:
-            memo[rope_key] = rotary_tables(L, self.head_dim, self.config.rope_base, x.device)
-        cos, sin = memo[rope_key]
+        rope, mask_key, backend = self._keys(info)
+        shared = self._shared(info, memo)
+        (cos, sin), mask = shared[rope], shared[mask_key]
         q, k, v = rearrange(self.qkv(self.attn_norm(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        backend = self._backend(x)
-        mask = self._mask(info, backend, memo)
         if backend == "flex":
             from torch.nn.attention.flex_attention import flex_attention
 

@@ -3,7 +3,10 @@
 A mixer is one residual block ``(B, L, d) -> (B, L, d)``. Output position i may depend only
 on input positions j <= i of the same document (``info.doc``); padding has its own document
 id, so real positions never see it. ``memo`` is shared by all blocks of one stage call, so
-a mask or rotary table is built once per stage, not once per layer.
+a mask or rotary table is built once per stage, not once per layer: the stack calls every
+block's ``prepare(info, memo)`` before the first block runs, outside activation
+checkpointing and compiled regions, and ``forward`` only reads ``memo`` (a recomputed block
+then runs the same graph as the original).
 
 Step API (cached generation, one document per row): ``init_state`` makes an empty cache;
 ``step(x, state, memo)`` takes one new position per row and gives the output ``forward``
@@ -42,8 +45,13 @@ class Mixer(nn.Module):
         super().__init__()
         self.config = config
         self.dim = dim
+        self.compiled = False  # set when the block is compiled on its own (unetlm.train.parallelize)
+
+    def prepare(self, info: StageInfo, memo: dict) -> None:
+        """Add what ``forward`` reads from ``memo`` for this stage call (keys already there are kept)."""
 
     def forward(self, x: torch.Tensor, info: StageInfo, memo: dict) -> torch.Tensor:
+        """Reads ``memo`` as filled by :meth:`prepare` (building what is missing); never writes it."""
         raise NotImplementedError
 
     def init_state(self, batch: int, max_len: int, device, dtype):

@@ -370,6 +370,9 @@ def kernel_scan(x, dt, A, B, C, seg, mixer: Mamba2, initial):
     return y, final
 
 
+SEGMENTS = ("mamba-segments",)
+
+
 class MambaBlock(Mixer):
     """Pre-RMSNorm Mamba-2 residual block (names as mamba_ssm's Block: norm, mixer, norm2, mlp)."""
 
@@ -387,11 +390,12 @@ class MambaBlock(Mixer):
             self.norm2 = nn.RMSNorm(dim, eps=1e-5)
             self.mlp = SwiGLU(dim, config.mlp_hidden(dim))
 
+    def prepare(self, info: StageInfo, memo: dict) -> None:
+        if SEGMENTS not in memo:
+            memo[SEGMENTS] = segment_ids(info.doc)
+
     def forward(self, x: torch.Tensor, info: StageInfo, memo: dict) -> torch.Tensor:
-        key = ("mamba-segments",)
-        if key not in memo:
-            memo[key] = segment_ids(info.doc)
-        return self._run(x, memo[key], None)[0]
+        return self._run(x, memo[SEGMENTS] if SEGMENTS in memo else segment_ids(info.doc), None)[0]
 
     def forward_with_state(
         self, x: torch.Tensor, info: StageInfo, state: MambaState | None = None

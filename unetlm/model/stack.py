@@ -1,9 +1,14 @@
-"""A stack of mixer blocks run at one stage; with ``checkpointing`` each block is recomputed in backward."""
+"""A stack of mixer blocks run at one stage.
+
+What the blocks share (masks, rotary tables) is built once per call, before the first block,
+by each block's ``prepare``; the blocks only read it. A block wrapped for activation
+checkpointing or compiled on its own (:mod:`unetlm.train.parallelize`) therefore runs one and
+the same graph in its forward, its recomputation and every later call.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from unetlm.core.layout import StageInfo
 from unetlm.recipe.schema import Component
@@ -14,16 +19,18 @@ class Stack(nn.Module):
         super().__init__()
         cls = mixer.build_class()
         self.blocks = nn.ModuleList(cls(mixer.config, dim) for _ in range(layers))
-        self.checkpointing = False
+
+    def mixers(self) -> list[nn.Module]:
+        """The mixer of each block, seen through any wrapper parallelism put around it."""
+        return [getattr(block, "_checkpoint_wrapped_module", block) for block in self.blocks]
 
     def forward(self, h: torch.Tensor, info: StageInfo) -> torch.Tensor:
         memo: dict = {}
+        for mixer in self.mixers():
+            mixer.prepare(info, memo)
         for block in self.blocks:
-            if self.checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, info, memo, use_reentrant=False)
-            else:
-                h = block(h, info, memo)
+            h = block(h, info, memo)
         return h
 
     def forward_flops(self, length: int) -> float:
-        return sum(block.forward_flops(length) for block in self.blocks)
+        return sum(block.forward_flops(length) for block in self.mixers())

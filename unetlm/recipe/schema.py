@@ -219,6 +219,7 @@ class TrainingSpec:
     eval_every: int = attrs.field(default=100, validator=positive)
     eval_batches: int = attrs.field(default=4, validator=positive)
     checkpoint_every: int = attrs.field(default=100, validator=positive)
+    async_checkpoint: bool | Literal["auto"] = "auto"  # save in the background while training; auto: on CUDA
     sample_prompt: str = "The "
     sample_bytes: int = attrs.field(default=120, validator=non_negative)
     device: str = "auto"
@@ -228,6 +229,8 @@ class TrainingSpec:
     # recompute each mixer block in the backward pass; "auto": only where the planner finds that
     # not even one sequence per forward fits without it
     activation_checkpointing: bool | Literal["auto"] = False
+    # FSDP2: ranks each parameter is sharded over (a node's GPUs); replicated across such groups (HSDP). 0: all ranks
+    shard_size: int = attrs.field(default=0, validator=non_negative)
     tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard
 
 

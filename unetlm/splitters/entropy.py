@@ -41,8 +41,8 @@ from unetlm.recipe.validators import positive
 from unetlm.splitters.base import Splitter
 
 BLT_THRESHOLD = 1.335  # nats; BLT's published global threshold
-EXAMPLE_CHECKPOINT = "runs/entropy-model/checkpoint.pt"
-TRAIN_HINT = f"train one with: unetlm train recipes/entropy-model.toml --out {EXAMPLE_CHECKPOINT.rsplit('/', 1)[0]}"
+EXAMPLE_CHECKPOINT = "runs/entropy-model"
+TRAIN_HINT = f"train one with: unetlm train recipes/entropy-model.toml --out {EXAMPLE_CHECKPOINT}"
 
 
 @attrs.define
@@ -94,28 +94,35 @@ def entropy_boundaries(
 
 
 @functools.lru_cache(maxsize=8)
-def _load(path: str, mtime_ns: int, size: int, device: str):
+def _load(path: str, stamp: tuple, device: str):
     from unetlm.api import load_checkpoint
 
     model, _ = load_checkpoint(path, map_location=device)
     return model
 
 
+def _stamp(path: Path) -> tuple:
+    """(name, mtime, size) of every file the checkpoint at ``path`` is read from."""
+    from unetlm.api import checkpoint_files
+
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in checkpoint_files(path.resolve()))
+
+
 def load_entropy_model(path: str | Path, device: str = "cpu"):
-    """The checkpoint's model in eval mode, loaded once per process (reloaded if the file changes)."""
+    """The checkpoint's model in eval mode, loaded once per process (reloaded if its files change)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"entropy model checkpoint {str(path)!r} does not exist; {TRAIN_HINT}")
-    stat = path.stat()
-    return _load(str(path.resolve()), stat.st_mtime_ns, stat.st_size, device)
+    return _load(str(path.resolve()), _stamp(path), device)
 
 
 @functools.lru_cache(maxsize=8)
-def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+def _digest(stamp: tuple) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for name, _, _ in stamp:
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -188,9 +195,7 @@ class EntropySplitter(Splitter):
         return values
 
     def _cache_key(self, data: bytes) -> str:
-        path = Path(self.config.checkpoint)
-        stat = path.stat()
-        digest = hashlib.sha256(_file_digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size).encode())
+        digest = hashlib.sha256(_digest(_stamp(Path(self.config.checkpoint))).encode())
         digest.update(repr(self.window()).encode())
         digest.update(data)
         return digest.hexdigest()

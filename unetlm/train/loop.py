@@ -1,8 +1,11 @@
-"""The training loop, from one CPU process to many GPUs under torchrun.
+"""The training loop, from one CPU process to many GPUs under torchrun, in three parts.
 
-Model: built from the recipe (unetlm.api). Parallelism: unetlm.train.parallel (FSDP2, full
-state dicts). Data: unetlm.data (a global batch per step, a pure function of (seed, step),
-split into equal row blocks per rank). This module only wires them and runs the steps.
+``Trainer.setup``: the model from the recipe (unetlm.api), the data (:func:`make_data`: a global
+batch per step, a pure function of (seed, step), split into equal row blocks per rank), the
+micro-batch and activation checkpointing (:func:`unetlm.train.plan.plan_run`), parallelism applied from outside the model
+(:mod:`unetlm.train.parallelize`), optimizer and schedule, and the checkpointer
+(:mod:`unetlm.train.checkpointer`), which resumes the run. ``Trainer.step``: one optimizer step.
+``Trainer.log``: measurements reduced over ranks, evaluation when due, records written.
 """
 from __future__ import annotations
 
@@ -12,25 +15,26 @@ from pathlib import Path
 import attrs
 import torch
 
-from unetlm.api import build_model, model_from_state
+from unetlm.api import build_model
+from unetlm.core.tokens import BYTES, PAD
 from unetlm.data.loader import step_batches
 from unetlm.data.packing import ByteData, text_prefix, training_text
 from unetlm.data.sources import load_documents
 from unetlm.model.generate import generate
-from unetlm.model.stack import Stack
 from unetlm.model.summary import summarize
-from unetlm.core.tokens import BYTES, PAD
-from unetlm.recipe import Recipe, dump_recipe, recipe_from_dict
+from unetlm.recipe import Recipe, dump_recipe
 from unetlm.recipe.schema import TrainingSpec, check_device
 from unetlm.train import parallel
+from unetlm.train.checkpointer import Checkpointer
 from unetlm.train.errors import TrainingError
-from unetlm.train.checkpoint import CHECKPOINT, load_state, rng_state, save_atomic, set_rng_state
 from unetlm.train.metrics import MetricsWriter, bits_per_byte, open_tensorboard
 from unetlm.train.optim import make_optimizer, make_scheduler
 from unetlm.train.parallel import World, from_rank0
+from unetlm.train.parallelize import ParallelPlan, parallelize, plan_parallelism, set_gradient_sync
 from unetlm.train.plan import plan_run
 from unetlm.train.progress import Progress
-from unetlm.train.scaling import resolve_budget
+from unetlm.train.scaling import Budget, resolve_budget
+from unetlm.train.weights import load_trained
 
 
 def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -64,23 +68,6 @@ def use_compile(spec: TrainingSpec, device: torch.device) -> bool:
     return device.type == "cuda" if spec.compile == "auto" else spec.compile
 
 
-def compile_model(model: torch.nn.Module, world: World) -> None:
-    """Static shapes. One process: the whole forward is one graph; under FSDP2 each block is compiled."""
-    if world.distributed:
-        for stack in model.modules():
-            if isinstance(stack, Stack):
-                for block in stack.blocks:
-                    block.compile(dynamic=False)
-    else:
-        model.compile(dynamic=False)
-
-
-def set_activation_checkpointing(model: torch.nn.Module, on: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, Stack):
-            module.checkpointing = on
-
-
 def forward_loss(model, batch, dtype: torch.dtype | None):
     with torch.autocast(batch.tokens.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         return model(batch.tokens, batch.doc, batch.masks, batch.targets)
@@ -102,9 +89,10 @@ class StepOutput:
     truncated: list[torch.Tensor]  # per transition: boundaries dropped by max_len
     aux_loss: torch.Tensor | None  # learned splitters' ratio losses, mean over micro-batches
     bytes_per_chunk: list[torch.Tensor]  # per learned splitter, mean over micro-batches
+    grad_norm: torch.Tensor | None = None  # set by the optimizer step (before clipping)
 
 
-def forward_backward(model, batch, micro_rows: int, dtype, lengths: torch.Tensor, world: World) -> StepOutput:
+def forward_backward(model, batch, micro_rows: int, dtype, lengths: torch.Tensor, plan: ParallelPlan) -> StepOutput:
     """Forward and backward passes over ``batch`` in micro-batches of ``micro_rows`` rows (0: one pass).
 
     Each micro-batch's mean token loss is weighted by its share of the batch's targets, so the
@@ -117,7 +105,7 @@ def forward_backward(model, batch, micro_rows: int, dtype, lengths: torch.Tensor
     nats_bytes = torch.zeros(2, dtype=torch.float64, device=batch.targets.device)
     truncated, aux, per_chunk = None, [], []
     for i, part in enumerate(parts):
-        parallel.set_gradient_sync(model, i == len(parts) - 1, world)
+        set_gradient_sync(model, i == len(parts) - 1, plan)
         out = forward_loss(model, part, dtype)
         weight = (part.targets != PAD).sum() / total
         objective = out.loss * weight
@@ -140,34 +128,44 @@ def forward_backward(model, batch, micro_rows: int, dtype, lengths: torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, world: World | None = None, dtype: torch.dtype | None = None) -> float:
-    """Validation loss in nats per target byte (a token's loss spread over its bytes), over all ranks' rows."""
+def evaluate(model, batches, device, world: World | None = None, dtype: torch.dtype | None = None,
+             micro_rows: int = 0) -> float:
+    """Validation loss in nats per target byte (a token's loss spread over its bytes), over all ranks'
+    rows; under ``torch.no_grad`` in micro-batches of ``micro_rows`` rows, the shapes training uses
+    (so compiled blocks run their evaluation graph, one per block, never a new shape)."""
     model.eval()
     lengths = torch.as_tensor(model.tokenizer.lengths, device=device)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
-        batch = batch.to(device)
-        total += loss_per_byte(forward_loss(model, batch, dtype).loss, batch, lengths)
+        for part in batch.to(device).split(micro_rows):
+            total += loss_per_byte(forward_loss(model, part, dtype).loss, part, lengths)
     model.train()
     if world is not None:
         total = parallel.sum_over_ranks(total, world)
     return float(total[0] / total[1].clamp(min=1))
 
 
-def check_resume(ckpt_path: Path, recipe: Recipe, resume: bool, force: bool) -> dict | None:
+def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool, force: bool) -> dict | None:
+    """The saved train record to resume from (None: a fresh run); an error when the request and
+    the run directory disagree."""
     if not resume:
-        if ckpt_path.exists():
-            raise TrainingError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out")
+        if saved is not None:
+            raise TrainingError(f"{path} exists; pass --resume to continue it or choose another --out")
         return None
-    if not ckpt_path.exists():
-        raise TrainingError(f"--resume: no checkpoint at {ckpt_path}")
-    state = load_state(ckpt_path)
-    diffs = [d for d in recipe_differences(state["recipe"], recipe.to_dict()) if not d.startswith("training.steps")]
+    if saved is None:
+        legacy = path.parent / "checkpoint.pt"
+        if legacy.is_file():
+            raise TrainingError(
+                f"--resume: {legacy} is a single-file checkpoint of an older unetlm, which this version does "
+                f"not resume from (it resumes from sharded {path}/); start a new run with another --out"
+            )
+        raise TrainingError(f"--resume: no checkpoint at {path}")
+    diffs = [d for d in recipe_differences(saved["recipe"], recipe.to_dict()) if not d.startswith("training.steps")]
     if diffs and not force:
         raise TrainingError(
             "the recipe differs from the checkpoint's; pass --force to resume anyway:\n  " + "\n  ".join(diffs)
         )
-    return state
+    return saved
 
 
 def train(
@@ -177,180 +175,251 @@ def train(
     force: bool = False,
     progress: bool = True,
     sample: bool = True,
+    stop_at: int | None = None,
 ) -> dict:
-    """Train ``recipe`` into ``out_dir`` (checkpoint.pt, metrics.jsonl, recipe.toml); returns final metrics.
+    """Train ``recipe`` into ``out_dir`` (checkpoint/, metrics.jsonl, recipe.toml); returns the last
+    step's metrics. ``stop_at``: stop (with a checkpoint) after that step; ``--resume`` continues.
 
-    Run as one process, or under ``torchrun`` (every rank calls this; rank 0 writes).
+    Run as one process, or under ``torchrun`` (every rank calls this; rank 0 writes the logs,
+    every rank its checkpoint shards).
     """
-    spec = recipe.training
-    world = parallel.init_world(spec.device)
+    world = parallel.init_world(recipe.training.device)
     try:
-        return _train(recipe, Path(out_dir), world, resume, force, progress, sample)
+        trainer = Trainer.setup(recipe, Path(out_dir), world, resume, force, progress)
+        try:
+            last = trainer.run(stop_at)
+        finally:
+            trainer.close()
+        if sample and recipe.training.sample_bytes > 0 and world.main and last.get("step") == recipe.training.steps:
+            last["sample"] = sample_text(recipe, Path(out_dir))
+        return last
     finally:
         parallel.close_world(world)
 
 
-def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, progress: bool, sample: bool) -> dict:
-    spec = recipe.training
-    ckpt_path = out / CHECKPOINT
-    state = check_resume(ckpt_path, recipe, resume, force)
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    device = world.device
-    check_device(recipe.model, device.type, training=True)
-    torch.manual_seed(spec.seed)
-    model = build_model(recipe)
-    documents = load_documents(recipe.data)
-    if model.tokenizer is None:
-        model.tokenizer = run_tokenizer(recipe, documents, state, world)
-    summary = summarize(model)
-    seq_len = recipe.model.seq_len
-    budget = resolve_budget(
-        spec.batch_size, spec.lr, spec.steps, seq_len, summary.train_flops_per_byte, summary.bytes_per_token
-    )
-    spec = plan_run(recipe, budget, world, state, show=progress)  # micro-batch and checkpointing resolved
-    if state is not None:
-        model.load_state_dict(state["model"])
-    model.to(device)
-    set_activation_checkpointing(model, spec.activation_checkpointing)
-    parallel.shard_model(model, world)
-    optimizer = make_optimizer(model, spec, budget.lr)
-    scheduler = make_scheduler(optimizer, spec)
-    start_step = 0
-    if state is not None:
-        parallel.load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step = state["data"]["next_step"] if "data" in state else state["step"]
-    dtype = autocast_dtype(spec, device)
-    compiled = use_compile(spec, device)
-    if compiled:
-        compile_model(model, world)
+@attrs.define
+class Trainer:
+    """One training run: built by :meth:`setup`, advanced by :meth:`step`, reported by :meth:`log`."""
 
-    tokenizer = model.tokenizer
-    if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.toml").write_text(dump_recipe(recipe), encoding="utf-8")
-        if recipe.model.tokenizer is not None:
-            (out / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
-    data = ByteData.build(
-        documents, model.splitters, seq_len, budget.batch_size, recipe.data.valid_fraction, spec.seed, tokenizer
-    )
-    valid = data.valid_batches(spec.eval_batches, world.rank, world.size)
-    lengths = torch.as_tensor(tokenizer.lengths, device=device)
-    flops_per_byte = summary.train_flops_per_byte
-    bytes_per_step = budget.batch_size * seq_len * tokenizer.bytes_per_token
-    metrics = MetricsWriter(out / "metrics.jsonl") if world.main else None
-    board = open_tensorboard(out / "tensorboard") if (spec.tensorboard and world.main) else None
-    bar = Progress(spec.steps, start_step, enabled=progress and world.main)
-    bar.write(
-        f"{recipe.name or 'recipe'}: {summary.params:,} parameters, {flops_per_byte / 1e6:.2f} MFLOPs/byte "
-        f"(training), {len(data.train):,} training {'bytes' if tokenizer is BYTES else 'tokens'}, {world.size} x {device}, "
-        f"{'bfloat16 autocast' if dtype else 'float32'}{', compiled' if compiled else ''}"
-    )
-    bar.write(budget.describe())
+    recipe: Recipe
+    out: Path
+    world: World
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    data: ByteData
+    valid: list
+    checkpointer: Checkpointer
+    plan: ParallelPlan
+    budget: Budget
+    dtype: torch.dtype | None
+    micro_rows: int
+    start_step: int
+    logger: "RunLogger"
 
-    def checkpoint(step: int) -> None:
-        model_state, optim_state = parallel.full_state(model, optimizer)
+    @classmethod
+    def setup(cls, recipe: Recipe, out: Path, world: World, resume: bool, force: bool, progress: bool) -> "Trainer":
+        spec = recipe.training
+        background = world.device.type == "cuda" if spec.async_checkpoint == "auto" else spec.async_checkpoint
+        checkpointer = Checkpointer(out, world, async_save=background)
+        saved = check_resume(checkpointer.saved(), checkpointer.path, recipe, resume, force)
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        check_device(recipe.model, world.device.type, training=True)
+        torch.manual_seed(spec.seed)
+        model = build_model(recipe)
+        documents = load_documents(recipe.data)
+        if model.tokenizer is None:
+            model.tokenizer = run_tokenizer(recipe, documents, saved, world)
+        summary = summarize(model)
+        budget = resolve_budget(
+            spec.batch_size, spec.lr, spec.steps, recipe.model.seq_len, summary.train_flops_per_byte,
+            summary.bytes_per_token,
+        )
+        data = make_data(recipe, documents, model, budget)
+        spec = plan_run(recipe, budget, world, saved, show=progress)  # micro-batch and checkpointing resolved
+        dtype = autocast_dtype(spec, world.device)
+        plan = plan_parallelism(spec, world, spec.activation_checkpointing, use_compile(spec, world.device), dtype)
+        model.to(world.device)
+        parallelize(model, plan, world)
+        optimizer = make_optimizer(model, spec, budget.lr)
+        scheduler = make_scheduler(optimizer, spec)
+        tokenizer = model.tokenizer if recipe.model.tokenizer is not None else None
+        checkpointer.track(model, optimizer, scheduler, recipe, tokenizer, budget.batch_size)
+        start_step = checkpointer.load() if saved is not None else 0
         if world.main:
-            save_atomic(
-                {
-                    "model": model_state,
-                    "optimizer": optim_state,
-                    "scheduler": scheduler.state_dict(),
-                    "step": step,
-                    "data": {"next_step": step, "seed": spec.seed, "world_size": world.size, "batch_size": budget.batch_size},
-                    "recipe": recipe.to_dict(),
-                    "rng": rng_state(),
-                }
-                | ({"tokenizer": tokenizer.to_json()} if recipe.model.tokenizer is not None else {}),
-                ckpt_path,
-            )
-        parallel.barrier(world)
+            write_run_files(out, recipe, tokenizer)
+        logger = RunLogger.open(recipe, out, world, model.tokenizer, budget, summary.train_flops_per_byte,
+                                start_step, progress)
+        trainer = cls(recipe, out, world, model, optimizer, scheduler, data,
+                      data.valid_batches(spec.eval_batches, world.rank, world.size), checkpointer, plan, budget, dtype,
+                      spec.micro_batch_size, start_step, logger)
+        logger.write(trainer.describe(summary))
+        return trainer
 
-    model.train()
-    step = start_step
-    last: dict = {}
-    batches = step_batches(data, start_step, spec.steps, world.rank, world.size, recipe.data.workers)
-    started = time.perf_counter()
-    try:
-        while step < spec.steps:
-            batch = next(batches).to(device)
-            optimizer.zero_grad(set_to_none=True)
-            output = forward_backward(model, batch, spec.micro_batch_size, dtype, lengths, world)
-            loss = parallel.mean_over_ranks(output.loss, world)
-            nats, n_bytes = parallel.sum_over_ranks(output.nats_bytes, world).tolist()
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {float(loss)} at step {step + 1}; stopping. The last good checkpoint "
-                    f"({ckpt_path}) is kept; lower training.lr or training.grad_clip and --resume."
-                )
-            grad_norm = parallel.local_tensor(
-                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
+    def describe(self, summary) -> str:
+        tokens = "bytes" if self.model.tokenizer is BYTES else "tokens"
+        return (
+            f"{self.recipe.name or 'recipe'}: {summary.params:,} parameters, "
+            f"{summary.train_flops_per_byte / 1e6:.2f} MFLOPs/byte (training), {len(self.data.train):,} training "
+            f"{tokens}, {self.world.size} x {self.world.device}, "
+            f"{'bfloat16 autocast' if self.dtype else 'float32'}, {self.plan.describe()}\n{self.budget.describe()}"
+        )
+
+    def step(self, number: int, batch) -> StepOutput:
+        """Optimizer step ``number`` (from 1) on ``batch``, this rank's rows of the step's global batch."""
+        self.optimizer.zero_grad(set_to_none=True)
+        lengths = self.logger.lengths
+        output = forward_backward(self.model, batch, self.micro_rows, self.dtype, lengths, self.plan)
+        output.loss = parallel.mean_over_ranks(output.loss, self.world)
+        if not torch.isfinite(output.loss):
+            raise TrainingError(
+                f"loss became {float(output.loss)} at step {number}; stopping. The last good "
+                f"checkpoint ({self.checkpointer.path}) is kept; lower training.lr or training.grad_clip and --resume."
             )
-            if not torch.isfinite(grad_norm):
-                raise TrainingError(
-                    f"gradient norm became {float(grad_norm)} at step {step + 1}; stopping. The last good "
-                    f"checkpoint ({ckpt_path}) is kept; lower training.lr and --resume."
-                )
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_value = loss.item()
-            truncated = [int(parallel.sum_over_ranks(t, world)) for t in output.truncated]
-            elapsed = time.perf_counter() - started
-            last = {
-                "step": step,
-                "loss": loss_value,
-                "bpb": bits_per_byte(nats / max(n_bytes, 1.0)),
-                "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_multiplier", 1.0),
-                "grad_norm": float(grad_norm),
-                "bytes": step * bytes_per_step,
-                "flops": step * bytes_per_step * flops_per_byte,
-                "bytes_per_s": (step - start_step) * bytes_per_step / max(elapsed, 1e-9),
-                "truncated": truncated,
-            }
-            if output.aux_loss is not None:  # learned splitters: ratio loss and achieved bytes per chunk
-                last["aux_loss"] = float(parallel.mean_over_ranks(output.aux_loss.detach(), world))
-                last["bytes_per_chunk"] = [float(parallel.mean_over_ranks(b, world)) for b in output.bytes_per_chunk]
-            if step % spec.eval_every == 0 or step == spec.steps:
-                val = evaluate(model, valid, device, world, dtype)
-                last["val_loss"], last["val_bpb"] = val, bits_per_byte(val)
-            if metrics is not None:
-                metrics.write(last)
-            if board is not None:
-                for key in ("loss", "bpb", "lr", "grad_norm", "bytes_per_s", "val_bpb"):
-                    if key in last:
-                        board.add_scalar(f"train/{key}", last[key], step)
-            if any(truncated):
-                bar.write(f"step {step}: truncated boundaries per stage transition: {truncated} (raise max_len)")
-            shown = {"loss": loss_value, "bpb": last["bpb"], "bytes/s": f"{last['bytes_per_s']:,.0f}"}
-            if "val_bpb" in last:
-                shown["val_bpb"] = last["val_bpb"]
-            bar.update(step, **shown)
-            if step % spec.checkpoint_every == 0 or step == spec.steps:
-                checkpoint(step)
-    except KeyboardInterrupt:
-        bar.close()
-        checkpoint(step)
-        if world.main:
-            print(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with --resume", flush=True)
+        clip = self.recipe.training.grad_clip or float("inf")
+        output.grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not torch.isfinite(output.grad_norm):
+            raise TrainingError(
+                f"gradient norm became {float(output.grad_norm)} at step {number}; stopping. The last "
+                f"good checkpoint ({self.checkpointer.path}) is kept; lower training.lr and --resume."
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        return output
+
+    def log(self, step: int, output: StepOutput) -> dict:
+        """Reduce the step's measurements over ranks, evaluate when due; rank 0 writes and shows them."""
+        spec = self.recipe.training
+        record = self.logger.record(step, output, self.optimizer)
+        if step % spec.eval_every == 0 or step == spec.steps:
+            val = evaluate(self.model, self.valid, self.world.device, self.world, self.dtype, self.micro_rows)
+            record["val_loss"], record["val_bpb"] = val, bits_per_byte(val)
+        self.logger.emit(record)
+        return record
+
+    def run(self, stop_at: int | None = None) -> dict:
+        """Steps from the start step to ``training.steps`` (or ``stop_at``), checkpointing as due and on Ctrl-C."""
+        spec = self.recipe.training
+        stop = spec.steps if stop_at is None else min(stop_at, spec.steps)
+        step, last = self.start_step, {}
+        batches = step_batches(self.data, step, stop, self.world.rank, self.world.size, self.recipe.data.workers)
+        self.model.train()
+        try:
+            while step < stop:
+                output = self.step(step + 1, next(batches).to(self.world.device))
+                step += 1
+                last = self.log(step, output)
+                if step % spec.checkpoint_every == 0 or step == stop:
+                    self.checkpointer.save(step)
+        except KeyboardInterrupt:
+            self.logger.close()
+            self.checkpointer.save(step)
+            if self.world.main:
+                print(f"\ninterrupted: saved step {step} to {self.checkpointer.path}; continue with --resume", flush=True)
         return last
-    finally:
-        bar.close()
-        if board is not None:
-            board.close()
 
-    if sample and spec.sample_bytes > 0 and world.main:
-        last["sample"] = sample_text(recipe, load_state(ckpt_path))
-    return last
+    def close(self) -> None:
+        self.logger.close()
+        self.checkpointer.close()
+
+
+def make_data(recipe: Recipe, documents: list[bytes], model, budget: Budget) -> ByteData:
+    """The run's training and validation data: batches per (step, rank, world)."""
+    return ByteData.build(
+        documents, model.splitters, recipe.model.seq_len, budget.batch_size, recipe.data.valid_fraction,
+        recipe.training.seed, model.tokenizer,
+    )
+
+
+def write_run_files(out: Path, recipe: Recipe, tokenizer) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.toml").write_text(dump_recipe(recipe), encoding="utf-8")
+    if tokenizer is not None:
+        (out / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+
+
+@attrs.define
+class RunLogger:
+    """Per-step records: reduced over ranks, written (rank 0) to metrics.jsonl, TensorBoard and the bar."""
+
+    world: World
+    lengths: torch.Tensor  # (vocab,) bytes per token id, on the device
+    bytes_per_step: float
+    flops_per_byte: float
+    start_step: int
+    bar: Progress
+    metrics: MetricsWriter | None
+    board: object | None
+    started: float = attrs.field(factory=time.perf_counter)
+
+    @classmethod
+    def open(cls, recipe: Recipe, out: Path, world: World, tokenizer, budget: Budget, flops_per_byte: float,
+             start_step: int, progress: bool) -> "RunLogger":
+        spec = recipe.training
+        return cls(
+            world,
+            torch.as_tensor(tokenizer.lengths, device=world.device),
+            budget.batch_size * recipe.model.seq_len * tokenizer.bytes_per_token,
+            flops_per_byte,
+            start_step,
+            Progress(spec.steps, start_step, enabled=progress and world.main),
+            MetricsWriter(out / "metrics.jsonl") if world.main else None,
+            open_tensorboard(out / "tensorboard") if (spec.tensorboard and world.main) else None,
+        )
+
+    def write(self, text: str) -> None:
+        for line in text.splitlines():
+            self.bar.write(line)
+
+    def record(self, step: int, output: StepOutput, optimizer) -> dict:
+        world = self.world
+        nats, n_bytes = parallel.sum_over_ranks(output.nats_bytes, world).tolist()
+        elapsed = time.perf_counter() - self.started
+        group = optimizer.param_groups[0]
+        record = {
+            "step": step,
+            "loss": output.loss.item(),
+            "bpb": bits_per_byte(nats / max(n_bytes, 1.0)),
+            "lr": group["lr"] / group.get("lr_multiplier", 1.0),
+            "grad_norm": float(output.grad_norm),
+            "bytes": step * self.bytes_per_step,
+            "flops": step * self.bytes_per_step * self.flops_per_byte,
+            "bytes_per_s": (step - self.start_step) * self.bytes_per_step / max(elapsed, 1e-9),
+            "truncated": [int(parallel.sum_over_ranks(t, world)) for t in output.truncated],
+        }
+        if output.aux_loss is not None:  # learned splitters: ratio loss and achieved bytes per chunk
+            record["aux_loss"] = float(parallel.mean_over_ranks(output.aux_loss.detach(), world))
+            record["bytes_per_chunk"] = [float(parallel.mean_over_ranks(b, world)) for b in output.bytes_per_chunk]
+        return record
+
+    def emit(self, record: dict) -> None:
+        step = record["step"]
+        if self.metrics is not None:
+            self.metrics.write(record)
+        if self.board is not None:
+            for key in ("loss", "bpb", "lr", "grad_norm", "bytes_per_s", "val_bpb"):
+                if key in record:
+                    self.board.add_scalar(f"train/{key}", record[key], step)
+        if any(record["truncated"]):
+            self.bar.write(f"step {step}: truncated boundaries per stage transition: {record['truncated']} (raise max_len)")
+        shown = {"loss": record["loss"], "bpb": record["bpb"], "bytes/s": f"{record['bytes_per_s']:,.0f}"}
+        if "val_bpb" in record:
+            shown["val_bpb"] = record["val_bpb"]
+        self.bar.update(step, **shown)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
 
 def run_tokenizer(recipe: Recipe, documents: list[bytes], state: dict | None, world: World):
     """The run's tokenizer: from the checkpoint when resuming, else trained (on rank 0) on the training split."""
     from unetlm.data.bpe import BpeTokenizer
 
-    if state is not None and "tokenizer" in state:
+    if state is not None and state.get("tokenizer") is not None:
         return BpeTokenizer.from_json(state["tokenizer"])
     spec = recipe.model.tokenizer
     text = training_text(documents, recipe.data.valid_fraction)
@@ -359,10 +428,10 @@ def run_tokenizer(recipe: Recipe, documents: list[bytes], state: dict | None, wo
     return BpeTokenizer.from_json(from_rank0(lambda: BpeTokenizer.train(text, spec.vocab_size).to_json(), world))
 
 
-def sample_text(recipe: Recipe, state: dict) -> str:
+def sample_text(recipe: Recipe, run_dir: Path) -> str:
     """A continuation of ``training.sample_prompt`` by an eager, unsharded copy of the trained model."""
     spec = recipe.training
-    model = model_from_state(recipe, state)
+    model, _ = load_trained(run_dir)
     prompt = spec.sample_prompt.encode("utf-8")
     options = dict(temperature=0.8, top_k=40, seed=spec.seed)
     try:
@@ -372,9 +441,4 @@ def sample_text(recipe: Recipe, state: dict) -> str:
     return (prompt + text).decode("utf-8", errors="replace")
 
 
-def load_run_recipe(run_dir: str | Path) -> Recipe:
-    state = load_state(Path(run_dir) / CHECKPOINT)
-    return recipe_from_dict(state["recipe"])
-
-
-__all__ = ["TrainingError", "evaluate", "load_run_recipe", "train"]
+__all__ = ["Trainer", "TrainingError", "evaluate", "train"]

@@ -294,7 +294,7 @@ def plan_run(recipe, budget, world, state: dict | None, show: bool = True):
     ``state``; the chosen plan printed on the main process; TrainingError for what cannot run."""
     from unetlm.train.errors import TrainingError
 
-    stored = (state or {}).get("data", {}).get("batch_size")
+    stored = (state or {}).get("batch_size")
     try:
         spec, plan = plan_training(recipe, budget, world.device, world.size, stored)
     except ValueError as exc:

@@ -1,0 +1,65 @@
+"""Parallelism applied from outside the model: FSDP2 units, mixed precision, HSDP mesh checks."""
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+
+import unetlm
+from test_train import tiny_recipe_dict
+from unetlm.recipe import recipe_from_dict
+from unetlm.train.errors import TrainingError
+from unetlm.train.parallel import World
+from unetlm.train.parallelize import parallelize, plan_parallelism
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank, so fully_shard runs inside the test process."""
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+def test_units_and_mixed_precision(one_rank_group):
+    data = tiny_recipe_dict("unused", activation_checkpointing=True)
+    data["model"]["embedding"] = {"hash_ngrams": [3, 4], "hash_buckets": 64}
+    recipe = recipe_from_dict(data)
+    model = unetlm.build_model(recipe)
+    world = World(0, 1, 0, CPU)
+    plan = attrs.evolve(plan_parallelism(recipe.training, world, True, False, torch.bfloat16), shard=True,
+                         param_dtype=torch.bfloat16)
+    parallelize(model, plan, world)
+    units = {name for name, m in model.named_modules() if isinstance(m, FSDPModule)}
+    blocks = {name for name in units if ".blocks." in name}
+    assert blocks == {"encoders.0.blocks.0", "middle.blocks.0", "decoders.0.blocks.0"}
+    assert units - blocks == {"", "embed", "embed.hashed.0", "embed.hashed.1", "head"}
+    assert "activation checkpointing" in plan.describe() and "bfloat16 parameters" in plan.describe()
+    tokens = torch.randint(0, 256, (1, 64))
+    out = model(tokens, targets=tokens.roll(-1, 1))  # blocks compute with bfloat16 parameters
+    out.loss.backward()
+    assert out.logits.dtype == torch.bfloat16
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())  # fp32 sharded params and grads
+
+
+def test_shard_size_must_divide_the_world():
+    spec = recipe_from_dict(tiny_recipe_dict("unused", shard_size=3)).training
+    with pytest.raises(TrainingError, match="training.shard_size = 3 is invalid: it must divide the 4 processes"):
+        plan_parallelism(spec, World(0, 4, 0, CPU), False, False, None)
+    plan = plan_parallelism(attrs.evolve(spec, shard_size=2), World(0, 4, 0, CPU), False, False, None)
+    assert plan.replicas == 2 and "HSDP (2 replicas x 2 shards)" in plan.describe()
+
+
+def test_flex_attention_only_for_compiled_blocks():
+    from unetlm.train.parallelize import compile_blocks
+
+    model = unetlm.build_model(recipe_from_dict(tiny_recipe_dict("unused")))
+    block = model.middle.blocks[0]
+    cuda = torch.device("cuda")  # only the choice is checked: nothing runs on the device
+    assert block._backend(cuda) == "sdpa" and block._backend(CPU) == "sdpa"
+    compile_blocks(model)
+    assert block._backend(cuda) == "flex" and block._backend(CPU) == "sdpa"

@@ -1,0 +1,151 @@
+"""Parallelism applied to a built model from outside it, in one place and one order.
+
+:func:`parallelize` takes a freshly built (unsharded) model and, per mixer block:
+
+1. activation checkpointing: the block is wrapped so that its activations are recomputed in
+   the backward pass (``torch.utils.checkpoint``, non-reentrant);
+2. compile: the (wrapped) block is compiled on its own, with static shapes, so every stage
+   has one graph per block kind and mode (training, evaluation);
+3. FSDP2 (several processes): ``fully_shard`` per block, then the hash-embedding tables, the
+   byte embedding and the head as units of their own, then the root (poolers, upsamplers,
+   norms). With bfloat16 training the units gather bfloat16 parameters and reduce gradients
+   in float32 (``MixedPrecisionPolicy``). ``training.shard_size`` below the world size gives
+   HSDP over a 2-D mesh: parameters sharded within groups of ``shard_size`` ranks (a node) and
+   replicated across groups.
+
+The model code knows none of this: :class:`~unetlm.model.stack.Stack` builds what its blocks
+share before calling them, so a wrapped, compiled or sharded block behaves like the plain one.
+"""
+from __future__ import annotations
+
+import attrs
+import torch
+from torch import nn
+
+from unetlm.model.stack import Stack
+from unetlm.recipe.schema import TrainingSpec
+from unetlm.train.errors import TrainingError
+from unetlm.train.parallel import World
+
+
+@attrs.frozen
+class ParallelPlan:
+    """How :func:`parallelize` treats a model; :func:`plan_parallelism` derives it from the recipe."""
+
+    checkpointing: bool  # recompute each block in the backward pass
+    compile: bool  # torch.compile each block
+    shard: bool  # FSDP2 units (several processes)
+    param_dtype: torch.dtype | None  # FSDP2 gathers parameters in this dtype (None: as stored, float32)
+    shard_size: int  # ranks a parameter is sharded over; fewer than the world size: HSDP
+    world_size: int = 1
+
+    def describe(self) -> str:
+        parts = []
+        if self.shard:
+            parts.append("FSDP2" if self.replicas == 1 else f"HSDP ({self.replicas} replicas x {self.shard_size} shards)")
+            if self.param_dtype is not None:
+                parts.append(f"{str(self.param_dtype).removeprefix('torch.')} parameters, float32 reduction")
+        if self.checkpointing:
+            parts.append("activation checkpointing")
+        if self.compile:
+            parts.append("compiled blocks")
+        return ", ".join(parts) or "eager, unsharded"
+
+    @property
+    def replicas(self) -> int:
+        return self.world_size // self.shard_size if self.shard else 1
+
+
+def plan_parallelism(
+    spec: TrainingSpec, world: World, checkpointing: bool, compiled: bool, dtype: torch.dtype | None
+) -> ParallelPlan:
+    """The plan for ``spec`` on ``world``; ``checkpointing``, ``compiled`` and the autocast ``dtype``
+    as the loop resolved them."""
+    shard_size = spec.shard_size or world.size
+    if world.size % shard_size:
+        raise TrainingError(
+            f"training.shard_size = {spec.shard_size} is invalid: it must divide the {world.size} processes "
+            f"(0 shards over all of them)"
+        )
+    return ParallelPlan(
+        checkpointing=checkpointing,
+        compile=compiled,
+        shard=world.distributed,
+        param_dtype=dtype if world.distributed else None,
+        shard_size=shard_size,
+        world_size=world.size,
+    )
+
+
+def mixer_stacks(model: nn.Module) -> list[Stack]:
+    return [m for m in model.modules() if isinstance(m, Stack)]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Wrap every mixer block so the backward pass recomputes it (parameter names stay as they were)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for stack in mixer_stacks(model):
+        for i, block in enumerate(stack.blocks):
+            stack.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each mixer block (after checkpointing, so the recomputation is compiled too)."""
+    for stack in mixer_stacks(model):
+        for block, mixer in zip(stack.blocks, stack.mixers()):
+            mixer.compiled = True  # e.g. attention picks FlexAttention on CUDA only when compiled
+            block.compile(dynamic=False)
+
+
+def device_mesh(plan: ParallelPlan, world: World):
+    """1-D mesh over all ranks, or for HSDP 2-D ("replicate", "shard") with ``shard_size`` ranks per group."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if plan.replicas == 1:
+        return init_device_mesh(world.device.type, (world.size,), mesh_dim_names=("shard",))
+    return init_device_mesh(world.device.type, (plan.replicas, plan.shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model: nn.Module, plan: ParallelPlan, world: World) -> None:
+    """FSDP2 units: each block; each hash-embedding table; the byte embedding; the head; then the root.
+
+    A head tied to the embedding shares its weight with it, so both stay in the root unit.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = device_mesh(plan, world)
+    policy = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=torch.float32)
+
+    def unit(module: nn.Module, reshard: bool = True) -> None:
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+
+    for stack in mixer_stacks(model):
+        for block in stack.blocks:
+            unit(block)
+    embed = getattr(model, "embed", None)
+    if embed is not None:
+        for table in embed.hashed:
+            unit(table)
+        if not model.spec.tie_embeddings:
+            unit(embed)
+            unit(model.head, reshard=False)  # used last in the forward, first in the backward
+    unit(model, reshard=False)
+
+
+def parallelize(model: nn.Module, plan: ParallelPlan, world: World) -> nn.Module:
+    """Apply ``plan`` to ``model`` (already on ``world.device``): checkpointing, compile, FSDP2, in that order."""
+    if plan.checkpointing:
+        apply_activation_checkpointing(model)
+    if plan.compile:
+        compile_blocks(model)
+    if plan.shard:
+        shard(model, plan, world)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, sync: bool, plan: ParallelPlan) -> None:
+    """Under FSDP2, whether the next backward reduces gradients across ranks (off for all but the
+    last micro-batch of a step); unsharded: nothing to do."""
+    if plan.shard:
+        model.set_requires_gradient_sync(sync)
