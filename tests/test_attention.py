@@ -68,6 +68,7 @@ def test_eager_flex_attention_equals_sdpa(length, window):
     x = torch.randn(2, length, 32)
     with torch.no_grad():  # eager FlexAttention has no backward on the CPU
         memo: dict = {}
+        flex.prepare(info, memo)
         got = flex(x, info, memo)
         assert any(key[:2] == ("attention-mask", "flex") for key in memo if isinstance(key, tuple))
         want = sdpa(x, info, {})

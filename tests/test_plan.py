@@ -14,6 +14,7 @@ from unetlm.cli import main
 from unetlm.recipe import load_recipe
 from unetlm.train import activations, hardware, loop, plan
 from unetlm.train.errors import TrainingError
+from unetlm.train.parallelize import mixer_stacks
 from unetlm.train.scaling import check_resumed_batch, round_batch, split_batch
 
 TINY = sorted(Path("recipes/tiny").glob("*.toml"))
@@ -79,7 +80,9 @@ def test_train_runs_the_planned_micro_batch_and_checkpointing(tmp_path, monkeypa
 
     def spy(model, batch, micro_rows, *args):
         used["micro"] = micro_rows
-        used["checkpointing"] = {s.checkpointing for s in model.modules() if isinstance(s, loop.Stack)}
+        used["checkpointing"] = {  # parallelize wraps every mixer block when checkpointing
+            hasattr(b, "_checkpoint_wrapped_module") for s in mixer_stacks(model) for b in s.blocks
+        }
         return real_forward_backward(model, batch, micro_rows, *args)
 
     monkeypatch.setattr(loop, "forward_backward", spy)

@@ -88,12 +88,12 @@ def example_inputs(model, rows: int, seq_len: int) -> tuple:
 def saved_by_forward(model, inputs: tuple, checkpointing: bool, autocast: bool = True) -> SavedBytes:
     """Saved bytes of one training forward of ``inputs`` (the CPU's code path), under bfloat16
     autocast or in float32."""
-    from unetlm.model.stack import Stack
+    from unetlm.train.parallelize import apply_activation_checkpointing, mixer_stacks
 
-    stacks = [m for m in model.modules() if isinstance(m, Stack)]
-    before = [s.checkpointing for s in stacks]
-    for s in stacks:
-        s.checkpointing = checkpointing
+    stacks = mixer_stacks(model)
+    before = [list(s.blocks) for s in stacks]
+    if checkpointing:  # wrapped exactly as training wraps them, unwrapped afterwards
+        apply_activation_checkpointing(model)
     model.train()
 
     def run():
@@ -103,8 +103,9 @@ def saved_by_forward(model, inputs: tuple, checkpointing: bool, autocast: bool =
     try:
         return count_saved_bytes(model, run)
     finally:
-        for s, b in zip(stacks, before):
-            s.checkpointing = b
+        for s, blocks in zip(stacks, before):
+            for i, block in enumerate(blocks):
+                s.blocks[i] = block
 
 
 @attrs.frozen
