@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetlm.mixers.base import Mixer, StepInfo
+from unetlm.core.step import StepInfo
+from unetlm.mixers.base import Mixer
 from unetlm.core.layout import StageInfo
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.structure import non_negative, positive
@@ -142,8 +143,7 @@ class AttentionBlock(Mixer):
             sin=sin,
         )
 
-    def step(self, x: torch.Tensor, state: KVCache, memo: dict) -> tuple[torch.Tensor, KVCache]:
-        info: StepInfo = memo["step"]
+    def step(self, x: torch.Tensor, state: KVCache, info: StepInfo) -> tuple[torch.Tensor, KVCache]:
         B, (_, H, slots, hd) = x.shape[0], state.k.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(B, 3, H, hd).unbind(1)
         cos, sin = state.cos[info.pos].unsqueeze(1), state.sin[info.pos].unsqueeze(1)
@@ -167,6 +167,25 @@ class AttentionBlock(Mixer):
         y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask)
         x = x + self.out(y.reshape(B, -1))
         return self._mlp(x), state
+
+    def prefill(self, x: torch.Tensor, state: KVCache, info: StageInfo) -> tuple[torch.Tensor, KVCache]:
+        """The forward pass, then each row's newest keys into the cache: slot j holds the
+        largest valid position p with p % slots == j."""
+        B, L, _ = x.shape
+        y = self.forward(x, info, {})
+        _, k, v = self.qkv(self.attn_norm(x)).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k = apply_rotary(k, state.cos[:L], state.sin[:L])
+        slots = state.k.shape[2]
+        last = info.valid.sum(1, keepdim=True) - 1  # (B, 1)
+        j = torch.arange(slots, device=x.device)
+        pos = j + slots * torch.div(last - j, slots, rounding_mode="floor")  # (B, slots)
+        held = pos >= 0
+        index = pos.clamp(min=0)[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
+        empty = ~held[:, None, :, None]
+        state.k.copy_(k.gather(2, index).masked_fill(empty, 0))
+        state.v.copy_(v.gather(2, index).masked_fill(empty, 0))
+        state.pos.copy_(torch.where(held, pos, -1))
+        return y, state
 
     def forward_flops(self, length: int) -> float:
         inner = self.heads * self.head_dim

@@ -1,4 +1,7 @@
-"""A stack of mixer blocks run at one stage; with ``checkpointing`` each block is recomputed in backward."""
+"""A stack of mixer blocks run at one stage; with ``checkpointing`` each block is recomputed in backward.
+
+The stack follows the blocks' step protocol (:mod:`unetlm.core.step`) with a list of their states.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,6 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from unetlm.core.layout import StageInfo
+from unetlm.core.step import StepInfo
 from unetlm.recipe.schema import Component
 
 
@@ -24,6 +28,23 @@ class Stack(nn.Module):
             else:
                 h = block(h, info, memo)
         return h
+
+    def init_state(self, batch: int, max_len: int, device, dtype) -> list:
+        return [block.init_state(batch, max_len, device, dtype) for block in self.blocks]
+
+    def step(self, h: torch.Tensor, states: list, info: StepInfo) -> tuple[torch.Tensor, list]:
+        new = []
+        for block, state in zip(self.blocks, states):
+            h, state = block.step(h, state, info)
+            new.append(state)
+        return h, new
+
+    def prefill(self, h: torch.Tensor, states: list, info: StageInfo) -> tuple[torch.Tensor, list]:
+        new = []
+        for block, state in zip(self.blocks, states):
+            h, state = block.prefill(h, state, info)
+            new.append(state)
+        return h, new
 
     def forward_flops(self, length: int) -> float:
         return sum(block.forward_flops(length) for block in self.blocks)

@@ -15,7 +15,7 @@ from torch import nn
 
 from unetlm.core.layout import Link
 from unetlm.recipe.structure import positive
-from unetlm.upsamplers.base import Upsampler
+from unetlm.upsamplers.base import NewestUpsampler
 
 
 @attrs.define
@@ -23,7 +23,7 @@ class MultiLinearConfig:
     offsets: int = attrs.field(default=16, validator=positive)
 
 
-class MultiLinearUpsampler(Upsampler):
+class MultiLinearUpsampler(NewestUpsampler):
     Config = MultiLinearConfig
     examples = [{}, {"offsets": 2}]
 
@@ -46,7 +46,7 @@ class MultiLinearUpsampler(Upsampler):
         step applies the one offset map it needs: a segment rarely uses all of them)."""
         return torch.cat([self.shared(coarse), coarse], dim=-1)
 
-    def step(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    def read(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor | None) -> torch.Tensor:
         shared, coarse = prepared.split([self.fine_dim, self.coarse_dim], dim=-1)
         maps = self.per_offset.weight.view(self.config.offsets, self.fine_dim, self.coarse_dim)
         offset = offset.clamp(max=self.config.offsets - 1)
