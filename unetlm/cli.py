@@ -100,6 +100,15 @@ def cmd_plot(args) -> int:
 def cmd_bench_generate(args) -> int:
     from unetlm.bench.generate import bench_generate
 
+    if args.prompt_bytes is not None:
+        from unetlm.bench.generate import bench_first_byte, first_byte_table
+
+        if args.checkpoint or args.match_flops_of or not args.recipes or args.prompt_bytes < 1:
+            print("unetlm: error: --prompt-bytes N (N >= 1) measures recipes (random weights): give RECIPE ... "
+                  "and neither --checkpoint nor --match-flops-of", file=sys.stderr)
+            return 2
+        print(first_byte_table(bench_first_byte(args.recipes, args.prompt_bytes, args.json)))
+        return 0
     contexts = [int(c) for c in args.context.split(",")]
     bench_generate(args.recipes, contexts, args.json, checkpoint=args.checkpoint, match_flops_of=args.match_flops_of)
     return 0
@@ -261,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="measure a trained checkpoint instead of random weights")
     p.add_argument("--match-flops-of", default=None, metavar="RECIPE",
                    help="also cut a byte transformer to this recipe's FLOPs per byte and measure it")
+    p.add_argument("--prompt-bytes", type=int, default=None, metavar="N",
+                   help="instead: time to the first byte after an N-byte prompt, prefilled against stepped")
     p.add_argument("--json", required=True, help="file to write the list of records to")
     p.set_defaults(func=cmd_bench_generate)
 
