@@ -488,3 +488,19 @@ def test_benchmark_record_schema_and_modes_agree():
         assert len(record["bytes_per_s_each"]) == 2 and record["peak_mem_bytes"] >= 0
     assert records[0]["stage_firing_rates"] == pytest.approx(records[1]["stage_firing_rates"])
     assert "| au3 | 48 |" in markdown_table(records)
+
+
+def test_first_byte_benchmark_records():
+    from unetlm.bench.generate import _measure_first_byte, first_byte_table
+    from unetlm.cli import main
+
+    task = {"checkpoint": None, "recipe": str(TINY_RECIPES[0].parent / "hnet.toml"), "overrides": [],
+            "name": "hnet", "prompt_bytes": 40, "repeats": 1, "threads": 1}
+    records = [_measure_first_byte({**task, "mode": mode}) for mode in ("prefill", "stepped")]
+    for record, mode in zip(records, ("prefill", "stepped")):
+        assert record["mode"] == mode and record["time_to_first_byte_s"] > 0
+        assert record["prefill_bytes_per_s"] == pytest.approx(41 / record["time_to_first_byte_s"])
+    assert records[0]["stage_firing_rates"] == pytest.approx(records[1]["stage_firing_rates"], abs=1e-12)
+    assert 0 < records[0]["stage_firing_rates"][1] < 1
+    assert "| hnet | 40 |" in first_byte_table(records)
+    assert main(["bench", "generate", "--prompt-bytes", "8", "--json", "unused.json"]) == 2  # no recipe

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import attrs
+import numpy as np
 import torch
 
 from unetlm.core.layout import Link, StageInfo
@@ -35,14 +36,14 @@ class StepInfo:
     uniform: bool  # every row advances, all at the same pos: every cached key is visible
 
     @staticmethod
-    def at(pos: torch.Tensor, write: torch.Tensor) -> StepInfo:
-        """From positions (B,) and the advancing rows (B,) (this reads them on the host)."""
+    def at(pos: np.ndarray, write: np.ndarray, device) -> StepInfo:
+        """From host arrays: positions (B,) long and the advancing rows (B,) bool."""
         written = pos[write]
         all_write = bool(write.all())
         return StepInfo(
-            pos=pos,
-            write=write,
-            length=int(written.max()) + 1 if len(written) else 1,
+            pos=torch.from_numpy(pos.copy()).to(device),
+            write=torch.from_numpy(write.copy()).to(device),
+            length=int(written.max()) + 1 if written.size else 1,
             all_write=all_write,
             uniform=all_write and bool((pos == pos[0]).all()),
         )
@@ -62,9 +63,10 @@ class LinkStep:
 def stage_steps(info: StageInfo) -> Iterator[StepInfo]:
     """The :class:`StepInfo` of each position of a full-forward stage, in order (for prefills
     written as a loop of steps)."""
-    B, L = info.valid.shape
+    valid = info.valid.cpu().numpy()
+    B, L = valid.shape
     for t in range(L):
-        yield StepInfo.at(torch.full((B,), t, dtype=torch.long, device=info.valid.device), info.valid[:, t])
+        yield StepInfo.at(np.full(B, t, dtype=np.int64), valid[:, t], info.valid.device)
 
 
 def link_steps(link: Link) -> Iterator[LinkStep]:

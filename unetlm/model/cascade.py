@@ -165,14 +165,7 @@ class Cascade:
 
     def _stage_step(self, s: int, fire: np.ndarray) -> StepInfo:
         pos = np.where(fire, self.count[s], np.minimum(self.count[s], self.max_len[s] - 1))  # in range
-        all_write = bool(fire.all())
-        return StepInfo(
-            pos=torch.from_numpy(pos.copy()).to(self.device),
-            write=torch.from_numpy(fire.copy()).to(self.device),
-            length=int(pos[fire].max()) + 1,
-            all_write=all_write,
-            uniform=all_write and bool((pos == pos[0]).all()),
-        )
+        return StepInfo.at(pos, fire, self.device)
 
     def _link_step(self, s: int, fine: StepInfo, fire: np.ndarray) -> LinkStep:
         """Transition s at this step; records the new boundary where the coarse stage fires."""

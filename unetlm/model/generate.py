@@ -87,8 +87,10 @@ def window(model, context: list[int]) -> list[int]:
 
 
 def initial_context(model, prompt: bytes) -> list[int]:
+    """BOS + the prompt, cut to its :func:`window` past ``seq_len`` tokens (a stage that overflows
+    is found when the engines read it)."""
     context = [BOS] + model.tokenizer.encode(prompt).tolist()
-    return context if fits(model, context) else window(model, context)
+    return context if len(context) <= model.lengths[0] else window(model, context)
 
 
 def extend_context(model, context: list[int], token: int) -> bool:
@@ -135,14 +137,22 @@ class _Cached:
             cascade = self.cascades[-1]
             tokens = [contexts[b][-1] if b in rows else 0 for b in range(self.batch)]
             logits = cascade.step(tokens, [b in rows for b in range(self.batch)])
-            overflowed = [b for b in rows if cascade.dropped[:, b].any()]
-            if not overflowed:
+            if not self._cut_overflowed(cascade, contexts, rows):
                 return logits[rows]
-            for b in overflowed:  # the newest token overflowed a stage: as the recompute mode does
-                contexts[b][:] = window(self.model, contexts[b])
-        cascade = Cascade(self.model, self.batch)
-        self.cascades.append(cascade)
-        return cascade.prefill([contexts[b] if b in rows else [] for b in range(self.batch)])[rows]
+        while True:  # twice at most: a cut context fills half of every stage
+            cascade = Cascade(self.model, self.batch)
+            self.cascades.append(cascade)
+            logits = cascade.prefill([contexts[b] if b in rows else [] for b in range(self.batch)])
+            if not self._cut_overflowed(cascade, contexts, rows):
+                return logits[rows]
+
+    def _cut_overflowed(self, cascade: Cascade, contexts: list[list[int]], rows: list[int]) -> bool:
+        """Cut the contexts of rows whose newest tokens made a stage drop a boundary, as the
+        recompute mode does; True if any."""
+        overflowed = [b for b in rows if cascade.dropped[:, b].any()]
+        for b in overflowed:
+            contexts[b][:] = window(self.model, contexts[b])
+        return bool(overflowed)
 
     def firing_rates(self, contexts: list[list[int]]) -> list[float]:
         ran = sum(c.ran for c in self.cascades)
