@@ -141,7 +141,8 @@ def check_against_forward(model, length: int, min_positions: int = 8) -> Cascade
     cuts = [len(rows[0]) - 6, len(rows[1]) - 4]
     prefilled, got = prefill_then_step(model, rows, cuts)
     for b, (row, cut) in enumerate(zip(rows, cuts)):
-        torch.testing.assert_close(got[b], reference(model, row)[cut - 1 :], **TOL, msg=lambda m: f"prefill, row {b}: {m}")
+        expected = reference(model, row)[cut - 1 :]
+        torch.testing.assert_close(got[b], expected, **TOL, msg=lambda m: f"prefill, row {b}: {m}")
     assert (prefilled.count == cascade.count).all() and (prefilled.boundary == cascade.boundary).all()
     assert prefilled.firing_rates == pytest.approx(cascade.firing_rates, abs=1e-12)
     return cascade

@@ -236,13 +236,27 @@ def test_cached_generation_smooths_and_a_learned_splitter_without_steps_is_named
         bad = torch.stack([unsmoothed.step([int(t)])[0] for t in row])
     assert not torch.allclose(bad, full, rtol=1e-6, atol=1e-6)
 
+    # the router's one-pass prefill leaves the state its steps reach (the base class's prefill steps)
+    router = model.learned_splitters[0]
+    h = torch.randn(2, 9, router.dim, dtype=torch.float64)
+    valid = torch.arange(9) < torch.tensor([[9], [5]])
+    info = layout.byte_stage(torch.zeros(2, 9, dtype=torch.long), valid)
+    (fast_chunks, fast), (slow_chunks, slow) = [
+        prefill(router, h, router.init_state(2, 9, h.device, h.dtype), info)
+        for prefill in (type(router).prefill, LearnedSplitter.prefill)
+    ]
+    assert torch.equal(fast_chunks.boundary, slow_chunks.boundary)
+    for a, b in zip(fast[:3], slow[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
     class NoSteps(LearnedSplitter):
         def forward(self, h, info):
             return Chunking(prob=info.valid.to(h.dtype), boundary=info.valid)
 
     broken = copy.deepcopy(model)
     broken.learned_splitters[0] = NoSteps(None, 16)
-    with pytest.raises(NotImplementedError, match=r"learned splitter 'learned' \(.*NoSteps\) does not implement init_state, step"):
+    named = r"learned splitter 'learned' \(.*NoSteps\) does not implement init_state, step"
+    with pytest.raises(NotImplementedError, match=named):
         Cascade(broken)
 
 

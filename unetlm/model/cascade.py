@@ -231,10 +231,10 @@ class Cascade:
         for s in range(min(top, n - 2), -1, -1):  # up: decoders of the stages that ran
             link, splitter = links[s], model.learned[s]
             if coarse is not None and splitter is not None:
-                coarse = self._advance(("splitter", s), lambda x, st, _: splitter.smooth_step(x, st), coarse, None, fire[s + 1])
-            up = self._advance(
-                ("upsampler", s), lambda x, st, lk: model.upsamplers[s].step(x, st, lk, fine=skips[s]), coarse, link, fire[s]
-            )
+                smooth = lambda x, state, _: splitter.smooth_step(x, state)  # noqa: E731
+                coarse = self._advance(("splitter", s), smooth, coarse, None, fire[s + 1])
+            upsample = lambda x, state, lk: model.upsamplers[s].step(x, state, lk, fine=skips[s])  # noqa: E731
+            up = self._advance(("upsampler", s), upsample, coarse, link, fire[s])
             coarse = h = self._advance(("decoder", s), model.decoders[s].step, skips[s] + up, link.fine, fire[s])
         logits = model.head(model.norm(h))
         self.count += fire

@@ -25,7 +25,7 @@ from torch import nn
 
 from unetlm.core.layout import Link, StageInfo
 from unetlm.core.options import NoOptions
-from unetlm.core.step import StepInfo
+from unetlm.core.step import StepInfo, prefill_by_steps, stage_steps
 
 
 class SplitterState(Protocol):
@@ -108,12 +108,15 @@ class LearnedSplitter(Splitter, nn.Module):
         raise NotImplementedError
 
     def prefill(self, h: torch.Tensor, state, info: StageInfo) -> tuple[Chunking, object]:
-        raise NotImplementedError
+        """``forward``'s decisions and the state after each row's valid positions (by default:
+        ``step`` over the positions)."""
+        return self.forward(h, info), prefill_by_steps(self.step, state, h.unbind(1), stage_steps(info))
 
     def smooth_step(self, coarse: torch.Tensor, state) -> tuple[torch.Tensor, object]:
         return coarse, state
 
     def smooth_prefill(self, coarse: torch.Tensor, state, link: Link, chunking: Chunking):
+        """``smooth``'s output and the state after it (override with ``smooth_step`` when it keeps one)."""
         return self.smooth(coarse, link, chunking), state
 
     def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
