@@ -78,9 +78,11 @@ def link_steps(link: Link) -> Iterator[LinkStep]:
         yield LinkStep(fine=fine, fire=fire, any_fire=bool(fire.any()), offset=link.fine_offset[:, t])
 
 
-def last_valid(info: StageInfo) -> torch.Tensor:
-    """(B,) long: index of each row's last valid position (-1 where none); valid positions form a prefix."""
-    return info.valid.sum(1) - 1
+def at_last(x: torch.Tensor, info: StageInfo) -> torch.Tensor:
+    """x (B, L, ...) at each row's last valid position -> (B, ...) (valid positions form a prefix;
+    a row without one gives position 0)."""
+    last = (info.valid.sum(1) - 1).clamp(min=0)
+    return x[torch.arange(x.shape[0], device=x.device), last]
 
 
 def keep_rows(write: torch.Tensor, new, old):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetlm.core.layout import Link, StageInfo
-from unetlm.core.step import StepInfo
+from unetlm.core.step import StepInfo, at_last
 from unetlm.splitters.base import Chunking, LearnedSplitter
 
 __all__ = ["Chunking", "DynamicChunking", "LearnedConfig", "RouterState"]
@@ -146,12 +146,11 @@ class DynamicChunking(LearnedSplitter):
 
     def prefill(self, h: torch.Tensor, state: RouterState, info: StageInfo) -> tuple[Chunking, RouterState]:
         chunking = self.forward(h, info)
-        n = info.valid.sum(1)
-        rows, last = torch.arange(h.shape[0], device=h.device), (n - 1).clamp(min=0)
         dtype = self._dtype(h)
         with torch.autocast(h.device.type, enabled=False):
-            q = h[rows, last].to(dtype) @ self.w_q.to(dtype).T
-        return chunking, RouterState(q, n > 0, chunking.prob[rows, last].to(dtype), state.smoothed)
+            q = at_last(h, info).to(dtype) @ self.w_q.to(dtype).T
+        started = info.valid.any(1)
+        return chunking, RouterState(q, started, at_last(chunking.prob, info).to(dtype), state.smoothed)
 
     def smooth_step(self, coarse: torch.Tensor, state: RouterState) -> tuple[torch.Tensor, RouterState]:
         """z̄ = P ẑ + (1 - P) z̄_prev, as :meth:`smooth` computes it for the newest chunk."""
@@ -163,6 +162,5 @@ class DynamicChunking(LearnedSplitter):
 
     def smooth_prefill(self, coarse: torch.Tensor, state: RouterState, link: Link, chunking: Chunking):
         smoothed = self.smooth(coarse, link, chunking)
-        n = link.coarse.valid.sum(1)
-        newest = smoothed[torch.arange(coarse.shape[0], device=coarse.device), (n - 1).clamp(min=0)]
-        return smoothed, state._replace(smoothed=newest * (n > 0).unsqueeze(-1).to(newest.dtype))
+        newest = at_last(smoothed, link.coarse) * link.coarse.valid.any(1, keepdim=True).to(smoothed.dtype)
+        return smoothed, state._replace(smoothed=newest)

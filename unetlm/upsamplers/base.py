@@ -26,7 +26,7 @@ from torch import nn
 
 from unetlm.core.layout import Link
 from unetlm.core.options import NoOptions
-from unetlm.core.step import LinkStep, link_steps, prefill_by_steps
+from unetlm.core.step import LinkStep, at_last, link_steps, prefill_by_steps
 
 
 class Upsampler(nn.Module):
@@ -78,13 +78,6 @@ class Upsampler(nn.Module):
         return out, state
 
 
-def newest_index(link: Link) -> torch.Tensor:
-    """(B,) long: for each row, the index into ``with_start(coarse)`` of the newest coarse
-    vector its last valid fine position sees (0: the start vector)."""
-    last = (link.fine.valid.sum(1, keepdim=True) - 1).clamp(min=0)
-    return link.fine_seg.gather(1, last).squeeze(1)
-
-
 class NewestUpsampler(Upsampler):
     """An upsampler whose fine vector reads the newest visible coarse vector only: subclasses
     implement :meth:`prepare` (the work on the coarse vector alone, done once per vector) and
@@ -107,6 +100,5 @@ class NewestUpsampler(Upsampler):
         return self.read(state, info.offset, fine), state
 
     def prefill(self, coarse: torch.Tensor, state, link: Link, fine: torch.Tensor | None = None):
-        index = newest_index(link)
-        newest = self.with_start(coarse)[torch.arange(coarse.shape[0], device=coarse.device), index]
+        newest = at_last(self.spread(self.with_start(coarse), link), link.fine)  # what the last position sees
         return self.forward(coarse, link, fine=fine), self.prepare(newest)

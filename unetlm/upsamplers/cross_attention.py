@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from unetlm.core.layout import Link
-from unetlm.core.step import LinkStep
+from unetlm.core.step import LinkStep, at_last
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.structure import positive
 from unetlm.upsamplers.base import Upsampler
@@ -106,13 +106,10 @@ class CrossAttentionUpsampler(Upsampler):
 
     def prefill(self, coarse: torch.Tensor, state, link: Link, fine: torch.Tensor | None = None):
         """The forward pass; the state holds what the last valid fine position of each row sees."""
-        index, allowed = self.visible(link)
-        last = (link.fine.valid.sum(1) - 1).clamp(min=0)
-        rows = torch.arange(coarse.shape[0], device=coarse.device)
-        index, allowed = index[rows, last], allowed[rows, last]  # (B, window)
+        index, allowed = (at_last(t, link.fine) for t in self.visible(link))  # (B, window)
         kv = self.kv(self.kv_norm(self.with_start(coarse)))
         kv = kv.gather(1, index.unsqueeze(-1).expand(-1, -1, kv.shape[-1]))
-        return self.forward(coarse, link, fine=fine), (kv, allowed, link.fine_seg[rows, last] > 0)
+        return self.forward(coarse, link, fine=fine), (kv, allowed, at_last(link.fine_seg, link.fine) > 0)
 
     def forward_flops(self, fine_len: int, coarse_len: int) -> float:
         inner = self.heads * self.head_dim
