@@ -6,7 +6,7 @@ own document, each projected to ``keys`` key/value pairs (BLT's ``cross_attn_k``
 ``fine_seg[j]`` is 0 it sees only the learned start vector. ``window = 1`` is BLT's decoder
 mask (each byte attends to the one patch it may see). Keys are gathered per position, so the
 cost is ``Lf * window * keys``, with no dense (Lf x Lc) mask. Step by step, the keys and
-values of the ``window`` newest coarse vectors are kept (:meth:`push` shifts them in).
+values of the ``window`` newest coarse vectors are kept (:meth:`step` shifts a new one in).
 """
 from __future__ import annotations
 
