@@ -260,7 +260,7 @@ def test_cached_generation_smooths_and_a_learned_splitter_without_steps_is_named
         Cascade(broken)
 
 
-def test_generate_command_on_an_hnet_checkpoint_is_cached(tmp_path, capsys):
+def test_generate_command_on_an_hnet_checkpoint_is_cached(tmp_path, capsys, monkeypatch):
     from unetlm.cli import main
 
     run = tmp_path / "hnet"
@@ -271,6 +271,14 @@ def test_generate_command_on_an_hnet_checkpoint_is_cached(tmp_path, capsys):
     assert main(["generate", str(run / "checkpoint.pt"), "--prompt", "To be ", "--max-bytes", "12", "--seed", "1"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("To be ") and "[cached;" in captured.err and "Traceback" not in captured.err
+    # a component without the step protocol: one line naming it, and the way out
+    import unetlm.model.cascade
+
+    monkeypatch.setattr(unetlm.model.cascade, "missing_step_api", lambda model: ["stage 1 pooler 'odd' (x.Odd) ..."])
+    assert main(["generate", str(run / "checkpoint.pt"), "--prompt", "To be ", "--max-bytes", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("unetlm: error: ") and "'odd'" in err and "--recompute" in err and err.count("\n") == 1
+    assert main(["generate", str(run / "checkpoint.pt"), "--prompt", "To be ", "--max-bytes", "4", "--recompute"]) == 0
 
 
 # ------------------------------------------------------------------ recipes and optimizer

@@ -134,9 +134,15 @@ def _read_prompts(args) -> list[bytes]:
 
 def cmd_generate(args) -> int:
     from unetlm.api import load_checkpoint
+    from unetlm.model.cascade import missing_step_api
     from unetlm.model.generate import StreamPrinter, generate
 
     model, _ = load_checkpoint(args.checkpoint)
+    missing = [] if args.recompute else missing_step_api(model)
+    if missing:
+        print("unetlm: error: cached generation needs the step protocol of every component: "
+              + "; ".join(missing) + " (pass --recompute to recompute the context at every byte)", file=sys.stderr)
+        return 1
     prompts = _read_prompts(args)
     printer = StreamPrinter(sys.stdout) if len(prompts) == 1 else None  # a batch prints row by row at the end
     if printer is not None:
