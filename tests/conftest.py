@@ -29,7 +29,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _register_docs_plugin() -> None:
-    """The pooler and upsampler of docs/plugins.md join the registry-wide tests (tests/docs_plugin.py)."""
+    """The splitter, pooler and upsampler of docs/plugins.md join the registry-wide tests (tests/docs_plugin.py)."""
     import importlib
 
     from unetlm.plugins import register_plugin

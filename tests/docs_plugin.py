@@ -1,7 +1,8 @@
-"""A plugin written only from docs/plugins.md: its pooler and upsampler skeletons are executed as
-they stand on that page and registered (``docs-max``, ``docs-gated``) by :mod:`conftest`, so the
-registry-wide tests — causality, and cached generation (steps and prefill) equal to the full
-forward — hold the documented step protocol to account."""
+"""A plugin written only from docs/plugins.md: its splitter, pooler and upsampler skeletons are
+executed as they stand on that page and registered (``docs-every``, ``docs-max``,
+``docs-gated``) by :mod:`conftest`, so the registry-wide tests (contracts, causality, cached
+generation by steps and after a prefill equal to the full forward) hold the documented step
+protocol to account."""
 from __future__ import annotations
 
 import re
@@ -10,7 +11,11 @@ from pathlib import Path
 from unetlm.plugins import hookimpl
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
-COMPONENTS = {"MaxPooler": ("pooler", "docs-max"), "GatedUpsampler": ("upsampler", "docs-gated")}
+COMPONENTS = {
+    "EverySplitter": ("splitter", "docs-every"),
+    "MaxPooler": ("pooler", "docs-max"),
+    "GatedUpsampler": ("upsampler", "docs-gated"),
+}
 
 
 def _define() -> None:
