@@ -26,3 +26,15 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=_SLOW_OK)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _register_docs_plugin() -> None:
+    """The splitter, pooler and upsampler of docs/plugins.md join the registry-wide tests (tests/docs_plugin.py)."""
+    import importlib
+
+    from unetlm.plugins import register_plugin
+
+    register_plugin(importlib.import_module("docs_plugin"), "plugin docs-example")
+
+
+_register_docs_plugin()

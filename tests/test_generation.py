@@ -95,6 +95,22 @@ def step_rows(model, rows: list[torch.Tensor], starts: list[int]):
     return cascade, [torch.stack(o) for o in outs]
 
 
+def prefill_then_step(model, rows: list[torch.Tensor], cuts: list[int]):
+    """One Cascade prefilled with the first ``cuts[b]`` tokens of each row, then stepped through
+    the rest (all rows together while they last). -> (cascade, per-row logits from position
+    ``cuts[b] - 1`` on; a row cut at 0 starts at its first step)."""
+    cascade = Cascade(model, len(rows))
+    first = cascade.prefill([r[:c].tolist() for r, c in zip(rows, cuts)])
+    outs = [[first[b]] if c else [] for b, c in enumerate(cuts)]
+    for t in range(max(len(r) - c for r, c in zip(rows, cuts))):
+        active = [c + t < len(r) for r, c in zip(rows, cuts)]
+        logits = cascade.step([int(r[c + t]) if a else 0 for r, c, a in zip(rows, cuts, active)], active)
+        for b, a in enumerate(active):
+            if a:
+                outs[b].append(logits[b])
+    return cascade, [torch.stack(o) for o in outs]
+
+
 def reference(model, row: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(row[None]).logits[0]
@@ -122,6 +138,14 @@ def check_against_forward(model, length: int, min_positions: int = 8) -> Cascade
     crossed = cascade.count[:, 0]
     for s, n in enumerate(crossed):
         assert n >= min(min_positions, model.lengths[s]), f"stage {s} got only {n} positions: prompt too plain"
+    # prefill most of each row at once, then step the rest: the same logits and the same layout
+    cuts = [len(rows[0]) - 6, len(rows[1]) - 4]
+    prefilled, got = prefill_then_step(model, rows, cuts)
+    for b, (row, cut) in enumerate(zip(rows, cuts)):
+        expected = reference(model, row)[cut - 1 :]
+        torch.testing.assert_close(got[b], expected, **TOL, msg=lambda m: f"prefill, row {b}: {m}")
+    assert (prefilled.count == cascade.count).all() and (prefilled.boundary == cascade.boundary).all()
+    assert prefilled.firing_rates == pytest.approx(cascade.firing_rates, abs=1e-12)
     return cascade
 
 
@@ -207,7 +231,8 @@ def test_sliding_window_edge_and_ring_size():
     model = edge_model(windows=(4, 3, 2), max_lens=(96, 60, 40))
     cascade = check_against_forward(model, 96)
     assert cascade.count[1, 0] > 3 and cascade.count[2, 0] > 2, "the prompt must outgrow every window"
-    slots = [cascade.enc[0][0].k.shape[2], cascade.enc[1][0].k.shape[2], cascade.mid[0].k.shape[2]]
+    state = cascade.state
+    slots = [state["encoder", 0][0].k.shape[2], state["encoder", 1][0].k.shape[2], state["middle",][0].k.shape[2]]
     assert slots == [4, 3, 2], "a sliding window's cache holds exactly `window` keys"
     # the paper's bug, a generation window one key wider than training's, is caught
     wider = copy.deepcopy(model)
@@ -246,6 +271,34 @@ def test_context_longer_than_seq_len():
         recomputed = generate(model, prompts, 50, cached=False, **options)
         assert list(cached) == list(recomputed)
     assert max(len(t) for t in cached) > 32
+
+
+def test_no_stage_overflows_during_generation(monkeypatch):
+    """Deep stages with few slots: before a stage would drop a boundary, both modes cut the context
+    to a suffix that fills at most half of every stage, identically (issue: truncation in generation)."""
+    import unetlm.model.generate as gen
+
+    model = edge_model(windows=(0, 0, 0), max_lens=(64, 12, 6), seq_len=64)
+    cuts: list[list[int]] = []
+
+    def spy(model, context):
+        cut = window(model, context)
+        cuts.append(list(cut))  # the context it becomes grows afterwards
+        return cut
+
+    window = gen.window
+    monkeypatch.setattr(gen, "window", spy)
+    prompts = [rich_text(5, 40), b"a b"]  # the first prompt overflows stage 1 already
+    options = dict(temperature=1.0, seed=3)
+    cached = generate(model, prompts, 80, cached=True, **options)
+    cached_cuts = len(cuts)
+    recomputed = generate(model, prompts, 80, cached=False, **options)
+    assert list(cached) == list(recomputed) and max(len(t) for t in cached) == 80
+    assert cached_cuts >= 3 and len(cuts) >= 2 * 3, "the stages never filled: the test shows nothing"
+    for cut in cuts:
+        counts = stage_counts(model, torch.tensor(cut))
+        assert all(c <= n // 2 for c, n in zip(counts, model.lengths)), (counts, model.lengths)
+    assert not gen.fits(model, encode(prompts[0]).tolist())
 
 
 def test_stage_firing_rates_are_reported():
@@ -437,3 +490,19 @@ def test_benchmark_record_schema_and_modes_agree():
         assert len(record["bytes_per_s_each"]) == 2 and record["peak_mem_bytes"] >= 0
     assert records[0]["stage_firing_rates"] == pytest.approx(records[1]["stage_firing_rates"])
     assert "| au3 | 48 |" in markdown_table(records)
+
+
+def test_first_byte_benchmark_records():
+    from unetlm.bench.generate import _measure_first_byte, first_byte_table
+    from unetlm.cli import main
+
+    task = {"checkpoint": None, "recipe": str(TINY_RECIPES[0].parent / "hnet.toml"), "overrides": [],
+            "name": "hnet", "prompt_bytes": 40, "repeats": 1, "threads": 1}
+    records = [_measure_first_byte({**task, "mode": mode}) for mode in ("prefill", "stepped")]
+    for record, mode in zip(records, ("prefill", "stepped")):
+        assert record["mode"] == mode and record["time_to_first_byte_s"] > 0
+        assert record["prefill_bytes_per_s"] == pytest.approx(41 / record["time_to_first_byte_s"])
+    assert records[0]["stage_firing_rates"] == pytest.approx(records[1]["stage_firing_rates"], abs=1e-12)
+    assert 0 < records[0]["stage_firing_rates"][1] < 1
+    assert "| hnet | 40 |" in first_byte_table(records)
+    assert main(["bench", "generate", "--prompt-bytes", "8", "--json", "unused.json"]) == 2  # no recipe

@@ -8,6 +8,7 @@ loss, recipe checks, optimizer groups, and a short training run reaching its tar
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from unetlm.model.cascade import Cascade
 from unetlm.core.tokens import encode
 from unetlm.recipe import RecipeError, recipe_from_dict
 from unetlm.recipe.schema import TrainingSpec
-from unetlm.splitters.learned import Chunking, LearnedConfig, LearnedSplitter
+from unetlm.splitters.base import LearnedSplitter
+from unetlm.splitters.learned import Chunking, DynamicChunking, LearnedConfig
 from unetlm.train.optim import make_optimizer
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -45,7 +47,7 @@ def chunkings(model, rows: list[torch.Tensor]) -> Chunking:
     return seen[0]
 
 
-class LastByteSplitter(LearnedSplitter):
+class LastByteSplitter(DynamicChunking):
     """Deliberately leaky (never registered): a boundary marks the last byte of a chunk, i.e.
     position t is a boundary when p_{t+1} > 0.5, which reads h_{t+1}."""
 
@@ -81,7 +83,7 @@ def prefix_leak(model, x: bytes, tail: bytes) -> float:
 
 def test_probabilities_follow_the_rule_and_force_document_starts():
     torch.manual_seed(0)
-    splitter = LearnedSplitter(LearnedConfig(), 8).double()
+    splitter = DynamicChunking(LearnedConfig(), 8).double()
     h = torch.randn(2, 7, 8, dtype=torch.float64)
     doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, -1, -1]])
     valid = doc >= 0
@@ -155,7 +157,7 @@ def test_marking_a_chunks_last_byte_leaks_the_future_and_is_caught():
 
 def test_smoothing_is_the_ema_over_chunks_and_restarts_per_document():
     torch.manual_seed(0)
-    splitter = LearnedSplitter(LearnedConfig(), 4).double()
+    splitter = DynamicChunking(LearnedConfig(), 4).double()
     doc = torch.tensor([[0] * 7 + [1] * 5])
     info = layout.byte_stage(doc, doc >= 0)
     h = torch.randn(1, 12, 4, dtype=torch.float64)
@@ -180,7 +182,7 @@ def test_smoothing_is_the_ema_over_chunks_and_restarts_per_document():
 def test_confidence_is_one_forward_and_carries_the_gradient():
     prob = torch.tensor([[1.0, 0.7, 0.2, 0.9]], requires_grad=True)
     ch = Chunking(prob=prob, boundary=prob > 0.5)
-    c = LearnedSplitter.confidence(ch)
+    c = DynamicChunking.confidence(ch)
     assert torch.equal(c, torch.ones(1, 4, 1))
     (grad,) = torch.autograd.grad(c.sum(), prob)
     assert torch.equal(grad, torch.tensor([[1.0, 1.0, -1.0, 1.0]]))
@@ -188,7 +190,7 @@ def test_confidence_is_one_forward_and_carries_the_gradient():
 
 @pytest.mark.parametrize("target", [2.0, 4.0, 6.0])
 def test_ratio_loss_is_smallest_at_the_target(target):
-    splitter = LearnedSplitter(LearnedConfig(target_ratio=target, ratio_loss_weight=0.5), 4)
+    splitter = DynamicChunking(LearnedConfig(target_ratio=target, ratio_loss_weight=0.5), 4)
     L = 120
     info = layout.byte_stage(torch.zeros(1, L, dtype=torch.long), torch.ones(1, L, dtype=torch.bool))
 
@@ -217,9 +219,66 @@ def test_model_output_carries_the_ratio_loss_and_bytes_per_chunk():
     assert model.learned_splitters[0].w_q.grad.abs().max() > 0, "the router gets no gradient"
 
 
-def test_cached_generation_names_the_learned_splitter():
-    with pytest.raises(NotImplementedError, match="'learned'"):
-        Cascade(learned_model())
+def test_cached_generation_smooths_and_a_learned_splitter_without_steps_is_named():
+    """Cached generation with the learned splitter equals the full forward (tests/test_generation.py,
+    every tiny recipe and component); here: leaving out the EMA smoothing is caught, and a learned
+    splitter without the step protocol makes Cascade name it."""
+    model = learned_model()
+    row = encode(b"To be, or not to be, that is the question: whether 'tis nobler")
+    with torch.no_grad():
+        full = model(row[None]).logits[0]
+        cascade = Cascade(model)
+        stepped = torch.stack([cascade.step([int(t)])[0] for t in row])
+        torch.testing.assert_close(stepped, full, rtol=1e-9, atol=1e-9)
+        assert 2 < cascade.count[1, 0] < len(row), "the router must make chunks of several bytes"
+        unsmoothed = Cascade(copy.deepcopy(model))
+        unsmoothed.model.learned_splitters[0].smooth_step = lambda coarse, state: (coarse, state)
+        bad = torch.stack([unsmoothed.step([int(t)])[0] for t in row])
+    assert not torch.allclose(bad, full, rtol=1e-6, atol=1e-6)
+
+    # the router's one-pass prefill leaves the state its steps reach (the base class's prefill steps)
+    router = model.learned_splitters[0]
+    h = torch.randn(2, 9, router.dim, dtype=torch.float64)
+    valid = torch.arange(9) < torch.tensor([[9], [5]])
+    info = layout.byte_stage(torch.zeros(2, 9, dtype=torch.long), valid)
+    (fast_chunks, fast), (slow_chunks, slow) = [
+        prefill(router, h, router.init_state(2, 9, h.device, h.dtype), info)
+        for prefill in (type(router).prefill, LearnedSplitter.prefill)
+    ]
+    assert torch.equal(fast_chunks.boundary, slow_chunks.boundary)
+    for a, b in zip(fast[:3], slow[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    class NoSteps(LearnedSplitter):
+        def forward(self, h, info):
+            return Chunking(prob=info.valid.to(h.dtype), boundary=info.valid)
+
+    broken = copy.deepcopy(model)
+    broken.learned_splitters[0] = NoSteps(None, 16)
+    named = r"learned splitter 'learned' \(.*NoSteps\) does not implement init_state, step"
+    with pytest.raises(NotImplementedError, match=named):
+        Cascade(broken)
+
+
+def test_generate_command_on_an_hnet_checkpoint_is_cached(tmp_path, capsys, monkeypatch):
+    from unetlm.cli import main
+
+    run = tmp_path / "hnet"
+    assert main(["train", str(ROOT / "recipes" / "tiny" / "hnet.toml"), "--out", str(run), "--quiet",
+                 "--set", "training.steps=2", "--set", "training.batch_size=2", "--set", "training.eval_every=2",
+                 "--set", "training.sample_bytes=0"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run / "checkpoint.pt"), "--prompt", "To be ", "--max-bytes", "12", "--seed", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("To be ") and "[cached;" in captured.err and "Traceback" not in captured.err
+    # a component without the step protocol: one line naming it, and the way out
+    import unetlm.model.cascade
+
+    monkeypatch.setattr(unetlm.model.cascade, "missing_step_api", lambda model: ["stage 1 pooler 'odd' (x.Odd) ..."])
+    assert main(["generate", str(run / "checkpoint.pt"), "--prompt", "To be ", "--max-bytes", "4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("unetlm: error: ") and "'odd'" in err and "--recompute" in err and err.count("\n") == 1
+    assert main(["generate", str(run / "checkpoint.pt"), "--prompt", "To be ", "--max-bytes", "4", "--recompute"]) == 0
 
 
 # ------------------------------------------------------------------ recipes and optimizer

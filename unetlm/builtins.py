@@ -13,7 +13,7 @@ def unetlm_register(registry):
         "a boundary at each space-like byte that follows a non-space-like one (SpaceByte, BLT)")
     add("splitter", "entropy", "unetlm.splitters.entropy:EntropySplitter",
         "a patch ends where a small byte LM's next-byte entropy crosses a threshold (BLT)")
-    add("splitter", "learned", "unetlm.splitters.learned:LearnedSplitter",
+    add("splitter", "learned", "unetlm.splitters.learned:DynamicChunking",
         "boundaries predicted from the stage's hidden states, trained end to end (H-Net dynamic chunking)")
     add("pooler", "select", "unetlm.poolers.select:SelectPooler",
         "the fine vector at each boundary, linearly mapped to the coarse dim")

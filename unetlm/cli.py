@@ -132,6 +132,15 @@ def cmd_plot(args) -> int:
 def cmd_bench_generate(args) -> int:
     from unetlm.bench.generate import bench_generate
 
+    if args.prompt_bytes is not None:
+        from unetlm.bench.generate import bench_first_byte, first_byte_table
+
+        if args.checkpoint or args.match_flops_of or not args.recipes or args.prompt_bytes < 1:
+            print("unetlm: error: --prompt-bytes N (N >= 1) measures recipes (random weights): give RECIPE ... "
+                  "and neither --checkpoint nor --match-flops-of", file=sys.stderr)
+            return 2
+        print(first_byte_table(bench_first_byte(args.recipes, args.prompt_bytes, args.json)))
+        return 0
     contexts = [int(c) for c in args.context.split(",")]
     bench_generate(args.recipes, contexts, args.json, checkpoint=args.checkpoint, match_flops_of=args.match_flops_of)
     return 0
@@ -161,11 +170,17 @@ def _flag(name: str) -> str:
 
 def cmd_generate(args) -> int:
     from unetlm.api import load_checkpoint
+    from unetlm.model.cascade import missing_step_api
     from unetlm.model.generate import check_ready, check_sampling, generate
 
     check_sampling(args.max_bytes, args.temperature, args.top_k, args.top_p, flag=_flag)
     model, _ = load_checkpoint(args.checkpoint)
     check_ready(model)
+    missing = [] if args.recompute else missing_step_api(model)
+    if missing:
+        print("unetlm: error: cached generation needs the step protocol of every component: "
+              + "; ".join(missing) + " (pass --recompute to recompute the context at every byte)", file=sys.stderr)
+        return 1
     prompts = _read_prompts(args)
     out = _binary_stdout()  # raw bytes: invalid UTF-8 survives a pipe
 
@@ -313,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="measure a trained checkpoint instead of random weights")
     p.add_argument("--match-flops-of", default=None, metavar="RECIPE",
                    help="also cut a byte transformer to this recipe's FLOPs per byte and measure it")
+    p.add_argument("--prompt-bytes", type=int, default=None, metavar="N",
+                   help="instead: time to the first byte after an N-byte prompt, prefilled against stepped")
     p.add_argument("--json", required=True, help="file to write the list of records to")
     p.set_defaults(func=cmd_bench_generate)
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from unetlm.mixers.base import Mixer, StepInfo
+from unetlm.core.step import StepInfo
+from unetlm.mixers.base import Mixer
 from unetlm.mixers.mlp import SwiGLU, swiglu_hidden
 from unetlm.core.layout import StageInfo
 from unetlm.recipe.errors import RecipeError
@@ -167,8 +168,7 @@ class AttentionBlock(Mixer):
             sin=sin,
         )
 
-    def step(self, x: torch.Tensor, state: KVCache, memo: dict) -> tuple[torch.Tensor, KVCache]:
-        info: StepInfo = memo["step"]
+    def step(self, x: torch.Tensor, state: KVCache, info: StepInfo) -> tuple[torch.Tensor, KVCache]:
         B, (_, H, slots, hd) = x.shape[0], state.k.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(B, 3, H, hd).unbind(1)
         cos, sin = state.cos[info.pos].unsqueeze(1), state.sin[info.pos].unsqueeze(1)
@@ -193,6 +193,29 @@ class AttentionBlock(Mixer):
         x = x + self.out(y.reshape(B, -1))
         return self._mlp(x), state
 
+    def prefill(self, x: torch.Tensor, state: KVCache, info: StageInfo) -> tuple[torch.Tensor, KVCache]:
+        """The forward pass, then each row's newest keys into the cache: slot j holds the
+        largest valid position p with p % slots == j."""
+        B, L, _ = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, state.cos[:L], state.sin[:L]), apply_rotary(k, state.cos[:L], state.sin[:L])
+        if self.config.window == 0 and one_document_per_row(info):  # causal is the whole mask: SDPA's fast path
+            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = self._mlp(x + self.out(attended.transpose(1, 2).reshape(B, L, -1)))
+        else:
+            y = self.forward(x, info, {})
+        slots = state.k.shape[2]
+        last = info.valid.sum(1, keepdim=True) - 1  # (B, 1)
+        j = torch.arange(slots, device=x.device)
+        pos = j + slots * torch.div(last - j, slots, rounding_mode="floor")  # (B, slots)
+        held = pos >= 0
+        index = pos.clamp(min=0)[:, None, :, None].expand(-1, self.heads, -1, self.head_dim)
+        empty = ~held[:, None, :, None]
+        state.k.copy_(k.gather(2, index).masked_fill(empty, 0))
+        state.v.copy_(v.gather(2, index).masked_fill(empty, 0))
+        state.pos.copy_(torch.where(held, pos, -1))
+        return y, state
+
     def forward_flops(self, length: int) -> float:
         inner = self.heads * self.head_dim
         projections = 2.0 * length * (self.dim * 3 * inner + inner * self.dim)
@@ -209,6 +232,13 @@ class KVCache:
     pos: torch.Tensor  # (B, slots) long: the stage position held in each slot, -1 if empty
     cos: torch.Tensor  # (max_len, head_dim / 2): rotary table by position
     sin: torch.Tensor
+
+
+def one_document_per_row(info: StageInfo) -> bool:
+    """Every row holds one document, padding only after it (checked on the host)."""
+    first = info.doc[:, :1]
+    prefix = info.valid.long().cumsum(1) == torch.arange(1, info.valid.shape[1] + 1, device=info.valid.device)
+    return bool(((info.doc == first) | ~info.valid).all() and (prefix | ~info.valid).all())
 
 
 def is_banded(length: int, window: int) -> bool:

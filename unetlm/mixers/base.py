@@ -8,33 +8,24 @@ block's ``prepare(info, memo)`` before the first block runs, outside activation
 checkpointing and compiled regions, and ``forward`` only reads ``memo`` (a recomputed block
 then runs the same graph as the original).
 
-Step API (cached generation, one document per row): ``init_state`` makes an empty cache;
-``step(x, state, memo)`` takes one new position per row and gives the output ``forward``
-gives there. ``memo["step"]`` is a :class:`StepInfo`. Rows whose ``write`` is False are not
-advancing: a mixer that updates its state in place must leave those rows untouched; one that
-returns a new state object may ignore ``write`` (the caller keeps the old rows).
+Step protocol (cached generation, one document per row; see :mod:`unetlm.core.step`):
+``init_state(batch, max_len, device, dtype)``; ``step(x (B, d), state, info: StepInfo) ->
+(y (B, d), state)`` equal to ``forward`` at that position; ``prefill(x (B, L, d), state,
+info: StageInfo) -> (y, state)``. The default ``prefill`` runs ``forward`` and then ``step``
+over the positions; override it with one full-sequence pass.
 """
 from __future__ import annotations
 
 from typing import ClassVar
 
-import attrs
 import torch
 from torch import nn
 
 from unetlm.core.layout import StageInfo
 from unetlm.core.options import NoOptions
+from unetlm.core.step import StepInfo, prefill_by_steps, stage_steps
 
-
-@attrs.frozen
-class StepInfo:
-    """The new position of every row at one generation step of a stage."""
-
-    pos: torch.Tensor  # (B,) long: its index in the stage (0, 1, ...)
-    write: torch.Tensor  # (B,) bool: rows that advance; the others' outputs are ignored
-    length: int  # 1 + the largest pos of a writing row: cache slots beyond it are empty
-    all_write: bool  # every row advances
-    uniform: bool  # every row advances, all at the same pos: every cached key is visible
+__all__ = ["Mixer", "StepInfo"]
 
 
 class Mixer(nn.Module):
@@ -58,9 +49,15 @@ class Mixer(nn.Module):
         """Empty cache for step-by-step generation of up to ``max_len`` positions."""
         raise NotImplementedError
 
-    def step(self, x: torch.Tensor, state, memo: dict) -> tuple[torch.Tensor, object]:
+    def step(self, x: torch.Tensor, state, info: StepInfo) -> tuple[torch.Tensor, object]:
         """One new position: x (B, d) -> (y (B, d), state). Equals ``forward`` at that position."""
         raise NotImplementedError
+
+    def prefill(self, x: torch.Tensor, state, info: StageInfo) -> tuple[torch.Tensor, object]:
+        """x (B, L, d) from a fresh ``state`` -> (``forward``'s output, the state after each row's
+        valid positions)."""
+        y = self.forward(x, info, {})
+        return y, prefill_by_steps(self.step, state, x.unbind(1), stage_steps(info))
 
     def forward_flops(self, length: int) -> float:
         """Forward FLOPs of this block over one sequence of ``length`` positions."""

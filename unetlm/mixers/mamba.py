@@ -26,6 +26,7 @@ from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from unetlm.core.step import StepInfo
 from unetlm.mixers.base import Mixer
 from unetlm.mixers.mlp import SwiGLU, swiglu_hidden
 from unetlm.core.layout import StageInfo
@@ -416,10 +417,23 @@ class MambaBlock(Mixer):
     def init_state(self, batch: int, max_len: int, device, dtype) -> MambaState:
         return self.mixer.init_state(batch, device, dtype)
 
-    def step(self, x: torch.Tensor, state: MambaState, memo: dict) -> tuple[torch.Tensor, MambaState]:
+    def step(self, x: torch.Tensor, state: MambaState, info: StepInfo) -> tuple[torch.Tensor, MambaState]:
         """One position per row; returns a new state (nothing is updated in place)."""
         out, state = self.mixer.step(self.norm(x), state)
         return self._mlp(x + out), state
+
+    def prefill(self, x: torch.Tensor, state: MambaState, info: StageInfo) -> tuple[torch.Tensor, MambaState]:
+        """One chunked scan per row over its valid positions (rows end at different places, and
+        the scan hands over the state after the last position). Padding outputs are zeros."""
+        y, rows = torch.zeros_like(x), []
+        for b, n in enumerate(info.valid.sum(1).tolist()):
+            row = MambaState(state.conv[b : b + 1], state.ssm[b : b + 1])
+            if n:
+                seen = StageInfo(info.byte_pos[b : b + 1, :n], info.valid[b : b + 1, :n], info.doc[b : b + 1, :n])
+                out, row = self.forward_with_state(x[b : b + 1, :n], seen, row)
+                y[b, :n] = out[0]
+            rows.append(row)
+        return y, MambaState(*(torch.cat(parts) for parts in zip(*rows)))
 
     def forward_flops(self, length: int) -> float:
         """Matmul FLOPs (2 per multiply-add) of one sequence, as the chunked scan computes them.

@@ -1,67 +1,70 @@
 """Cascaded step-by-step inference: a deeper stage runs only when its splitter fires.
 
-A :class:`Cascade` holds one document per row of a batch. ``step(tokens)`` takes the next
-token of each row and returns the logits :meth:`UNet.forward` gives at that position (the
-full forward is the reference; tests check equality at every position). Per byte:
+A :class:`Cascade` holds one document per row of a batch. ``prefill(rows)`` feeds each row's
+first tokens at once (one full forward, each part run by its ``prefill``); ``step(tokens)``
+takes the next token of each row. Both return the logits :meth:`UNet.forward` gives at that
+position (the full forward is the reference; tests check equality at every position). Per byte:
 
-    embed -> stage-0 encoder step; the splitters decide which deeper stages get a position;
-    for each stage s+1 that fires: pool (select: the fine vector; mean: the open segment),
-    stage s+1 encoder step, and so on; the deepest stage that fired runs its middle step;
-    then, from the deepest stage that ran up to stage 0: upsample that stage's latest coarse
-    decoder output (or the start vector before the first boundary) at the offset since its
-    boundary, add the skip, decoder step; final norm; head.
+    embed -> stage-0 encoder step; the splitter of each transition decides whether the next
+    stage gets a position (byte-level splitters on the host before the step, learned ones from
+    the encoder output); for each stage s+1 that fires: pool, stage s+1 encoder step, and so
+    on; the deepest stage that fired runs its middle step; then, from the deepest stage that
+    ran up to stage 0: the upsampler takes the coarse stage's new output (where it fired; a
+    learned splitter smooths it first), gives the vector at the offset since the newest
+    boundary, the skip is added, decoder step; final norm; head.
 
-Every stage keeps its own mixer caches and, per transition, an upsampler state holding the
-coarse outputs so far (or the start vector), the newest one's boundary and whether one exists. A stage holding
-``max_len`` positions drops further boundaries exactly as :func:`~unetlm.core.layout.link`
-does: finer positions keep reading its last kept vector. A row holds at most ``seq_len``
-tokens (the full forward refuses more); :mod:`unetlm.model.generate` decides what to drop.
+Every part follows the step protocol of :mod:`unetlm.core.step`; its state lives in
+``Cascade.state`` under the keys of :meth:`UNet.init_state`. Rows that do not advance keep their
+state: :meth:`Cascade._advance` is the one place that selects rows. A stage holding ``max_len``
+positions drops further boundaries exactly as :func:`~unetlm.core.layout.link` does: finer
+positions keep reading its last kept vector. A row holds at most ``seq_len`` tokens (the full
+forward refuses more); :mod:`unetlm.model.generate` decides what to drop.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from unetlm.mixers.base import Mixer, StepInfo
+from unetlm.core.step import LinkStep, StepInfo, keep_rows
 from unetlm.core.tokens import BOS, PAD, documents_from_tokens
+from unetlm.mixers.base import Mixer
 from unetlm.poolers.base import Pooler
-from unetlm.splitters.base import Splitter
+from unetlm.splitters.base import LearnedSplitter, Splitter
 from unetlm.upsamplers.base import Upsampler
 
-# kind -> (base class, alternative sets of methods a class must override)
+# kind -> (base class, methods a class must override)
 _STEP_API = {
-    "mixer": (Mixer, [("init_state", "step")]),
-    "pooler": (Pooler, [("init_state", "step")]),
-    "upsampler": (Upsampler, [("prepare", "step"), ("init_state", "push", "step")]),
-    "splitter": (Splitter, [("start",)]),
+    "mixer": (Mixer, ("init_state", "step")),
+    "pooler": (Pooler, ("init_state", "step")),
+    "upsampler": (Upsampler, ("init_state", "step")),
+    "splitter": (Splitter, ("start",)),
+    "learned splitter": (LearnedSplitter, ("init_state", "step")),
 }
 
 
 def missing_step_api(model) -> list[str]:
-    """One line per component of ``model`` lacking the step API (empty: cached generation works)."""
+    """One line per component of ``model`` lacking the step protocol (empty: cached generation works)."""
     n = len(model.spec.stages)
-    problems = []
+    problems, reported = [], set()
+    byte_splitters = iter(model.splitters)
     for i, stage in enumerate(model.spec.stages):
         blocks = list(model.middle.blocks) if i == n - 1 else [*model.encoders[i].blocks, *model.decoders[i].blocks]
-        parts = [("mixer", block) for block in blocks]
-        if i > len(model.splitters):
-            problems.append(
-                f"stage {i} splitter {stage.splitter.name!r} is learned (it decides inside the forward); "
-                "cached generation does not support learned splitters"
-            )
-        elif i > 0:
-            parts += [("splitter", model.splitters[i - 1])]
+        parts = [("mixer", "mixer", block) for block in blocks]
         if i > 0:
-            parts += [("pooler", model.poolers[i - 1]), ("upsampler", model.upsamplers[i - 1])]
-        reported = set()
-        for kind, part in parts:
+            learned = model.learned[i - 1]
+            splitter = ("learned splitter", learned) if learned is not None else ("splitter", next(byte_splitters))
+            parts += [(*splitter[:1], "splitter", splitter[1]), ("pooler", "pooler", model.poolers[i - 1]),
+                      ("upsampler", "upsampler", model.upsamplers[i - 1])]
+        for kind, key, part in parts:
             cls = type(part)
-            base, options = _STEP_API[kind]
-            lacking = min(([m for m in ms if getattr(cls, m) is getattr(base, m)] for ms in options), key=len)
+            base, methods = _STEP_API[kind]
+            lacking = [m for m in methods if getattr(cls, m) is getattr(base, m)]
             if lacking and (kind, cls) not in reported:
                 reported.add((kind, cls))
                 problems.append(
-                    f"stage {i} {kind} {getattr(stage, kind).name!r} ({cls.__module__}.{cls.__qualname__}) "
+                    f"stage {i} {kind} {getattr(stage, key).name!r} ({cls.__module__}.{cls.__qualname__}) "
                     f"does not implement {', '.join(lacking)}"
                 )
     return problems
@@ -71,35 +74,25 @@ def check_step_api(model) -> None:
     problems = missing_step_api(model)
     if problems:
         raise NotImplementedError(
-            "cached generation needs the step API of every component: "
+            "cached generation needs the step protocol of every component: "
             + "; ".join(problems)
             + " (generate with cached=False to recompute the whole context at each byte)"
         )
 
 
-def stage_counts(model, tokens: torch.Tensor) -> list[int]:
-    """Positions each stage holds for one row of tokens (T,) in the full forward's layout."""
+def stage_counts(model, tokens: torch.Tensor, demand: bool = False) -> list[int]:
+    """Positions each stage holds for one row of tokens (T,) in the full forward's layout
+    (``demand``: plus the boundaries it dropped for want of slots)."""
     row = tokens[None]
     if len(model.learned_splitters):  # boundaries exist only inside the forward
         with torch.no_grad():
-            return [row.shape[1]] + [int(n[0]) for n in model(row).positions]
-    doc = documents_from_tokens(row)
-    links = model.links(row, doc, model.split(row, doc))
-    return [row.shape[1]] + [int(link.coarse.valid.sum()) for link in links]
-
-
-def _keep_rows(write: torch.Tensor, new, old):
-    """State ``new`` where ``write`` (B,), ``old`` elsewhere; recurses through tuples, lists and dicts."""
-    if isinstance(new, torch.Tensor):
-        return torch.where(write.view(-1, *([1] * (new.dim() - 1))), new, old)
-    if isinstance(new, tuple):
-        merged = [_keep_rows(write, a, b) for a, b in zip(new, old)]
-        return type(new)(*merged) if hasattr(new, "_fields") else tuple(merged)
-    if isinstance(new, list):
-        return [_keep_rows(write, a, b) for a, b in zip(new, old)]
-    if isinstance(new, dict):
-        return {key: _keep_rows(write, value, old[key]) for key, value in new.items()}
-    return new
+            out = model(row)
+        held, dropped = out.positions, out.truncated
+    else:
+        doc = documents_from_tokens(row)
+        links = model.links(row, doc, model.split(row, doc))
+        held, dropped = [link.coarse.valid.sum(1) for link in links], [link.truncated for link in links]
+    return [row.shape[1]] + [int(n[0]) + (int(d[0]) if demand else 0) for n, d in zip(held, dropped)]
 
 
 class Cascade:
@@ -116,6 +109,7 @@ class Cascade:
         n = self.n_stages = len(self.max_len)
         self.vocab_size = model.spec.vocab_size
         self.count = np.zeros((n, batch), dtype=np.int64)  # positions held per stage and row
+        self.dropped = np.zeros((n, batch), dtype=np.int64)  # boundaries dropped: the stage was full
         self.ran = np.zeros(n, dtype=np.int64)  # row-steps on which each stage ran
         self.row_steps = 0
         self.splitters = [[s.start() for s in model.splitters] for _ in range(batch)]
@@ -123,59 +117,75 @@ class Cascade:
         span = max(model.embed.spec.hash_ngrams, default=1)
         self.recent = np.full((batch, span), PAD, dtype=np.int64)
         self.recent_doc = np.full((batch, span), -1, dtype=np.int64)
-
-        def caches(stack, max_len):
-            return [b.init_state(batch, max_len, self.device, self.dtype) for b in stack.blocks]
-
-        self.enc = [caches(model.encoders[s], self.max_len[s]) for s in range(n - 1)]
-        self.dec = [caches(model.decoders[s], self.max_len[s]) for s in range(n - 1)]
-        self.mid = caches(model.middle, self.max_len[-1])
-        self.pool = [p.init_state(batch, self.device, self.dtype) for p in model.poolers]
-        # per transition s (fine stage s, coarse stage s+1): the coarse outputs so far
-        self.up = [u.init_state(batch, self.device, self.dtype) for u in model.upsamplers]
-        self.has_coarse = np.zeros((max(n - 1, 0), batch), dtype=bool)
-        self.boundary = np.zeros((max(n - 1, 0), batch), dtype=np.int64)  # its fine index
+        self.state = model.init_state(batch, self.device, self.dtype)
+        # per transition s: the fine index of the newest kept coarse boundary (-1: none yet)
+        self.boundary = np.full((max(n - 1, 0), batch), -1, dtype=np.int64)
 
     @property
     def firing_rates(self) -> list[float]:
         """Per stage, the fraction of row-steps on which it ran (stage 0: 1.0)."""
         return [float(r) / max(self.row_steps, 1) for r in self.ran]
 
+    def _check_token(self, b: int, tok: int, first: bool) -> None:
+        if tok == BOS:
+            if not first:
+                raise ValueError(f"row {b}: BOS may only start a row (one document per row)")
+        elif not (0 <= tok < 256 or (self.n_stages == 1 and PAD < tok < self.vocab_size)):  # one stage: any token
+            raise ValueError(f"row {b}: token {tok} is not a byte, BOS or a token of the vocabulary")
+
+    def _push_bytes(self, b: int, tok: int) -> list[bool]:
+        """The byte-level splitters' marks at row b's next token (BOS: a boundary everywhere)."""
+        if tok == BOS:
+            return [True] * len(self.splitters[b])
+        if not 0 <= tok < 256:
+            return []
+        marks, parent = [], True
+        for state in self.splitters[b]:
+            parent = bool(state.push(tok, parent)) and parent
+            marks.append(parent)
+        return marks
+
     def decide(self, tokens: np.ndarray, active: np.ndarray) -> np.ndarray:
-        """(n_stages, B) bool: which stages get a position at this step (host side)."""
-        n = self.n_stages
-        fire = np.zeros((n, self.batch), dtype=bool)
+        """(n_stages, B) bool: which stages get a position at this step, as far as byte-level
+        splitters decide (host side); stages after a learned splitter are decided in :meth:`step`."""
+        fire = np.zeros((self.n_stages, self.batch), dtype=bool)
         for b in np.flatnonzero(active):
             tok = int(tokens[b])
             if self.count[0, b] >= self.max_len[0]:
                 raise ValueError(f"row {b} already holds model.seq_len = {self.max_len[0]} tokens")
-            if tok == BOS:
-                if self.count[0, b] > 0:
-                    raise ValueError(f"row {b}: BOS may only start a row (one document per row)")
-                marks = [True] * (n - 1)
-            elif 0 <= tok < 256 or (n == 1 and PAD < tok < self.vocab_size):  # one stage: any token
-                marks, parent = [], True
-                for state in self.splitters[b]:
-                    parent = bool(state.push(tok, parent)) and parent
-                    marks.append(parent)
-            else:
-                raise ValueError(f"row {b}: token {tok} is not a byte, BOS or a token of the vocabulary")
+            self._check_token(b, tok, first=self.count[0, b] == 0)
             fire[0, b] = on = True
-            for s in range(1, n):
-                on = on and marks[s - 1] and self.count[s, b] < self.max_len[s]
+            for s, mark in enumerate(self._push_bytes(b, tok), start=1):
+                on = on and mark
+                if on and self.count[s, b] >= self.max_len[s]:
+                    self.dropped[s, b] += 1
+                    on = False
                 fire[s, b] = on
         return fire
 
-    def _info(self, s: int, fire: np.ndarray) -> dict:
+    def _stage_step(self, s: int, fire: np.ndarray) -> StepInfo:
         pos = np.where(fire, self.count[s], np.minimum(self.count[s], self.max_len[s] - 1))  # in range
-        info = StepInfo(
-            pos=torch.from_numpy(pos.copy()).to(self.device),
-            write=torch.from_numpy(fire.copy()).to(self.device),
-            length=int(pos[fire].max()) + 1,
-            all_write=bool(fire.all()),
-            uniform=bool(fire.all() and (pos == pos[0]).all()),
+        return StepInfo.at(pos, fire, self.device)
+
+    def _link_step(self, s: int, fine: StepInfo, fire: np.ndarray) -> LinkStep:
+        """Transition s at this step; records the new boundary where the coarse stage fires."""
+        self.boundary[s] = np.where(fire, self.count[s], self.boundary[s])
+        offset = np.where(self.boundary[s] >= 0, self.count[s] - self.boundary[s], self.count[s])
+        return LinkStep(
+            fine=fine,
+            fire=torch.from_numpy(fire.copy()).to(self.device),
+            any_fire=bool(fire.any()),
+            offset=torch.from_numpy(offset).to(self.device),
         )
-        return {"step": info}
+
+    def _advance(self, key: tuple, step, x, info, write: np.ndarray):
+        """``step(x, state, info)`` on the state under ``key``; rows not in ``write`` keep their state."""
+        old = self.state[key]
+        out, new = step(x, old, info)
+        if not write.all():
+            new = keep_rows(torch.from_numpy(write.copy()).to(self.device), new, old)
+        self.state[key] = new
+        return out
 
     def _embed(self, tokens: np.ndarray, active: np.ndarray) -> torch.Tensor:
         """(B, d0): the embedding of each row's new token, from its newest ``span`` tokens."""
@@ -183,16 +193,6 @@ class Cascade:
         self.recent_doc[active] = np.concatenate([self.recent_doc[active, 1:], self.recent_doc[active, :1] * 0], 1)
         window = torch.from_numpy(self.recent).to(self.device)
         return self.model.embed(window, torch.from_numpy(self.recent_doc).to(self.device))[:, -1]
-
-    @staticmethod
-    def _run(blocks, states: list, h: torch.Tensor, memo: dict) -> torch.Tensor:
-        info: StepInfo = memo["step"]
-        for i, block in enumerate(blocks):
-            h, new = block.step(h, states[i], memo)
-            if new is not states[i] and not info.all_write:
-                new = _keep_rows(info.write, new, states[i])
-            states[i] = new
-        return h
 
     @torch.no_grad()
     def step(self, tokens, active=None) -> torch.Tensor:
@@ -204,33 +204,78 @@ class Cascade:
         if not active.any():
             raise ValueError("no active row to step")
         fire = self.decide(tokens, active)
-        ran = fire.any(axis=1)
-        n, top = self.n_stages, int(np.flatnonzero(ran).max())
-        memos = [self._info(s, fire[s]) if ran[s] else None for s in range(n)]
-        fire_t = [torch.from_numpy(f.copy()).to(self.device) for f in fire]
+        n, top = self.n_stages, 0
 
         h = self._embed(tokens, active)
-        skips = []
-        for s in range(min(top + 1, n - 1)):  # encoders of the stages that ran
-            h = self._run(model.encoders[s].blocks, self.enc[s], h, memos[s])
+        skips, links = [], []
+        for s in range(n - 1):  # down: encoders of the stages that get a position
+            info = self._stage_step(s, fire[s])
+            h = self._advance(("encoder", s), model.encoders[s].step, h, info, fire[s])
             skips.append(h)
-            coarse_fire = fire_t[s + 1] if ran[s + 1] else None
-            pooled, self.pool[s] = model.poolers[s].step(h, self.pool[s], fire_t[s], coarse_fire)
-            if pooled is not None:
-                h = pooled
+            splitter = model.learned[s]
+            if splitter is not None:
+                chunk = self._advance(("splitter", s), splitter.step, h, info, fire[s])
+                marked = fire[s] & chunk.boundary.cpu().numpy()
+                full = self.count[s + 1] >= self.max_len[s + 1]
+                self.dropped[s + 1] += marked & full
+                fire[s + 1] = marked & ~full
+            link = self._link_step(s, info, fire[s + 1])
+            links.append(link)
+            pooled = self._advance(("pooler", s), model.poolers[s].step, h, link, fire[s])
+            if not link.any_fire:
+                break
+            h, top = pooled, s + 1
+        coarse = None  # the new output of stage s + 1 (meaningful on rows where it fired)
         if top == n - 1:
-            h = self._run(model.middle.blocks, self.mid, h, memos[top])
-        for s in range(top, -1, -1):  # h becomes stage s's output (meaningful on its firing rows)
-            if s < n - 1:
-                offset = np.where(self.has_coarse[s], self.count[s] - self.boundary[s], self.count[s])
-                u = model.upsamplers[s].step(self.up[s], torch.from_numpy(offset).to(self.device), skips[s])
-                h = self._run(model.decoders[s].blocks, self.dec[s], skips[s] + u, memos[s])
-            if s > 0:  # stage s hands its new output to the finer stage's upsampler
-                self.up[s - 1] = model.upsamplers[s - 1].push(h, self.up[s - 1], fire_t[s])
-                self.boundary[s - 1] = np.where(fire[s], self.count[s - 1], self.boundary[s - 1])
-                self.has_coarse[s - 1] |= fire[s]
+            coarse = h = self._advance(("middle",), model.middle.step, h, self._stage_step(top, fire[top]), fire[top])
+        for s in range(min(top, n - 2), -1, -1):  # up: decoders of the stages that ran
+            link, splitter = links[s], model.learned[s]
+            if coarse is not None and splitter is not None:
+                smooth = lambda x, state, _: splitter.smooth_step(x, state)  # noqa: E731
+                coarse = self._advance(("splitter", s), smooth, coarse, None, fire[s + 1])
+            upsample = lambda x, state, lk: model.upsamplers[s].step(x, state, lk, fine=skips[s])  # noqa: E731
+            up = self._advance(("upsampler", s), upsample, coarse, link, fire[s])
+            coarse = h = self._advance(("decoder", s), model.decoders[s].step, skips[s] + up, link.fine, fire[s])
         logits = model.head(model.norm(h))
         self.count += fire
         self.ran += fire.sum(axis=1)
         self.row_steps += int(active.sum())
         return logits
+
+    @torch.no_grad()
+    def prefill(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Feed each row's tokens at once into a fresh cascade (B rows; BOS only first) -> logits
+        (B, VOCAB) at each row's last token (rows without tokens: meaningless). One full forward
+        pass, each part run by its ``prefill``; the state equals that of stepping the tokens."""
+        if self.row_steps:
+            raise ValueError("prefill needs a fresh cascade")
+        if len(rows) != self.batch:
+            raise ValueError(f"prefill got {len(rows)} rows for a batch of {self.batch}")
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        if lengths.max(initial=0) > self.max_len[0]:
+            raise ValueError(f"a row of {lengths.max()} tokens exceeds model.seq_len = {self.max_len[0]}")
+        tokens = np.full((self.batch, max(int(lengths.max(initial=0)), 1)), PAD, dtype=np.int64)
+        for b, row in enumerate(rows):
+            for t, tok in enumerate(row):
+                self._check_token(b, int(tok), first=t == 0)
+                self._push_bytes(b, int(tok))
+            tokens[b, : len(row)] = row
+            span = self.recent.shape[1]
+            tail = list(row)[-span:]
+            if tail:
+                self.recent[b, -len(tail):], self.recent_doc[b, -len(tail):] = tail, 0
+        out = self.model(torch.from_numpy(tokens).to(self.device), cache=self.state)
+        links = self.state.pop("links")
+        self.count[0] = lengths
+        for s, link in enumerate(links):
+            self.count[s + 1] = link.coarse.valid.sum(1).cpu().numpy()
+            self.dropped[s + 1] = link.truncated.cpu().numpy()
+            last = torch.from_numpy(np.maximum(lengths - 1, 0)).to(self.device)[:, None]
+            seg = link.fine_seg.gather(1, last).squeeze(1).cpu().numpy()
+            offset = link.fine_offset.gather(1, last).squeeze(1).cpu().numpy()
+            self.boundary[s] = np.where(seg > 0, self.count[s] - 1 - offset, -1)
+            lengths = self.count[s + 1]
+        self.ran += self.count.sum(axis=1)
+        self.row_steps += int(self.count[0].sum())
+        index = torch.from_numpy(np.maximum(self.count[0] - 1, 0)).to(self.device)
+        return out.logits[torch.arange(self.batch, device=self.device), index]

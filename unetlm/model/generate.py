@@ -2,13 +2,17 @@
 
 Both modes share the sampling rule (:func:`sample_next`), the context rule and the order in
 which random numbers are drawn, so with equal logits they produce equal bytes; the cached
-mode's logits equal the full forward's (tests check both).
+mode's logits equal the full forward's (tests check both). The cached mode prefills each
+context with one full forward, then steps one token at a time.
 
-Context rule: a row's context is BOS + prompt + continuation, at most ``model.seq_len``
-tokens (the full forward refuses more). A longer prompt keeps its last ``seq_len`` tokens;
-when the continuation would overflow, the oldest tokens are dropped down to half of
-``seq_len`` and the model reads a context that starts mid-document, like a training row that
-does not start with BOS. The cached mode then re-reads the kept half (O(1) per byte amortised).
+Context rule: a row's context is BOS + prompt + continuation, and it must fit the static shapes
+of the full forward: at most ``model.seq_len`` tokens, and no stage holding more positions than
+its ``max_len`` (the full forward would drop the boundaries past it, and a stage that stops
+getting positions stops reading the text). When a prompt or a new token breaks either bound,
+the context is cut to its longest suffix that fills at most half of every stage
+(:func:`window`), and the model reads a context that starts mid-document, like a training row
+that does not start with BOS. The cached mode then prefills the kept suffix (O(1) per byte
+amortised); a cascade therefore never truncates a stage.
 """
 from __future__ import annotations
 
@@ -83,16 +87,43 @@ def check_ready(model) -> None:
     check_device(model.spec, next(model.parameters()).device.type, training=False)
 
 
-def initial_context(prompt: bytes, seq_len: int, tokenizer) -> list[int]:
-    return ([BOS] + tokenizer.encode(prompt).tolist())[-seq_len:]
-
-
-def extend_context(context: list[int], token: int, seq_len: int) -> bool:
-    """Append ``token``; past ``seq_len`` tokens drop the oldest down to half. True if dropped."""
-    context.append(token)
-    if len(context) <= seq_len:
+def fits(model, context: list[int], share: float = 1.0) -> bool:
+    """Whether ``context`` has at most ``share`` of ``seq_len`` tokens and fills at most ``share``
+    of every stage's ``max_len`` in the full forward's layout."""
+    limits = [max(1, int(share * n)) for n in model.lengths]
+    if len(context) > limits[0]:
         return False
-    del context[: len(context) - max(1, seq_len // 2)]
+    device = next(model.parameters()).device
+    counts = stage_counts(model, torch.tensor(context, device=device), demand=True)
+    return all(c <= n for c, n in zip(counts, limits))
+
+
+def window(model, context: list[int]) -> list[int]:
+    """The longest suffix of ``context`` that fills at most half of ``seq_len`` and of every
+    stage (at least its last token); bisection over where it starts."""
+    lo, hi = max(0, len(context) - max(1, model.lengths[0] // 2)), len(context) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(model, context[mid:], 0.5):
+            hi = mid
+        else:
+            lo = mid + 1
+    return context[lo:]
+
+
+def initial_context(model, prompt: bytes) -> list[int]:
+    """BOS + the prompt, cut to its :func:`window` past ``seq_len`` tokens (a stage that overflows
+    is found when the engines read it)."""
+    context = [BOS] + model.tokenizer.encode(prompt).tolist()
+    return context if len(context) <= model.lengths[0] else window(model, context)
+
+
+def extend_context(model, context: list[int], token: int) -> bool:
+    """Append ``token``; past ``seq_len`` tokens cut the context to its :func:`window`. True if cut."""
+    context.append(token)
+    if len(context) <= model.lengths[0]:
+        return False
+    context[:] = window(model, context)
     return True
 
 
@@ -104,7 +135,13 @@ class _Recompute:
         self.device = next(model.parameters()).device
 
     def logits(self, contexts: list[list[int]], rows: list[int], dropped: bool) -> torch.Tensor:
-        out = [self.model(torch.tensor([contexts[b]], device=self.device)).logits[0, -1] for b in rows]
+        out = []
+        for b in rows:
+            result = self.model(torch.tensor([contexts[b]], device=self.device))
+            if any(int(t[0]) for t in result.truncated):  # the newest token overflowed a stage
+                contexts[b][:] = window(self.model, contexts[b])
+                result = self.model(torch.tensor([contexts[b]], device=self.device))
+            out.append(result.logits[0, -1])
         return torch.stack(out)
 
     def firing_rates(self, contexts: list[list[int]]) -> list[float]:
@@ -114,7 +151,7 @@ class _Recompute:
 
 
 class _Cached:
-    """Logits from a :class:`Cascade`, re-read from the contexts after old tokens were dropped."""
+    """Logits from a :class:`Cascade`; after a context was cut, a new one prefilled with it."""
 
     def __init__(self, model, batch: int) -> None:
         self.model, self.batch = model, batch
@@ -122,16 +159,25 @@ class _Cached:
 
     def logits(self, contexts: list[list[int]], rows: list[int], dropped: bool) -> torch.Tensor:
         if self.cascades and not dropped:
+            cascade = self.cascades[-1]
             tokens = [contexts[b][-1] if b in rows else 0 for b in range(self.batch)]
-            return self.cascades[-1].step(tokens, [b in rows for b in range(self.batch)])[rows]
-        cascade = Cascade(self.model, self.batch)
-        self.cascades.append(cascade)
-        last = {}
-        for i in range(max(len(contexts[b]) for b in rows)):
-            active = [b in rows and i < len(contexts[b]) for b in range(self.batch)]
-            step = cascade.step([contexts[b][i] if active[b] else 0 for b in range(self.batch)], active)
-            last.update((b, step[b]) for b in rows if i == len(contexts[b]) - 1)
-        return torch.stack([last[b] for b in rows])
+            logits = cascade.step(tokens, [b in rows for b in range(self.batch)])
+            if not self._cut_overflowed(cascade, contexts, rows):
+                return logits[rows]
+        while True:  # twice at most: a cut context fills half of every stage
+            cascade = Cascade(self.model, self.batch)
+            self.cascades.append(cascade)
+            logits = cascade.prefill([contexts[b] if b in rows else [] for b in range(self.batch)])
+            if not self._cut_overflowed(cascade, contexts, rows):
+                return logits[rows]
+
+    def _cut_overflowed(self, cascade: Cascade, contexts: list[list[int]], rows: list[int]) -> bool:
+        """Cut the contexts of rows whose newest tokens made a stage drop a boundary, as the
+        recompute mode does; True if any."""
+        overflowed = [b for b in rows if cascade.dropped[:, b].any()]
+        for b in overflowed:
+            contexts[b][:] = window(self.model, contexts[b])
+        return bool(overflowed)
 
     def firing_rates(self, contexts: list[list[int]]) -> list[float]:
         ran = sum(c.ran for c in self.cascades)
@@ -199,9 +245,8 @@ def generate(
         generator.seed()
     else:
         generator.manual_seed(seed)
-    seq_len = model.spec.seq_len
     tokenizer = model.tokenizer
-    contexts = [initial_context(p, seq_len, tokenizer) for p in prompts]
+    contexts = [initial_context(model, p) for p in prompts]
     outs = [bytearray() for _ in prompts]
     shown = [0] * len(prompts)
     reasons = ["length"] * len(prompts)
@@ -243,7 +288,7 @@ def generate(
                     del outs[b][max_bytes:]
                     finish(b, "length")
                 else:
-                    dropped |= extend_context(contexts[b], tok, seq_len)
+                    dropped |= extend_context(model, contexts[b], tok)
                     fed.append(b)
                     emit(b, stops.safe(outs[b]))
             if fed:

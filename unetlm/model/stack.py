@@ -4,6 +4,8 @@ What the blocks share (masks, rotary tables) is built once per call, before the 
 by each block's ``prepare``; the blocks only read it. A block wrapped for activation
 checkpointing or compiled on its own (:mod:`unetlm.train.parallelize`) therefore runs one and
 the same graph in its forward, its recomputation and every later call.
+
+The stack follows the blocks' step protocol (:mod:`unetlm.core.step`) with a list of their states.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from unetlm.core.layout import StageInfo
+from unetlm.core.step import StepInfo
 from unetlm.recipe.schema import Component
 
 
@@ -31,6 +34,23 @@ class Stack(nn.Module):
         for block in self.blocks:
             h = block(h, info, memo)
         return h
+
+    def init_state(self, batch: int, max_len: int, device, dtype) -> list:
+        return [block.init_state(batch, max_len, device, dtype) for block in self.mixers()]
+
+    def step(self, h: torch.Tensor, states: list, info: StepInfo) -> tuple[torch.Tensor, list]:
+        new = []
+        for block, state in zip(self.mixers(), states):
+            h, state = block.step(h, state, info)
+            new.append(state)
+        return h, new
+
+    def prefill(self, h: torch.Tensor, states: list, info: StageInfo) -> tuple[torch.Tensor, list]:
+        new = []
+        for block, state in zip(self.mixers(), states):
+            h, state = block.prefill(h, state, info)
+            new.append(state)
+        return h, new
 
     def forward_flops(self, length: int) -> float:
         return sum(block.forward_flops(length) for block in self.mixers())

@@ -20,6 +20,7 @@ from torch import nn
 from unetlm.model.embedding import ByteEmbedding
 from unetlm.core import layout
 from unetlm.core.layout import Link, StageInfo, build_links, byte_stage
+from unetlm.splitters.base import LearnedSplitter
 from unetlm.splitters.splitting import split_batch
 from unetlm.model.stack import Stack
 from unetlm.core.tokens import BYTES, PAD, documents_from_tokens
@@ -62,12 +63,10 @@ class UNet(nn.Module):
         self.decoders = nn.ModuleList(
             Stack(s.mixer, s.dim, s.layers if s.decoder_layers is None else s.decoder_layers) for s in stages[:-1]
         )
-        classes = [s.splitter.build_class() for s in stages[1:]]
-        n_bytes = next((i for i, cls in enumerate(classes) if cls.learned), len(classes))
-        self.splitters = [cls(s.splitter.config) for cls, s in zip(classes[:n_bytes], stages[1:])]
-        self.learned_splitters = nn.ModuleList(  # recipes allow them only after the byte-level ones
-            cls(s.splitter.config, fine.dim)
-            for cls, fine, s in zip(classes[n_bytes:], stages[n_bytes:], stages[n_bytes + 1:])
+        classes = [s.splitter.build_class() for s in stages[1:]]  # recipes put learned ones last
+        self.splitters = [cls(s.splitter.config) for cls, s in zip(classes, stages[1:]) if not cls.learned]
+        self.learned_splitters = nn.ModuleList(
+            cls(s.splitter.config, fine.dim) for cls, fine, s in zip(classes, stages, stages[1:]) if cls.learned
         )
         self.norm = nn.RMSNorm(d0, eps=1e-6)
         self.head = nn.Linear(d0, spec.vocab_size, bias=False)
@@ -90,8 +89,9 @@ class UNet(nn.Module):
         for s in range(n - 1):
             modules[s] += [self.encoders[s], self.decoders[s]]
             modules[s + 1] += [self.poolers[s], self.upsamplers[s]]
-        for i, splitter in enumerate(self.learned_splitters):
-            modules[len(self.splitters) + i + 1].append(splitter)
+        for s, splitter in enumerate(self.learned):
+            if splitter is not None:
+                modules[s + 1].append(splitter)
         seen: set[int] = set()
         out = []
         for group in modules:
@@ -106,15 +106,36 @@ class UNet(nn.Module):
     def links(self, tokens: torch.Tensor, doc: torch.Tensor, masks: list[torch.Tensor]) -> list[Link]:
         return build_links(doc, tokens != PAD, masks, self.lengths[1:])
 
+    @property
+    def learned(self) -> list[LearnedSplitter | None]:
+        """Per transition: its learned splitter, or None where a byte-level splitter decides."""
+        return [None] * len(self.splitters) + list(self.learned_splitters)
+
+    def init_state(self, batch: int, device, dtype) -> dict:
+        """Fresh step states of every part (:mod:`unetlm.core.step`), keyed as :meth:`forward`'s
+        ``cache``: ("encoder", s), ("decoder", s), ("middle",), ("pooler", s), ("upsampler", s)
+        and ("splitter", s) for learned splitters. A transition's parts get the fine stage's max_len."""
+        state: dict = {("middle",): self.middle.init_state(batch, self.lengths[-1], device, dtype)}
+        for s, splitter in enumerate(self.learned):
+            parts = {"encoder": self.encoders[s], "decoder": self.decoders[s], "pooler": self.poolers[s],
+                     "upsampler": self.upsamplers[s], "splitter": splitter}
+            for name, part in parts.items():
+                if part is not None:
+                    state[(name, s)] = part.init_state(batch, self.lengths[s], device, dtype)
+        return state
+
     def forward(
         self,
         tokens: torch.Tensor,
         doc: torch.Tensor | None = None,
         masks: list[torch.Tensor] | None = None,
         targets: torch.Tensor | None = None,
+        cache: dict | None = None,
     ) -> ModelOutput:
         """tokens (B, T) with T <= seq_len; doc (B, T) document ids (default: BOS starts one);
-        masks: precomputed boundaries (default: run the splitters); targets (B, T) for a loss."""
+        masks: precomputed boundaries (default: run the splitters); targets (B, T) for a loss.
+        cache: fresh step states from :meth:`init_state`, each part run by its ``prefill``;
+        afterwards they hold the states after each row's tokens, and ``cache["links"]`` the links."""
         if tokens.shape[1] > self.lengths[0]:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens exceeds model.seq_len = {self.lengths[0]}")
         if doc is None:
@@ -126,50 +147,64 @@ class UNet(nn.Module):
         h = self.embed(tokens, doc)
         skips, links, chunkings = [], [], []
         for s, (encoder, pool) in enumerate(zip(self.encoders, self.poolers)):
-            h = encoder(h, info)
+            h = _run(cache, ("encoder", s), encoder, h, info)
             skips.append(h)
-            link, chunking = self._link(s, h, info, masks)
+            link, chunking = self._link(s, h, info, masks, cache)
             links.append(link)
             chunkings.append(chunking)
-            h = pool(h, link)
+            h = _run(cache, ("pooler", s), pool, h, link)
             info = link.coarse
-        h = self.middle(h, info)
+        h = _run(cache, ("middle",), self.middle, h, info)
         for s in reversed(range(len(links))):
-            h = self.decoders[s](skips[s] + self._upsample(s, h, links[s], chunkings[s], skips[s]), links[s].fine)
+            up = self._upsample(s, h, links[s], chunkings[s], skips[s], cache)
+            h = _run(cache, ("decoder", s), self.decoders[s], skips[s] + up, links[s].fine)
         logits = self.head(self.norm(h))
+        if cache is not None:
+            cache["links"] = links
 
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD)
         learned = [(s, ch) for s, ch in enumerate(chunkings) if ch is not None]
-        ratio_losses = [self._learned(s).ratio_loss(ch, links[s].fine) for s, ch in learned]
+        ratio_losses = [self.learned[s].ratio_loss(ch, links[s].fine) for s, ch in learned]
+        ratio_losses = [r for r in ratio_losses if r is not None]
         aux = torch.stack(ratio_losses).sum() if ratio_losses else None
         n_bytes = (tokens != PAD).sum()
         per_chunk = [(n_bytes / links[s].coarse.valid.sum().clamp(min=1)).detach() for s, _ in learned]
         positions = [link.coarse.valid.sum(1) for link in links]
         return ModelOutput(logits, loss, [link.truncated for link in links], aux, per_chunk, positions)
 
-    def _learned(self, s: int):
-        return self.learned_splitters[s - len(self.splitters)]
-
-    def _link(self, s: int, h: torch.Tensor, info: StageInfo, masks: list[torch.Tensor]):
+    def _link(self, s: int, h: torch.Tensor, info: StageInfo, masks: list[torch.Tensor], cache: dict | None):
         """Transition s -> (Link, Chunking or None): from a byte mask, or learned from h (B, Lf, d)."""
-        if s < len(self.splitters):
+        splitter = self.learned[s]
+        if splitter is None:
             return layout.link(info, masks[s], self.lengths[s + 1]), None
-        chunking = self._learned(s)(h, info)
+        chunking = _run(cache, ("splitter", s), splitter, h, info)
         return layout.link_from_fine(info, chunking.boundary, self.lengths[s + 1]), chunking
 
-    def _upsample(self, s: int, h: torch.Tensor, link: Link, chunking, skip: torch.Tensor) -> torch.Tensor:
+    def _upsample(self, s: int, h: torch.Tensor, link: Link, chunking, skip: torch.Tensor, cache: dict | None):
         """Coarse outputs h of transition s -> fine vectors; learned chunks are smoothed first and
-        carry the straight-through confidence."""
-        if chunking is None:
-            return self.upsamplers[s](h, link, fine=skip)
-        splitter = self._learned(s)
-        up = self.upsamplers[s](splitter.smooth(h, link, chunking), link, fine=skip)
-        return up * splitter.confidence(chunking).to(up.dtype)
+        carry the learned splitter's confidence."""
+        splitter = self.learned[s]
+        if splitter is not None:
+            if cache is None:
+                h = splitter.smooth(h, link, chunking)
+            else:
+                h, cache[("splitter", s)] = splitter.smooth_prefill(h, cache[("splitter", s)], link, chunking)
+        up = _run(cache, ("upsampler", s), self.upsamplers[s], h, link, fine=skip)
+        return up if splitter is None else up * splitter.confidence(chunking).to(up.dtype)
 
     def generate(self, prompts: list[bytes], max_bytes: int, **options):
         """Continue each prompt; see :func:`unetlm.model.generate.generate` for the options."""
         from unetlm.model.generate import generate
 
         return generate(self, prompts, max_bytes, **options)
+
+
+def _run(cache: dict | None, key: tuple, part: nn.Module, x, *args, **kwargs):
+    """``part(x, *args)``; with a cache, ``part.prefill`` from the step state ``cache[key]``, which
+    it replaces."""
+    if cache is None:
+        return part(x, *args, **kwargs)
+    out, cache[key] = part.prefill(x, cache[key], *args, **kwargs)
+    return out

@@ -3,9 +3,12 @@
 ``forward(h, link)`` maps fine vectors (B, Lf, d_fine) to coarse vectors (B, Lc, d_coarse).
 Coarse vector k may read only fine positions j <= link.coarse_src[k] of its own document.
 
-Step API (cached generation, one document per row): ``init_state`` opens an empty segment;
-``step`` adds one fine position to it and, on rows where the next stage fires, returns the
-coarse vector ``forward`` gives for that boundary and opens the next segment.
+Step protocol (cached generation, one document per row; see :mod:`unetlm.core.step`):
+``init_state(batch, max_len, device, dtype)`` opens an empty segment; ``step(h (B, d_fine),
+state, info: LinkStep)`` adds one fine position to it and, on rows where ``info.fire``, returns
+the coarse vector ``forward`` gives for that boundary (None when no row fires) and opens the
+next segment; ``prefill(h, state, link)`` returns ``forward``'s output and the open segment
+after each row's valid positions. The default ``prefill`` runs ``step`` over the positions.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from torch import nn
 
 from unetlm.core.layout import Link
 from unetlm.core.options import NoOptions
+from unetlm.core.step import LinkStep, link_steps, prefill_by_steps
 
 
 class Pooler(nn.Module):
@@ -34,12 +38,16 @@ class Pooler(nn.Module):
         """Forward FLOPs for one sequence (matmuls counted as 2 per multiply-add)."""
         return 2.0 * self.fine_dim * self.coarse_dim * coarse_len
 
-    def init_state(self, batch: int, device, dtype):
+    def init_state(self, batch: int, max_len: int, device, dtype):
         """An empty open segment per row."""
         raise NotImplementedError
 
-    def step(self, h: torch.Tensor, state, write: torch.Tensor, fire: torch.Tensor | None):
-        """h (B, d_fine): a new fine position on rows where ``write`` (B,) is True. ``fire`` (B,)
-        marks rows whose position is a kept boundary (a subset of ``write``), or is None when no
-        row has one. -> (coarse (B, d_coarse), meaningful on ``fire`` rows, or None; state)."""
+    def step(self, h: torch.Tensor, state, info: LinkStep):
+        """h (B, d_fine): the new fine position -> (coarse (B, d_coarse), meaningful on
+        ``info.fire`` rows, or None when ``info.any_fire`` is False; state)."""
         raise NotImplementedError
+
+    def prefill(self, h: torch.Tensor, state, link: Link):
+        """h (B, Lf, d_fine) from a fresh ``state`` -> (``forward``'s output, the open segment
+        after each row's valid positions)."""
+        return self.forward(h, link), prefill_by_steps(self.step, state, h.unbind(1), link_steps(link))

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from unetlm.core.layout import Link
+from unetlm.core.step import LinkStep
 from unetlm.poolers.base import Pooler
-from unetlm.poolers.mean import segment_of
+from unetlm.poolers.mean import open_segment, segment_of
 from unetlm.recipe.validators import positive
 
 
@@ -41,24 +42,29 @@ class ConcatPooler(Pooler):
         picked = h.gather(1, index.unsqueeze(-1).expand(-1, -1, d)).view(B, Lc, K, d)
         return self.proj((picked * inside.unsqueeze(-1).to(h.dtype)).flatten(2))
 
-    def init_state(self, batch: int, device, dtype):
+    def init_state(self, batch: int, max_len: int, device, dtype):
         """(the last ``size`` fine vectors (B, size, d), right-aligned; the open patch's length (B,))."""
         return (
             torch.zeros(batch, self.config.size, self.fine_dim, device=device, dtype=dtype),
             torch.zeros(batch, dtype=torch.long, device=device),
         )
 
-    def step(self, h: torch.Tensor, state, write: torch.Tensor, fire: torch.Tensor | None):
+    def step(self, h: torch.Tensor, state, info: LinkStep):
         recent, length = state
-        shifted = torch.cat([recent[:, 1:], h.unsqueeze(1)], 1)
-        recent = torch.where(write.view(-1, 1, 1), shifted, recent)
-        length = length + write.long()
-        if fire is None:
+        recent, length = torch.cat([recent[:, 1:], h.unsqueeze(1)], 1), length + 1
+        if not info.any_fire:
             return None, (recent, length)
         K = self.config.size
         inside = torch.arange(K, device=h.device) >= K - length.unsqueeze(1)
         pooled = self.proj((recent * inside.unsqueeze(-1).to(recent.dtype)).flatten(1))
-        return pooled, (recent, torch.where(fire, 0, length))
+        return pooled, (recent, length.masked_fill(info.fire, 0))
+
+    def prefill(self, h: torch.Tensor, state, link: Link):
+        K = self.config.size
+        pos = link.fine.valid.sum(1, keepdim=True) - K + torch.arange(K, device=h.device)  # (B, K)
+        recent = h.gather(1, pos.clamp(min=0).unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        recent = recent * (pos >= 0).unsqueeze(-1).to(h.dtype)
+        return self.forward(h, link), (recent, open_segment(link).sum(1))
 
     def forward_flops(self, fine_len: int, coarse_len: int) -> float:
         return 2.0 * self.config.size * self.fine_dim * self.coarse_dim * coarse_len

@@ -17,8 +17,9 @@ from torch import nn
 from torch_geometric.utils import scatter, softmax
 
 from unetlm.core.layout import Link
+from unetlm.core.step import LinkStep
 from unetlm.poolers.base import Pooler
-from unetlm.poolers.mean import segment_of
+from unetlm.poolers.mean import open_segment, segment_of
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.validators import positive
 
@@ -69,30 +70,37 @@ class CrossAttentionPooler(Pooler):
         mixed = scatter(weights.unsqueeze(-1) * v.reshape(B * Lf, H, hd), flat, dim=0, dim_size=B * (Lc + 1))
         return query + self.out(rearrange(mixed, "(b c) h d -> b c (h d)", b=B)[:, :Lc])
 
-    def init_state(self, batch: int, device, dtype):
-        """(keys, values (B, n, H, hd), live (B, n)): the open patches; columns no row needs are dropped."""
-        empty = torch.zeros(batch, 0, self.heads, self.head_dim, device=device, dtype=dtype)
-        return empty, empty, torch.zeros(batch, 0, dtype=torch.bool, device=device)
+    def init_state(self, batch: int, max_len: int, device, dtype):
+        """(keys, values (B, max_len, H, hd) by fine position; where each row's open patch starts (B,))."""
+        kv = torch.zeros(batch, max_len, self.heads, self.head_dim, device=device, dtype=dtype)
+        return kv, kv.clone(), torch.zeros(batch, dtype=torch.long, device=device)
 
-    def step(self, h: torch.Tensor, state, write: torch.Tensor, fire: torch.Tensor | None):
-        k, v, live = state
-        B = h.shape[0]
+    def step(self, h: torch.Tensor, state, info: LinkStep):
+        k, v, open_from = state
+        B, pos = h.shape[0], info.fine.pos
         k_new, v_new = self.kv(self.kv_norm(h)).view(B, 2, self.heads, self.head_dim).unbind(1)
-        k, v = torch.cat([k, k_new.unsqueeze(1)], 1), torch.cat([v, v_new.unsqueeze(1)], 1)
-        live = torch.cat([live, write.unsqueeze(1)], 1)
-        if fire is None:
-            return None, (k, v, live)
+        rows = info.fine.write.nonzero().squeeze(1)  # written in place: only rows that advance
+        k[rows, pos[rows]], v[rows, pos[rows]] = k_new[rows], v_new[rows]
+        if not info.any_fire:
+            return None, (k, v, open_from)
         query = self.init(h)
         q = self.q(self.q_norm(query)).view(B, self.heads, self.head_dim)
-        scores = torch.einsum("bhd,bnhd->bhn", q, k) * self.head_dim**-0.5
-        seen = live.clone()
-        seen[:, -1] = True  # rows without a live column (not firing) still get finite numbers
+        lo, hi = int(open_from[info.fire].min()), int(pos[info.fire].max()) + 1
+        cols = torch.arange(lo, hi, device=h.device)
+        seen = (cols >= open_from[:, None]) & (cols <= pos[:, None])
+        seen = seen | ~info.fire[:, None]  # rows not firing: any finite numbers
+        scores = torch.einsum("bhd,bnhd->bhn", q, k[:, lo:hi]) * self.head_dim**-0.5
         weights = scores.masked_fill(~seen.unsqueeze(1), float("-inf")).softmax(-1)
-        pooled = query + self.out(torch.einsum("bhn,bnhd->bhd", weights, v).reshape(B, -1))
-        live = live & ~fire.unsqueeze(1)
-        needed = live.any(0)
-        first = int(needed.long().argmax()) if bool(needed.any()) else live.shape[1]
-        return pooled, (k[:, first:], v[:, first:], live[:, first:])
+        pooled = query + self.out(torch.einsum("bhn,bnhd->bhd", weights, v[:, lo:hi]).reshape(B, -1))
+        return pooled, (k, v, torch.where(info.fire, pos + 1, open_from))
+
+    def prefill(self, h: torch.Tensor, state, link: Link):
+        k, v, _ = state
+        B, Lf, _ = h.shape
+        k_all, v_all = self.kv(self.kv_norm(h)).view(B, Lf, 2, self.heads, self.head_dim).unbind(2)
+        k[:, :Lf], v[:, :Lf] = k_all, v_all
+        open_from = link.fine.valid.sum(1) - open_segment(link).sum(1)
+        return self.forward(h, link), (k, v, open_from)
 
     def forward_flops(self, fine_len: int, coarse_len: int) -> float:
         inner = self.heads * self.head_dim

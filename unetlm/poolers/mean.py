@@ -12,6 +12,7 @@ from torch import nn
 from torch_geometric.utils import scatter
 
 from unetlm.core.layout import Link
+from unetlm.core.step import LinkStep
 from unetlm.poolers.base import Pooler
 
 
@@ -43,18 +44,29 @@ class MeanPooler(Pooler):
         pooled = scatter(h.reshape(B * Lf, d), flat.reshape(-1), dim=0, dim_size=B * (Lc + 1), reduce="mean")
         return self.proj(pooled.view(B, Lc + 1, d)[:, :Lc])
 
-    def init_state(self, batch: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def init_state(self, batch: int, max_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum (B, d_fine), count (B, 1)) of the open segment."""
         return torch.zeros(batch, self.fine_dim, device=device, dtype=dtype), torch.zeros(
             batch, 1, device=device, dtype=dtype
         )
 
-    def step(self, h: torch.Tensor, state, write: torch.Tensor, fire: torch.Tensor | None):
-        total, count = state
-        w = write.unsqueeze(-1)
-        total, count = torch.where(w, total + h, total), count + w.to(count.dtype)
-        if fire is None:
+    def step(self, h: torch.Tensor, state, info: LinkStep):
+        total, count = state[0] + h, state[1] + 1
+        if not info.any_fire:
             return None, (total, count)
-        pooled = self.proj(total / count.clamp(min=1))
-        f = fire.unsqueeze(-1)
-        return pooled, (torch.where(f, torch.zeros_like(total), total), torch.where(f, 0, count))
+        pooled = self.proj(total / count)
+        f = info.fire.unsqueeze(-1)
+        return pooled, (total.masked_fill(f, 0), count.masked_fill(f, 0))
+
+    def prefill(self, h: torch.Tensor, state, link: Link):
+        inside = open_segment(link).unsqueeze(-1)
+        total = (h * inside).sum(1)
+        return self.forward(h, link), (total, inside.sum(1).to(total.dtype))
+
+
+def open_segment(link: Link) -> torch.Tensor:
+    """(B, Lf) bool: the valid fine positions after each row's last boundary (the segment a
+    step-by-step pooler holds open after them)."""
+    index = torch.arange(link.fine_is_boundary.shape[1], device=link.fine_is_boundary.device)
+    last = torch.where(link.fine_is_boundary, index, -1).max(1, keepdim=True).values
+    return link.fine.valid & (index > last)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from unetlm.core.layout import Link
+from unetlm.core.step import LinkStep
 from unetlm.poolers.base import Pooler
 
 
@@ -31,8 +32,11 @@ class SelectPooler(Pooler):
         index = link.coarse_src.unsqueeze(-1).expand(-1, -1, h.shape[-1])
         return self.proj(self.norm(h.gather(1, index)))
 
-    def init_state(self, batch: int, device, dtype) -> None:
+    def init_state(self, batch: int, max_len: int, device, dtype) -> None:
         return None
 
-    def step(self, h: torch.Tensor, state, write: torch.Tensor, fire: torch.Tensor | None):
-        return (None if fire is None else self.proj(self.norm(h))), state
+    def step(self, h: torch.Tensor, state, info: LinkStep):
+        return (self.proj(self.norm(h)) if info.any_fire else None), state
+
+    def prefill(self, h: torch.Tensor, state, link: Link):
+        return self.forward(h, link), state

@@ -16,9 +16,13 @@ Training signals, used by :class:`~unetlm.model.unet.UNet` when a stage's splitt
 * :meth:`ratio_loss`: weight · N/(N-1) · ((N-1)·F·G + (1-F)(1-G)), F the fraction of valid
   positions that are boundaries, G their mean p; smallest when F = G = 1/N.
 
-The module lives in the model (an ``nn.Module``), so it has no byte-level ``boundaries``.
+The module lives in the model (an ``nn.Module``), so it has no byte-level ``boundaries``. For
+cached generation it follows the step protocol of :class:`~unetlm.splitters.base.LearnedSplitter`:
+the state holds W_q h of the previous position, p at the newest one and the newest smoothed chunk.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import attrs
 import torch
@@ -26,7 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from unetlm.core.layout import Link, StageInfo
-from unetlm.splitters.base import Splitter
+from unetlm.core.step import StepInfo, at_last
+from unetlm.splitters.base import Chunking, LearnedSplitter
+
+__all__ = ["Chunking", "DynamicChunking", "LearnedConfig", "RouterState"]
+
+
+KEEP_MAX = 1 - 1e-6  # P is clamped to this where 1 - P is a decay, so the log stays finite
 
 
 def _above_one(_inst, attribute, value):
@@ -45,22 +55,21 @@ class LearnedConfig:
     ratio_loss_weight: float = attrs.field(default=0.03, validator=_non_negative)  # H-Net's alpha
 
 
-@attrs.define  # not frozen: torch.compile cannot trace the __init__ of frozen attrs classes
-class Chunking:
-    """A learned splitter's decisions over a fine stage, each (B, Lf)."""
+class RouterState(NamedTuple):
+    """Step state of :class:`DynamicChunking`, per row."""
 
-    prob: torch.Tensor  # float: p_t (0 at padding)
-    boundary: torch.Tensor  # bool: p_t > 0.5 at valid positions
+    query: torch.Tensor  # (B, d): W_q h of the previous position
+    started: torch.Tensor  # (B,) bool: the row has a previous position
+    prob: torch.Tensor  # (B,): p at the newest position (P of a chunk it starts)
+    smoothed: torch.Tensor | None  # (B, d_coarse): the newest smoothed chunk output (None: zeros)
 
 
-class LearnedSplitter(Splitter, nn.Module):
+class DynamicChunking(LearnedSplitter):
     Config = LearnedConfig
     examples = [{}]
-    learned = True
 
     def __init__(self, config: LearnedConfig, dim: int) -> None:
-        nn.Module.__init__(self)
-        self.config = config
+        super().__init__(config, dim)
         # plain parameters, so the model's normal initialisation leaves the identity in place
         self.w_q = nn.Parameter(torch.eye(dim))
         self.w_k = nn.Parameter(torch.eye(dim))
@@ -91,7 +100,7 @@ class LearnedSplitter(Splitter, nn.Module):
         Closed form: z̄_c = sum_i P_i prod_{i<m<=c} (1 - P_m) ẑ_i, the products as exponentials of
         differences of a cumulative sum of log(1 - P) (O(Lc^2) memory per row)."""
         P = chunking.prob.gather(1, link.coarse_src)
-        log_keep = torch.log1p(-P.clamp(max=1 - 1e-6)).cumsum(1)  # document starts: reset by the mask below
+        log_keep = torch.log1p(-P.clamp(max=KEEP_MAX)).cumsum(1)  # document starts: reset by the mask below
         Lc = P.shape[1]
         doc = link.coarse.doc
         older = torch.ones(Lc, Lc, dtype=torch.bool, device=P.device).tril()
@@ -114,3 +123,44 @@ class LearnedSplitter(Splitter, nn.Module):
         g = chunking.prob.sum() / count  # p is 0 at padding
         loss = n_target / (n_target - 1) * ((n_target - 1) * f * g + (1 - f) * (1 - g))
         return self.config.ratio_loss_weight * loss
+
+    # ---------------------------------------------------------------- step protocol
+
+    def init_state(self, batch: int, max_len: int, device, dtype) -> RouterState:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        return RouterState(
+            query=torch.zeros(batch, self.dim, device=device, dtype=acc),
+            started=torch.zeros(batch, dtype=torch.bool, device=device),
+            prob=torch.ones(batch, device=device, dtype=acc),
+            smoothed=None,
+        )
+
+    def step(self, h: torch.Tensor, state: RouterState, info: StepInfo) -> tuple[Chunking, RouterState]:
+        dtype = self._dtype(h)
+        with torch.autocast(h.device.type, enabled=False):
+            x = h.to(dtype)
+            q, k = x @ self.w_q.to(dtype).T, x @ self.w_k.to(dtype).T
+            p = ((1 - F.cosine_similarity(state.query, k, dim=-1)) / 2).clamp(0, 1)
+        p = torch.where(state.started, p, 1.0)
+        return Chunking(prob=p, boundary=p > 0.5), RouterState(q, torch.ones_like(state.started), p, state.smoothed)
+
+    def prefill(self, h: torch.Tensor, state: RouterState, info: StageInfo) -> tuple[Chunking, RouterState]:
+        chunking = self.forward(h, info)
+        dtype = self._dtype(h)
+        with torch.autocast(h.device.type, enabled=False):
+            q = at_last(h, info).to(dtype) @ self.w_q.to(dtype).T
+        started = info.valid.any(1)
+        return chunking, RouterState(q, started, at_last(chunking.prob, info).to(dtype), state.smoothed)
+
+    def smooth_step(self, coarse: torch.Tensor, state: RouterState) -> tuple[torch.Tensor, RouterState]:
+        """z̄ = P ẑ + (1 - P) z̄_prev, as :meth:`smooth` computes it for the newest chunk."""
+        P = state.prob.to(coarse.dtype).unsqueeze(-1)
+        out = P * coarse
+        if state.smoothed is not None:
+            out = out + (1 - P.clamp(max=KEEP_MAX)) * state.smoothed
+        return out, state._replace(smoothed=out)
+
+    def smooth_prefill(self, coarse: torch.Tensor, state: RouterState, link: Link, chunking: Chunking):
+        smoothed = self.smooth(coarse, link, chunking)
+        newest = at_last(smoothed, link.coarse) * link.coarse.valid.any(1, keepdim=True).to(smoothed.dtype)
+        return smoothed, state._replace(smoothed=newest)

@@ -6,7 +6,7 @@ own document, each projected to ``keys`` key/value pairs (BLT's ``cross_attn_k``
 ``fine_seg[j]`` is 0 it sees only the learned start vector. ``window = 1`` is BLT's decoder
 mask (each byte attends to the one patch it may see). Keys are gathered per position, so the
 cost is ``Lf * window * keys``, with no dense (Lf x Lc) mask. Step by step, the keys and
-values of the ``window`` newest coarse vectors are kept (:meth:`push` shifts them in).
+values of the ``window`` newest coarse vectors are kept (:meth:`step` shifts a new one in).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 
 from unetlm.core.layout import Link
+from unetlm.core.step import LinkStep, at_last
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.validators import positive
 from unetlm.upsamplers.base import Upsampler
@@ -81,7 +82,7 @@ class CrossAttentionUpsampler(Upsampler):
         mixed = torch.einsum("...hn,...nhd->...hd", weights, v)
         return self.out(mixed.flatten(-2))
 
-    def init_state(self, batch: int, device, dtype):
+    def init_state(self, batch: int, max_len: int, device, dtype):
         """(key/values of the newest coarse vectors (B, window, ...), newest first; which slots
         hold one (B, window); whether any coarse vector came yet (B,)). At first: the start vector."""
         W = self.config.window
@@ -90,25 +91,26 @@ class CrossAttentionUpsampler(Upsampler):
         slots = torch.arange(W, device=device).expand(batch, W) == 0
         return kv, slots, torch.zeros(batch, dtype=torch.bool, device=device)
 
-    def push(self, coarse: torch.Tensor, state, write: torch.Tensor):
+    def step(self, coarse, state, info: LinkStep, fine=None):
         kv, slots, seen = state
-        new = self.kv(self.kv_norm(coarse)).unsqueeze(1)
-        shifted_kv = torch.cat([new, kv[:, :-1]], 1)
-        older = slots[:, :-1] & seen.unsqueeze(1)  # the start vector leaves once a coarse vector came
-        shifted_slots = torch.cat([torch.ones_like(slots[:, :1]), older], 1)
-        w = write.view(-1, 1)
-        return (
-            torch.where(w.unsqueeze(-1), shifted_kv, kv),
-            torch.where(w, shifted_slots, slots),
-            seen | write,
-        )
-
-    def step(self, state, offset: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
-        kv, slots, _ = state
+        if coarse is not None:  # the new coarse vector shifts in on rows where it fired
+            new = self.kv(self.kv_norm(coarse)).unsqueeze(1)
+            older = slots[:, :-1] & seen.unsqueeze(1)  # the start vector leaves once a coarse vector came
+            f = info.fire.view(-1, 1)
+            kv = torch.where(f.unsqueeze(-1), torch.cat([new, kv[:, :-1]], 1), kv)
+            slots = torch.where(f, torch.cat([torch.ones_like(slots[:, :1]), older], 1), slots)
+            seen = seen | info.fire
         B, H, hd, K = fine.shape[0], self.heads, self.head_dim, self.config.keys
         k, v = kv.view(B, self.config.window * K, 2, H, hd).unbind(2)
         q = self.q(self.q_norm(fine)).view(B, H, hd)
-        return self._attend(q, k, v, slots.repeat_interleave(K, dim=-1))
+        return self._attend(q, k, v, slots.repeat_interleave(K, dim=-1)), (kv, slots, seen)
+
+    def prefill(self, coarse: torch.Tensor, state, link: Link, fine: torch.Tensor | None = None):
+        """The forward pass; the state holds what the last valid fine position of each row sees."""
+        index, allowed = (at_last(t, link.fine) for t in self.visible(link))  # (B, window)
+        kv = self.kv(self.kv_norm(self.with_start(coarse)))
+        kv = kv.gather(1, index.unsqueeze(-1).expand(-1, -1, kv.shape[-1]))
+        return self.forward(coarse, link, fine=fine), (kv, allowed, at_last(link.fine_seg, link.fine) > 0)
 
     def forward_flops(self, fine_len: int, coarse_len: int) -> float:
         inner = self.heads * self.head_dim

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from unetlm.core.layout import Link
-from unetlm.upsamplers.base import Upsampler
+from unetlm.upsamplers.base import NewestUpsampler
 
 
-class LinearUpsampler(Upsampler):
+class LinearUpsampler(NewestUpsampler):
     def __init__(self, config, coarse_dim: int, fine_dim: int) -> None:
         super().__init__(config, coarse_dim, fine_dim)
         self.proj = nn.Linear(coarse_dim, fine_dim, bias=False)
@@ -19,5 +19,5 @@ class LinearUpsampler(Upsampler):
     def prepare(self, coarse: torch.Tensor) -> torch.Tensor:
         return self.proj(coarse)
 
-    def step(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    def read(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor | None) -> torch.Tensor:
         return prepared

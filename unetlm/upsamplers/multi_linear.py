@@ -18,7 +18,7 @@ from torch import nn
 
 from unetlm.core.layout import Link
 from unetlm.recipe.validators import positive
-from unetlm.upsamplers.base import Upsampler
+from unetlm.upsamplers.base import NewestUpsampler
 
 
 @attrs.define
@@ -27,7 +27,7 @@ class MultiLinearConfig:
     norm: bool = False  # RMSNorm of each coarse vector (and the start vector) before the maps
 
 
-class MultiLinearUpsampler(Upsampler):
+class MultiLinearUpsampler(NewestUpsampler):
     Config = MultiLinearConfig
     examples = [{}, {"offsets": 2, "norm": True}]
 
@@ -51,7 +51,7 @@ class MultiLinearUpsampler(Upsampler):
         coarse = self.norm(coarse)
         return torch.cat([self.shared(coarse), coarse], dim=-1)
 
-    def step(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    def read(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor | None) -> torch.Tensor:
         shared, coarse = prepared.split([self.fine_dim, self.coarse_dim], dim=-1)
         maps = rearrange(self.per_offset.weight, "(k f) c -> k f c", k=self.config.offsets)
         offset = offset.clamp(max=self.config.offsets - 1)

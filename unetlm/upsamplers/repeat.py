@@ -6,7 +6,7 @@ import torch
 
 from unetlm.core.layout import Link
 from unetlm.recipe.errors import RecipeError
-from unetlm.upsamplers.base import Upsampler
+from unetlm.upsamplers.base import NewestUpsampler
 
 
 @attrs.define
@@ -19,7 +19,7 @@ class RepeatConfig:
             )
 
 
-class RepeatUpsampler(Upsampler):
+class RepeatUpsampler(NewestUpsampler):
     Config = RepeatConfig
 
     def forward(self, coarse: torch.Tensor, link: Link, fine: torch.Tensor | None = None) -> torch.Tensor:
@@ -28,7 +28,7 @@ class RepeatUpsampler(Upsampler):
     def prepare(self, coarse: torch.Tensor) -> torch.Tensor:
         return coarse
 
-    def step(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
+    def read(self, prepared: torch.Tensor, offset: torch.Tensor, fine: torch.Tensor | None) -> torch.Tensor:
         return prepared
 
     def forward_flops(self, fine_len: int, coarse_len: int) -> float:
