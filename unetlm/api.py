@@ -5,18 +5,9 @@ from pathlib import Path
 
 import torch
 
-from unetlm.recipe import Recipe, load_recipe
-from unetlm.recipe.schema import ModelSpec
+from unetlm.model.build import build_model
 
-
-def build_model(recipe: Recipe | ModelSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()):
-    """A freshly initialised :class:`~unetlm.model.unet.UNet` from a recipe (object or path)."""
-    from unetlm.model.unet import UNet
-
-    if isinstance(recipe, (str, Path)):
-        recipe = load_recipe(recipe, overrides)
-    spec = recipe.model if isinstance(recipe, Recipe) else recipe
-    return UNet(spec)
+__all__ = ["build_model", "load_checkpoint", "checkpoint_files"]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):

@@ -162,7 +162,7 @@ def measure_activations(model_spec, autocast: bool = True) -> ActivationProfile:
 def _measure(model_spec, autocast: bool) -> ActivationProfile:
     import warnings
 
-    from unetlm.api import build_model
+    from unetlm.model.build import build_model
 
     with _fake_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # autocast's dtype notices, once per op kind: not the user's concern

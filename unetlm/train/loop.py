@@ -15,7 +15,7 @@ from pathlib import Path
 import attrs
 import torch
 
-from unetlm.api import build_model
+from unetlm.model.build import build_model
 from unetlm.core.tokens import BYTES, PAD
 from unetlm.data.loader import step_batches
 from unetlm.data.packing import ByteData, text_prefix, training_text

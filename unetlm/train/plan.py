@@ -188,7 +188,7 @@ def gib(n: float) -> str:
 def plan_recipe(recipe, hardware: Hardware) -> Plan:
     """The plan of ``recipe`` on ``hardware``, from a meta-device model (no weights are built);
     "auto" batch and lr resolve from the compute budget as training does."""
-    from unetlm.api import build_model
+    from unetlm.model.build import build_model
     from unetlm.model.summary import summarize
     from unetlm.train.scaling import resolve_budget
 
@@ -272,7 +272,7 @@ def plan_training(recipe, budget, device: torch.device, processes: int, stored_b
     auto = "auto" in (spec.micro_batch_size, spec.activation_checkpointing)
     if not auto and device.type != "cuda":
         return spec, None
-    from unetlm.api import build_model
+    from unetlm.model.build import build_model
 
     with torch.device("meta"):
         model = build_model(recipe)

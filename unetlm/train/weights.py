@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from unetlm.api import build_model
+from unetlm.model.build import build_model
 from unetlm.recipe import Recipe, dump_recipe, load_recipe, recipe_from_dict
 from unetlm.train import checkpoint as fmt
 from unetlm.train.errors import CheckpointError
