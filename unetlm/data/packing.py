@@ -116,63 +116,8 @@ def held_out_text(documents: list[bytes], valid_fraction: float) -> list[bytes]:
     return split_text(documents, training_cut(sum(len(d) + 1 for d in documents), valid_fraction))[1]
 
 
-@attrs.define
-class ByteData:
-    """Train and validation streams with deterministic batch sampling."""
-
-    train: TokenStream
-    valid: TokenStream
-    seq_len: int
-    batch_size: int
-    seed: int
-
-    @classmethod
-    def build(
-        cls,
-        documents: list[bytes],
-        splitters,
-        seq_len: int,
-        batch_size: int,
-        valid_fraction: float,
-        seed: int,
-        tokenizer=BYTES,
-    ):
-        stream = pack(documents, splitters, tokenizer)
-        ends = np.cumsum(tokenizer.lengths[stream.tokens])  # stream bytes up to each token
-        cut = int(np.searchsorted(ends, training_cut(int(ends[-1]) if len(ends) else 0, valid_fraction), "right"))
-        train, valid = stream.slice(0, cut), stream.slice(cut, len(stream))
-        for name, part in (("training", train), ("validation", valid)):
-            if len(part) < seq_len + 1:
-                raise ValueError(
-                    f"the {name} data holds {len(part)} tokens, fewer than one sequence of {seq_len + 1}; "
-                    f"use more data or a smaller model.seq_len"
-                )
-        return cls(train, valid, seq_len, batch_size, seed)
-
-    def train_starts(self, step: int) -> np.ndarray:
-        """Window starts of the global batch of optimizer step ``step``: a pure function of (seed, step)."""
-        rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.train) - self.seq_len, size=self.batch_size)
-
-    def train_batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
-        """Rank ``rank``'s rows of the global batch of step ``step``: rows ``[rank*B/W, (rank+1)*B/W)``.
-
-        The global batch does not depend on the world size, so resuming (on any number of
-        processes) sees exactly the bytes an uninterrupted run would have.
-        """
-        return self.train.window_batch(shard_rows(self.train_starts(step), rank, world), self.seq_len)
-
-    def valid_batches(self, count: int, rank: int = 0, world: int = 1) -> list[Batch]:
-        """``count`` fixed global batches spread evenly over the validation stream (this rank's rows)."""
-        n = count * self.batch_size
-        starts = np.linspace(0, len(self.valid) - self.seq_len - 1, n).astype(np.int64)
-        return [
-            self.valid.window_batch(shard_rows(starts[i : i + self.batch_size], rank, world), self.seq_len)
-            for i in range(0, n, self.batch_size)
-        ]
-
-
-def shard_rows(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
+def shard_rows(rows, rank: int, world: int):
+    """Rank ``rank``'s equal block of a global batch's rows (an array or a list)."""
     if len(rows) % world:
         raise ValueError(f"a batch of {len(rows)} sequences does not split over {world} processes")
     per = len(rows) // world

@@ -14,12 +14,13 @@ import torch
 
 from unetlm.api import build_model, model_from_state
 from unetlm.data.loader import step_batches
-from unetlm.data.packing import ByteData, text_prefix, training_text
+from unetlm.data.corpora import open_training_data
+from unetlm.data.packing import text_prefix, training_text
 from unetlm.data.sources import load_documents
 from unetlm.model.generate import generate
 from unetlm.model.stack import Stack
 from unetlm.model.summary import summarize
-from unetlm.core.tokens import BYTES, PAD
+from unetlm.core.tokens import PAD
 from unetlm.recipe import Recipe, dump_recipe, recipe_from_dict
 from unetlm.recipe.schema import TrainingSpec
 from unetlm.train import parallel
@@ -198,9 +199,8 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
     device = world.device
     torch.manual_seed(spec.seed)
     model = build_model(recipe)
-    documents = load_documents(recipe.data)
     if model.tokenizer is None:
-        model.tokenizer = run_tokenizer(recipe, documents, state, world)
+        model.tokenizer = run_tokenizer(recipe, load_documents(recipe.data), state, world)
     summary = summarize(model)
     seq_len = recipe.model.seq_len
     budget = resolve_budget(
@@ -238,8 +238,8 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
         (out / "recipe.toml").write_text(dump_recipe(recipe), encoding="utf-8")
         if recipe.model.tokenizer is not None:
             (out / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
-    data = ByteData.build(
-        documents, model.splitters, seq_len, budget.batch_size, recipe.data.valid_fraction, spec.seed, tokenizer
+    data = open_training_data(
+        recipe.data, seq_len, model.splitters, model.lengths, tokenizer, budget.batch_size, spec.seed
     )
     valid = data.valid_batches(spec.eval_batches, world.rank, world.size)
     lengths = torch.as_tensor(tokenizer.lengths, device=device)
@@ -250,10 +250,11 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
     bar = Progress(spec.steps, start_step, enabled=progress and world.main)
     bar.write(
         f"{recipe.name or 'recipe'}: {summary.params:,} parameters, {flops_per_byte / 1e6:.2f} MFLOPs/byte "
-        f"(training), {len(data.train):,} training {'bytes' if tokenizer is BYTES else 'tokens'}, {world.size} x {device}, "
+        f"(training), {world.size} x {device}, "
         f"{'bfloat16 autocast' if dtype else 'float32'}{', compiled' if compiled else ''}"
     )
     bar.write(budget.describe())
+    bar.write(data.describe())
 
     def checkpoint(step: int) -> None:
         model_state, optim_state = parallel.full_state(model, optimizer)
@@ -314,6 +315,7 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
                 "flops": step * bytes_per_step * flops_per_byte,
                 "bytes_per_s": (step - start_step) * bytes_per_step / max(elapsed, 1e-9),
                 "truncated": truncated,
+                **data.step_metrics(step - 1),
             }
             if output.aux_loss is not None:  # learned splitters: ratio loss and achieved bytes per chunk
                 last["aux_loss"] = float(parallel.mean_over_ranks(output.aux_loss.detach(), world))
@@ -327,7 +329,12 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
                 for key in ("loss", "bpb", "lr", "grad_norm", "bytes_per_s", "val_bpb"):
                     if key in last:
                         board.add_scalar(f"train/{key}", last[key], step)
-            if any(truncated):
+            if any(truncated[: data.transitions]):
+                raise TrainingError(
+                    f"step {step}: the model dropped boundaries {truncated} (per stage transition) on training "
+                    f"rows planned to fit every max_len; the data's boundary masks do not match the model's splitters"
+                )
+            if any(truncated):  # stages of learned splitters cannot be planned from the data
                 bar.write(f"step {step}: truncated boundaries per stage transition: {truncated} (raise max_len)")
             shown = {"loss": loss_value, "bpb": last["bpb"], "bytes/s": f"{last['bytes_per_s']:,.0f}"}
             if "val_bpb" in last:
