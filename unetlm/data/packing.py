@@ -1,10 +1,10 @@
 """Packing documents into one token stream with document ids and stage boundaries.
 
 The stream is ``BOS doc0 BOS doc1 ...``: bytes, or a tokenizer's ids. Boundaries are computed
-once per whole document (so a window that starts mid-document still carries the right
-boundaries), then windows of ``seq_len + 1`` tokens are cut from it: inputs are the first
-``seq_len``, targets the last. The last ``valid_fraction`` of the stream's bytes (a BOS counts
-as one) is held out for validation, so byte and tokenized models hold out the same text.
+once per whole document (so a row that starts mid-document still carries the right
+boundaries); :mod:`unetlm.data.windows` cuts it into rows. The last ``valid_fraction`` of the
+stream's bytes (a BOS counts as one) is held out for validation, so byte and tokenized models
+hold out the same text.
 """
 from __future__ import annotations
 
@@ -52,12 +52,9 @@ class TokenStream:
     def slice(self, start: int, stop: int) -> "TokenStream":
         return TokenStream(self.tokens[start:stop], self.doc[start:stop], self.masks[:, start:stop])
 
-    def window_batch(self, starts: np.ndarray, seq_len: int) -> Batch:
-        idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
-        tokens = torch.from_numpy(self.tokens[idx].astype(np.int64))
-        doc = torch.from_numpy(self.doc[idx[:, :-1]].astype(np.int64))
-        masks = [torch.from_numpy(self.masks[s][idx[:, :-1]]) for s in range(self.masks.shape[0])]
-        return Batch(tokens[:, :-1], doc, masks, tokens[:, 1:])
+    def read(self, start: int, stop: int) -> "TokenStream":
+        """Positions ``start .. stop - 1`` (what a prepared corpus's ``read`` gives)."""
+        return self.slice(start, stop)
 
 
 def pack(documents: list[bytes | tuple[bytes, ...]], splitters: list[Splitter], tokenizer=BYTES) -> TokenStream:

@@ -128,3 +128,24 @@ def auto_max_len(counts: np.ndarray, percentile: float = 99.9, multiple: int = 1
     """A stage length that holds ``percentile`` % of the windows' boundary counts, rounded up to ``multiple``."""
     need = int(np.ceil(np.percentile(counts, percentile))) if len(counts) else 1
     return max(multiple, -(-need // multiple) * multiple)
+
+
+def plan_spans(
+    reach: np.ndarray, spans: Sequence[tuple[int, int, int]], seq_len: int
+) -> list[tuple[int, int, int, int]]:
+    """Rows scoring each span ``(context, first, stop)``: the targets of inputs ``first .. stop - 1``,
+    read with context from position ``context`` on. ``reach`` (from :func:`row_reach`) bounds every row.
+
+    Returns ``(start, end, a, b)`` per row: inputs ``start .. end - 1``, scoring inputs ``a .. b - 1``.
+    Each row starts as early as the context and ``reach`` allow, so it keeps as much context as fits.
+    """
+    out = []
+    for context, first, stop in spans:
+        q = first
+        while q < stop:
+            lo = max(context, q - seq_len + 1)  # a row holding q starts after q - seq_len
+            start = lo + int(np.searchsorted(reach[lo : q + 1], q, side="right"))
+            end = min(int(reach[start]), stop)
+            out.append((start, end, q, end))
+            q = end
+    return out

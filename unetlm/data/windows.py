@@ -43,7 +43,7 @@ class StreamCorpus:
         return int(self.lengths[self.stream.tokens].sum())
 
     def read(self, start: int, stop: int) -> TokenStream:
-        return self.stream.slice(start, stop)
+        return self.stream.read(start, stop)
 
     def token_at_byte(self, n: int) -> int:
         """Tokens that end at or before stream byte ``n`` (a BOS counts as one byte)."""
