@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun (gloo, FSDP2, micro-batches) train like one process on the same global batch."""
+"""Two CPU processes under torchrun (gloo, FSDP2, micro-batches) train like one process on the same global batch,
+also when they resume a run that one process started."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from test_train import losses, tiny_recipe, tiny_recipe_dict, write_corpus
+from strategies import ROOT
+from test_train import interrupt_at, losses, tiny_recipe, tiny_recipe_dict, write_corpus
 from unetlm.api import load_checkpoint
 from unetlm.recipe import dump_recipe
 from unetlm.train import loop
@@ -16,7 +18,9 @@ from unetlm.train.checkpoint import CHECKPOINT, load_state
 
 
 def torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the processes import this checkout's unetlm, wherever the installed package points
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "unetlm.cli", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -28,8 +32,15 @@ def runs(tmp_path_factory):
     corpus = write_corpus(root / "corpus")
     recipe = tiny_recipe(corpus, threads=1)
     recipe_file = root / "tiny.toml"  # two processes of 2 rows each, 1 row per forward: gradients accumulate
-    recipe_file.write_text(dump_recipe(tiny_recipe(corpus, threads=1, micro_batch_size=1)), encoding="utf-8")
-    done = torchrun(["train", str(recipe_file), "--out", str(root / "two"), "--quiet", "--no-compile"], root)
+    micro = tiny_recipe(corpus, threads=1, micro_batch_size=1)
+    recipe_file.write_text(dump_recipe(micro), encoding="utf-8")
+    # steps 1-3 in one process (stopped as Ctrl-C would), then resumed by two: the same bytes as one run
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, 3)
+        loop.train(micro, root / "two", progress=False, sample=False)
+    assert load_state(root / "two" / CHECKPOINT)["data"]["world_size"] == 1
+    args = ["train", str(recipe_file), "--out", str(root / "two"), "--resume", "--quiet", "--no-compile"]
+    done = torchrun(args, root)
     assert done.returncode == 0, done.stderr[-3000:]
     loop.train(recipe, root / "one", progress=False, sample=False)
     return root, recipe, done
