@@ -198,3 +198,39 @@ def test_training_on_overflow_prone_text_drops_no_boundary(tmp_path, monkeypatch
     monkeypatch.setattr(loop, "open_training_data", too_wide)
     with pytest.raises(loop.TrainingError, match="dropped boundaries"):
         loop.train(recipe, tmp_path / "wide", progress=False, sample=False)
+
+
+def test_auto_max_len_is_sized_from_the_data(tmp_path):
+    from test_train import tiny_recipe_dict
+    from unetlm.data.boundaries import recipe_splitters, sample_masks, stage_stats, with_auto_lengths
+    from unetlm.recipe import RecipeError, recipe_from_dict
+    from unetlm.api import build_model
+
+    (tmp_path / "a.txt").write_bytes(b"1, 2; 3!? a b I\n...\n" * 200)
+    table = tiny_recipe_dict(str(tmp_path / "a.txt"))
+    table["model"]["stages"][1]["max_len"] = "auto"
+    recipe = recipe_from_dict(table)
+    with pytest.raises(RecipeError, match="max_len = 'auto' is sized from data"):
+        build_model(recipe)
+    sized = with_auto_lengths(recipe)
+    n = sized.model.stages[1].max_len
+    assert n % 16 == 0 and n <= 64  # at most the finer stage
+    stats = stage_stats(recipe.model, sample_masks([(tmp_path / "a.txt").read_bytes()], recipe_splitters(recipe.model)))
+    assert stats[0].auto == n and stats[0].max_len == "auto" and stats[0].overflow <= 0.001
+    table["model"]["stages"][1]["max_len"] = 8  # tight: most windows overflow, planned rows pad
+    tight_stats = stage_stats(recipe_from_dict(table).model, sample_masks([(tmp_path / "a.txt").read_bytes()],
+                                                                          recipe_splitters(recipe.model)))
+    assert tight_stats[0].overflow > 0.5 and tight_stats[0].padding > 0
+
+
+@pytest.mark.parametrize("text", [b"", b"hello world"], ids=["empty", "short"])
+def test_training_on_too_little_data_is_one_clean_line(tmp_path, capsys, text):
+    from unetlm.cli import main
+
+    (tmp_path / "a.txt").write_bytes(text)
+    args = ["train", "--set", "data.source=files", "--set", f"data.paths=['{tmp_path / 'a.txt'}']",
+            "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("unetlm: error: the data holds")
+    assert "about 5,130 bytes" in err[0] and "model.seq_len" in err[0]

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_RECIPE = "recipes/tiny/au2.toml"
+AUTO_NOTE = "99.9th percentile of boundaries per window, rounded up to a multiple of 16"
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -40,6 +41,13 @@ def cmd_show(args) -> int:
     from unetlm.recipe import dump_recipe, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    stats = None
+    if args.data:
+        from unetlm.data.boundaries import recipe_splitters, sample_masks, stage_stats, with_auto_lengths
+
+        documents = [Path(args.data).read_bytes()]
+        stats = stage_stats(recipe.model, sample_masks(documents, recipe_splitters(recipe.model)))
+        recipe = with_auto_lengths(recipe, documents)
     print(dump_recipe(recipe))
     with torch.device("meta"):
         model = build_model(recipe)
@@ -64,6 +72,11 @@ def cmd_show(args) -> int:
     else:
         print(f"training FLOPs per byte (forward + backward): {summary.train_flops_per_byte:,.0f}"
               f" ({summary.train_flops_per_byte / 1e6:.3f} MFLOPs)")
+    if stats is not None:
+        print(f"boundaries in {args.data} (seq_len windows; auto: the {AUTO_NOTE}):")
+        print("stage  max_len  windows overflowing  auto picks  padding of planned rows")
+        for s in stats:
+            print(f"{s.stage:<5}  {s.max_len!s:<7}  {s.overflow:<19.2%}  {s.auto:<10}  {s.padding:.2%}")
     return 0
 
 
@@ -228,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="print a resolved recipe with per-stage parameters and FLOPs")
     p.add_argument("recipe")
+    p.add_argument("--data", metavar="FILE", help="also report each stage's boundary statistics on this file")
     _add_overrides(p)
     p.set_defaults(func=cmd_show)
 

@@ -93,7 +93,7 @@ def check_size(corpus, valid_fraction: float, seq_len: int) -> None:
         return
     needed = int(np.ceil((seq_len + 1) / max(min(valid_fraction, 1.0 - valid_fraction), 1e-9)))
     raise RecipeError(
-        f"the data holds {corpus.num_bytes:,} bytes ({cut:,} training and {corpus.num_tokens - cut:,} held-out "
+        f"the data holds {corpus.num_bytes:,} stream bytes (each document's BOS counts as one; {cut:,} training and {corpus.num_tokens - cut:,} held-out "
         f"tokens with data.valid_fraction = {valid_fraction}); one sequence of model.seq_len = {seq_len} "
         f"needs {seq_len + 1} tokens in each part, i.e. about {needed:,} bytes: add data or lower model.seq_len"
     )

@@ -51,6 +51,11 @@ def structure_component(kind: str, data: Any, path: str) -> Component:
     return Component(kind, name, config)
 
 
+def positive_or_auto(_inst, attribute, value):
+    if value != "auto":
+        positive(_inst, attribute, value)
+
+
 @attrs.define
 class StageSpec:
     """One level of the U-Net. Stage 0 reads bytes; stage s > 0 reads the pooled stage s - 1."""
@@ -59,7 +64,8 @@ class StageSpec:
     layers: int = attrs.field(validator=non_negative)
     mixer: Component = attrs.field(metadata={"component": "mixer"})
     decoder_layers: int | None = attrs.field(default=None, validator=non_negative)
-    max_len: int | None = attrs.field(default=None, validator=positive)
+    # positions this stage holds per row; "auto": sized from the data when training starts
+    max_len: int | Literal["auto"] | None = attrs.field(default=None, validator=positive_or_auto)
     splitter: Component | None = attrs.field(default=None, metadata={"component": "splitter"})
     pooler: Component | None = attrs.field(default=None, metadata={"component": "pooler"})
     upsampler: Component | None = attrs.field(default=None, metadata={"component": "upsampler"})
@@ -114,6 +120,11 @@ class ModelSpec:
     def vocab_size(self) -> int:
         return VOCAB if self.tokenizer is None else self.tokenizer.vocab_size
 
+    @property
+    def auto_lengths(self) -> list[int]:
+        """Indices of the stages whose max_len is "auto" (sized from the data)."""
+        return [i for i, s in enumerate(self.stages) if s.max_len == "auto"]
+
     def check(self, path: str) -> None:
         if not self.stages:
             raise RecipeError(f"{path}.stages = [] is invalid: expected at least one stage")
@@ -128,7 +139,7 @@ class ModelSpec:
                 for key in ("splitter", "pooler", "upsampler"):
                     if getattr(stage, key) is not None:
                         raise RecipeError(f"{where}.{key}: stage 0 reads bytes and takes no {key}")
-                if stage.max_len is not None and stage.max_len != self.seq_len:
+                if stage.max_len is not None and stage.max_len != self.seq_len:  # "auto" included
                     raise RecipeError(
                         f"{where}.max_len = {stage.max_len} is invalid: stage 0 holds the "
                         f"sequence, so it must equal model.seq_len = {self.seq_len}"
@@ -141,7 +152,12 @@ class ModelSpec:
                 if stage.max_len is None:
                     raise RecipeError(f"{where}.max_len: required for stage {i} (a positive integer)")
                 finer = self.stages[i - 1].max_len
-                if stage.max_len > finer:
+                if stage.max_len == "auto" and self.stages[i].splitter.build_class().learned:
+                    raise RecipeError(
+                        f"{where}.max_len = 'auto' is invalid: a learned splitter decides its boundaries inside "
+                        f"the forward, so its stage cannot be sized from the data; give a number"
+                    )
+                if "auto" not in (stage.max_len, finer) and stage.max_len > finer:
                     raise RecipeError(
                         f"{where}.max_len = {stage.max_len} is invalid: a stage cannot hold more "
                         f"positions than the stage before it ({finer})"
@@ -182,11 +198,6 @@ class DataSpec:
             raise RecipeError(f"{path}.dataset: required for source 'hf' (a Hugging Face dataset name)")
         if self.source == "hf" and not self.max_bytes:
             raise RecipeError(f"{path}.max_bytes: required for source 'hf' (how many bytes to stream)")
-
-
-def positive_or_auto(_inst, attribute, value):
-    if value != "auto":
-        positive(_inst, attribute, value)
 
 
 @attrs.define

@@ -14,6 +14,7 @@ import torch
 
 from unetlm.api import build_model, model_from_state
 from unetlm.data.loader import step_batches
+from unetlm.data.boundaries import with_auto_lengths
 from unetlm.data.corpora import open_training_data
 from unetlm.data.packing import text_prefix, training_text
 from unetlm.data.sources import load_documents
@@ -191,6 +192,7 @@ def train(
 
 
 def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, progress: bool, sample: bool) -> dict:
+    recipe = with_auto_lengths(recipe)  # max_len = "auto" sized from the data
     spec = recipe.training
     ckpt_path = out / CHECKPOINT
     state = check_resume(ckpt_path, recipe, resume, force)
