@@ -99,6 +99,33 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from unetlm.data.errors import PreparedDataError
+    from unetlm.data.prepared import PreparedCorpus, prepare
+    from unetlm.recipe import load_recipe
+
+    try:
+        index, count = (int(x) for x in args.shard.split("/"))
+    except ValueError:
+        print(f"unetlm: error: --shard {args.shard!r}: expected I/N, e.g. 0/4", file=sys.stderr)
+        return 2
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        out = prepare(recipe, Path(args.out), workers=args.workers, shard=(index, count), skip_bad=args.skip_bad,
+                      progress=not args.quiet)
+    except ValueError as exc:
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        corpus = PreparedCorpus.open(out)
+    except PreparedDataError:
+        print(f"prepared shard {index}/{count} of {out}; the corpus is complete once every job has finished")
+        return 0
+    print(f"prepared {out}: {corpus.num_documents:,} documents, {corpus.num_bytes:,} bytes, "
+          f"{corpus.num_tokens:,} tokens, {corpus.num_masks} boundary masks")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from unetlm.train.plot import plot_runs
 
@@ -255,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("prepare", help="write a recipe's data as memory-mapped shards of tokens, documents and masks")
+    p.add_argument("recipe")
+    _add_overrides(p)
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="folder of the prepared data")
+    p.add_argument("--workers", type=int, default=1, help="processes preparing shards (default 1)")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="prepare only job I's share of N independent jobs (default 0/1: everything)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) jsonl lines that are not JSON objects")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
     p = sub.add_parser("plot", help="plot loss and validation bits/byte of runs against bytes and FLOPs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", default="runs.png", help="PNG file to write (default runs.png)")
@@ -349,12 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from unetlm.data.errors import PreparedDataError
     from unetlm.recipe.errors import RecipeError
     from unetlm.registry import RegistryError
     from unetlm.train.errors import TrainingError
 
     try:
         return args.func(args)
+    except PreparedDataError as exc:
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 1
     except (RecipeError, RegistryError, TrainingError) as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads the recipe; one reports
             print(f"unetlm: error: {exc}", file=sys.stderr)

@@ -8,6 +8,9 @@ hold out the same text.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import attrs
 import numpy as np
 import torch
@@ -106,6 +109,23 @@ def text_prefix(documents: list[bytes], n_bytes: int) -> list[bytes]:
 def training_text(documents: list[bytes], valid_fraction: float) -> list[bytes]:
     """The documents' bytes before the held-out part (what a tokenizer may learn from)."""
     return split_text(documents, training_cut(sum(len(d) + 1 for d in documents), valid_fraction))[0]
+
+
+def tokenizer_text(documents: Iterable[bytes], valid_fraction: float, train_bytes: int = 0) -> list[bytes]:
+    """``training_text(documents, valid_fraction)``, cut to its first ``train_bytes`` bytes (0: all),
+    reading only as many documents as that needs: once the stream holds ``train_bytes / (1 -
+    valid_fraction) + 1`` bytes, the held-out cut of any longer stream lies beyond ``train_bytes``."""
+    if not train_bytes or valid_fraction >= 1.0:
+        text = training_text(list(documents), valid_fraction)
+        return text_prefix(text, train_bytes) if train_bytes else text
+    enough = math.ceil(train_bytes / (1.0 - valid_fraction)) + 1
+    read, total = [], 0
+    for data in documents:
+        read.append(data)
+        total += len(data) + 1
+        if total >= enough:
+            return text_prefix(read, train_bytes)
+    return text_prefix(training_text(read, valid_fraction), train_bytes)
 
 
 def held_out_text(documents: list[bytes], valid_fraction: float) -> list[bytes]:

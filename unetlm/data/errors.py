@@ -1,0 +1,6 @@
+"""Errors of the data layer that the command line reports as one line (kept free of heavy imports)."""
+
+
+class PreparedDataError(RuntimeError):
+    """A prepared directory cannot serve a recipe: missing, damaged, another format or stale; or a
+    prepare could not finish (a full disk). The message names the file and how to fix it."""
