@@ -192,8 +192,8 @@ def test_training_on_overflow_prone_text_drops_no_boundary(tmp_path, monkeypatch
 
     real = loop.open_training_data
 
-    def too_wide(spec, seq_len, splitters, lengths, *args):  # rows planned for stages twice as long
-        return real(spec, seq_len, splitters, [lengths[0]] + [2 * n for n in lengths[1:]], *args)
+    def too_wide(corpora, valid_fraction, seq_len, lengths, *args):  # rows planned for stages twice as long
+        return real(corpora, valid_fraction, seq_len, [lengths[0]] + [2 * n for n in lengths[1:]], *args)
 
     monkeypatch.setattr(loop, "open_training_data", too_wide)
     with pytest.raises(loop.TrainingError, match="dropped boundaries"):

@@ -83,13 +83,20 @@ def auto_lengths(spec: ModelSpec, counts: np.ndarray) -> tuple[list[int], list[i
 
 
 def with_auto_lengths(recipe: Recipe, documents: Iterable[bytes] | None = None) -> Recipe:
-    """``recipe`` with every ``max_len = "auto"`` sized from its data (``documents``, default: its sources)."""
+    """``recipe`` with every ``max_len = "auto"`` sized from its data (``documents``; default: its
+    first prepared directory, else its sources)."""
     if not recipe.model.auto_lengths:
         return recipe
-    from unetlm.data.sources import iter_documents
+    if documents is None and recipe.data.prepared_dirs:
+        from unetlm.data.prepared import PreparedCorpus
 
-    splitters = recipe_splitters(recipe.model)
-    masks = sample_masks(iter_documents(recipe.data) if documents is None else documents, splitters)
+        corpus = PreparedCorpus.open(recipe.data.prepared_dirs[0].path, recipe)
+        masks = corpus.read(0, min(corpus.num_tokens, SAMPLE_BYTES)).masks
+    else:
+        from unetlm.data.sources import iter_documents
+
+        masks = sample_masks(iter_documents(recipe.data) if documents is None else documents,
+                             recipe_splitters(recipe.model))
     _, lengths = auto_lengths(recipe.model, window_counts(masks, recipe.model.seq_len))
     table = recipe.to_dict()
     for t, n in enumerate(lengths):

@@ -143,12 +143,14 @@ class TrainingData:
         batch_size: int,
         valid_fraction: float,
         seed: int,
+        planner=None,
     ) -> "TrainingData":
-        """Plan the rows of each (corpus, weight); ``limits``: max_len of each planned stage after the first."""
+        """Plan the rows of each (corpus, weight) with ``planner`` (default :func:`plan_source`);
+        ``limits``: max_len of each planned stage after the first."""
         sources = []
         for corpus, weight in corpora:
             check_size(corpus, valid_fraction, seq_len)
-            sources.append(plan_source(corpus, valid_fraction, limits, seq_len, weight))
+            sources.append((planner or plan_source)(corpus, valid_fraction, limits, seq_len, weight))
         return cls(sources, seq_len, batch_size, seed, len(limits))
 
     @classmethod

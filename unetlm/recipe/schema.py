@@ -178,8 +178,20 @@ class ModelSpec:
 
 
 @attrs.define
+class PreparedSpec:
+    """One prepared directory of a mixture, drawn in proportion to ``weight``."""
+
+    path: str
+    weight: float = attrs.field(default=1.0, validator=positive)
+
+
+@attrs.define
 class DataSpec:
-    """Where documents come from; every source yields raw bytes (invalid UTF-8 is data)."""
+    """Where documents come from; every source yields raw bytes (invalid UTF-8 is data).
+
+    ``prepared``: train on directories written by ``unetlm prepare`` (one path, or a list of
+    ``{path, weight}`` tables for a mixture) instead of preparing the sources into the cache.
+    """
 
     source: Literal["pydocs", "files", "jsonl", "parquet", "hf"] = "pydocs"
     paths: list[str] = attrs.field(factory=list)  # files, jsonl, parquet: paths or globs
@@ -190,8 +202,27 @@ class DataSpec:
     max_bytes: int = attrs.field(default=0, validator=non_negative)  # stop reading after this many (0: all)
     valid_fraction: float = attrs.field(default=0.1, validator=fraction)
     workers: int = attrs.field(default=0, validator=non_negative)  # loader processes preparing batches
+    prepared: str | list[PreparedSpec] = ""  # prepared directories to train on ("": the sources, via the cache)
+
+    @property
+    def prepared_dirs(self) -> list[PreparedSpec]:
+        """The prepared directories with their weights ([]: none, train on the sources)."""
+        return [PreparedSpec(self.prepared)] if isinstance(self.prepared, str) and self.prepared else list(
+            self.prepared or []
+        )
 
     def check(self, path: str) -> None:
+        if isinstance(self.prepared, list):
+            if not self.prepared:
+                raise RecipeError(f"{path}.prepared = [] is invalid: expected a directory or a non-empty list of "
+                                  f"{{path = DIR, weight = W}} tables")
+            seen = set()
+            for i, part in enumerate(self.prepared):
+                if not part.path:
+                    raise RecipeError(f"{path}.prepared[{i}].path = '' is invalid: expected a prepared directory")
+                if part.path in seen:
+                    raise RecipeError(f"{path}.prepared[{i}].path = {part.path!r} is invalid: listed twice")
+                seen.add(part.path)
         if self.source in ("files", "jsonl", "parquet") and not self.paths:
             raise RecipeError(f"{path}.paths = [] is invalid: source {self.source!r} needs at least one path")
         if self.source == "hf" and not self.dataset:

@@ -15,9 +15,7 @@ import torch
 from unetlm.api import build_model, model_from_state
 from unetlm.data.loader import step_batches
 from unetlm.data.boundaries import with_auto_lengths
-from unetlm.data.corpora import open_training_data
-from unetlm.data.packing import text_prefix, training_text
-from unetlm.data.sources import load_documents
+from unetlm.data.corpora import open_corpora, open_training_data, shared_tokenizer
 from unetlm.model.generate import generate
 from unetlm.model.stack import Stack
 from unetlm.model.summary import summarize
@@ -201,8 +199,9 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
     device = world.device
     torch.manual_seed(spec.seed)
     model = build_model(recipe)
+    corpora = open_corpora(recipe, lambda make: from_rank0(make, world), progress and world.main)
     if model.tokenizer is None:
-        model.tokenizer = run_tokenizer(recipe, load_documents(recipe.data), state, world)
+        model.tokenizer = run_tokenizer(corpora, state)
     summary = summarize(model)
     seq_len = recipe.model.seq_len
     budget = resolve_budget(
@@ -241,7 +240,7 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
         if recipe.model.tokenizer is not None:
             (out / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
     data = open_training_data(
-        recipe.data, seq_len, model.splitters, model.lengths, tokenizer, budget.batch_size, spec.seed
+        corpora, recipe.data.valid_fraction, seq_len, model.lengths, len(model.splitters), budget.batch_size, spec.seed
     )
     valid = data.valid_batches(spec.eval_batches, world.rank, world.size)
     lengths = torch.as_tensor(tokenizer.lengths, device=device)
@@ -360,17 +359,13 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
     return last
 
 
-def run_tokenizer(recipe: Recipe, documents: list[bytes], state: dict | None, world: World):
-    """The run's tokenizer: from the checkpoint when resuming, else trained (on rank 0) on the training split."""
+def run_tokenizer(corpora, state: dict | None):
+    """The run's tokenizer: from the checkpoint when resuming, else the one its data was prepared with."""
     from unetlm.data.bpe import BpeTokenizer
 
     if state is not None and "tokenizer" in state:
         return BpeTokenizer.from_json(state["tokenizer"])
-    spec = recipe.model.tokenizer
-    text = training_text(documents, recipe.data.valid_fraction)
-    if spec.train_bytes:
-        text = text_prefix(text, spec.train_bytes)
-    return BpeTokenizer.from_json(from_rank0(lambda: BpeTokenizer.train(text, spec.vocab_size).to_json(), world))
+    return shared_tokenizer(corpora)
 
 
 def sample_text(recipe: Recipe, state: dict) -> str:
