@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from strategies import TINY_RECIPES, recipe_model, recipe_params
+from strategies import TINY_RECIPES, recipe_model, recipe_params, shortened
 from unetlm.data.packing import pack
 from unetlm.data.rows import FULL, plan_in_memory, plan_rows, plan_spans, row_reach
 from unetlm.data.windows import BLOCK, StreamCorpus, TrainingData, read_rows, shares
@@ -234,3 +234,56 @@ def test_training_on_too_little_data_is_one_clean_line(tmp_path, capsys, text):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("unetlm: error: the data holds")
     assert "about 5,130 bytes" in err[0] and "model.seq_len" in err[0]
+
+
+def test_prepared_data_gives_the_batches_of_packing_in_ram(tmp_path):
+    from unetlm.api import build_model
+    from unetlm.data.corpora import open_corpora, open_training_data
+    from unetlm.data.prepared import prepare
+    from unetlm.data.sources import load_documents
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        chunks = rng.choice(np.array(OVERFLOW_CHUNKS + [b"word ", b"text "], dtype=object), size=150)
+        (folder / f"{i}.txt").write_bytes(b"".join(chunks))
+    path = TINY_RECIPES[0].parent / "au3.toml"
+    overrides = ["data.source=files", f"data.paths=['{folder}/*.txt']", *shortened(path, SEQ_LEN), *tight(path)]
+    recipe = load_recipe(path, overrides)
+    model = build_model(recipe)
+    limits = limits_of(model)
+    in_ram = TrainingData.from_documents(load_documents(recipe.data), model.splitters, limits, SEQ_LEN, 4, 0.2, 3)
+    prepare(recipe, tmp_path / "prep", progress=False)
+    prepared = load_recipe(path, [*overrides, f"data.prepared='{tmp_path / 'prep'}'"])
+    corpora = open_corpora(prepared)
+    data = open_training_data(corpora, 0.2, SEQ_LEN, model.lengths, len(model.splitters), 4, 3)
+    assert sum(data.step_metrics(s)["padding"][0] + data.step_metrics(s)["padding"][1] for s in range(4)) > 0
+    assert list((tmp_path / "prep" / "rows").glob("*.npz"))  # the plan is cached beside the data
+    again = open_training_data(open_corpora(prepared), 0.2, SEQ_LEN, model.lengths, len(model.splitters), 4, 3)
+    pairs = [(in_ram.train_batch(s), data.train_batch(s), again.train_batch(s)) for s in (0, 1, 5)]
+    pairs += list(zip(in_ram.valid_batches(2), data.valid_batches(2), again.valid_batches(2)))
+    for batches in pairs:
+        for other in batches[1:]:
+            for name in ("tokens", "doc", "targets"):
+                assert torch.equal(getattr(batches[0], name), getattr(other, name)), name
+            assert all(torch.equal(a, b) for a, b in zip(batches[0].masks, other.masks))
+
+
+def test_training_on_a_prepared_mixture(tmp_path):
+    from test_train import tiny_recipe_dict
+    from unetlm.data.prepared import prepare
+    from unetlm.recipe import recipe_from_dict
+    from unetlm.train import loop
+    from unetlm.train.metrics import read_metrics
+
+    dirs = []
+    for name, text in (("a", b"the cat sat. " * 400), ("b", b"1, 2, 3! " * 400)):
+        (tmp_path / f"{name}.txt").write_bytes(text)
+        table = tiny_recipe_dict(str(tmp_path / f"{name}.txt"), steps=2, eval_every=2, checkpoint_every=2)
+        prepare(recipe_from_dict(table), tmp_path / name, progress=False)
+        dirs.append({"path": str(tmp_path / name), "weight": 3.0 if name == "a" else 1.0})
+    table["data"]["prepared"] = dirs
+    loop.train(recipe_from_dict(table), tmp_path / "run", progress=False, sample=False)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and all(r["truncated"] == [0] for r in records)
