@@ -154,6 +154,16 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def cmd_bench_data(args) -> int:
+    from unetlm.bench.data import bench_data, format_record
+
+    workers = tuple(int(w) for w in args.workers.split(","))
+    record = bench_data(args.recipe, int(float(args.corpus_bytes)), args.json, workers=workers, steps=args.steps,
+                        work_dir=args.work_dir, overrides=args.overrides)
+    print(format_record(record))
+    return 0
+
+
 def _read_prompts(args) -> list[bytes]:
     prompts = [p.encode("utf-8") for p in args.prompt]
     for path in args.prompt_file:
@@ -315,6 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also cut a byte transformer to this recipe's FLOPs per byte and measure it")
     p.add_argument("--json", required=True, help="file to write the list of records to")
     p.set_defaults(func=cmd_bench_generate)
+
+    p = bench.add_parser("data", help="prepare throughput, loader bytes/s and training peak memory on a large corpus")
+    p.add_argument("recipe")
+    p.add_argument("--corpus-bytes", default="2e8", help="document bytes of the corpus written to disk (default 2e8)")
+    p.add_argument("--json", required=True, help="file to write the record to")
+    p.add_argument("--workers", default="1,2", help="comma-separated prepare worker counts (default 1,2)")
+    p.add_argument("--steps", type=int, default=5, help="training steps on the prepared data (default 5)")
+    p.add_argument("--work-dir", help="keep the corpus and prepared data here (default: a temporary directory)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_bench_data)
 
     p = sub.add_parser("generate", help="continue prompts with a trained checkpoint, streaming the output")
     p.add_argument("checkpoint")

@@ -11,7 +11,8 @@ position where it stopped, so a row ending early is padded and nothing is droppe
 
 Stages whose boundaries a learned splitter decides inside the forward cannot be planned from
 the data: only the byte-level masks are passed here, and those stages keep their ``max_len``.
-Everything is vectorised numpy over chunks; the greedy walk jumps over runs of full rows.
+Everything is vectorised numpy over chunks: a row's reach is a gather from each stage's boundary
+positions, and the greedy walk takes runs of full rows at once.
 """
 from __future__ import annotations
 
@@ -22,44 +23,54 @@ import numpy as np
 
 FULL = -1  # the ``cause`` of a row cut by seq_len or the end of the stream, not by a stage
 
-# positions planned per chunk: the per-stage prefix sums of a chunk stay a few tens of MB
+# positions planned per chunk: a chunk's masks and boundary positions stay a few tens of MB
 CHUNK = 1 << 22
 
 
-def row_reach(masks: np.ndarray, limits: Sequence[int], seq_len: int, count: int | None = None):
-    """(reach, cause) for row starts ``0 .. count - 1`` (default: all ``n`` positions of ``masks``
-    (S, n)): a row starting at p may end at ``reach[p]`` (exclusive, ``<= n``) and no later;
-    ``cause[p]`` is the transition whose limit cut it there, or :data:`FULL`."""
-    n = masks.shape[1]
-    count = n if count is None else count
-    starts = np.arange(count, dtype=np.int64)
-    reach = np.minimum(starts + seq_len, n)
-    cause = np.full(count, FULL, dtype=np.int8)
-    for s, limit in enumerate(limits):
-        prefix = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(masks[s], out=prefix[1:])
-        # the furthest e with prefix[e] - prefix[p] <= limit
-        ends = np.searchsorted(prefix, prefix[:count] + limit, side="right") - 1
-        cut = ends < reach
-        reach = np.where(cut, ends, reach)
-        cause = np.where(cut, np.int8(s), cause)
-    return reach, cause
+class Reach:
+    """How far rows may reach in a stretch of positions ``0 .. n - 1`` with masks (S, n)."""
+
+    def __init__(self, masks: np.ndarray, limits: Sequence[int], seq_len: int) -> None:
+        self.n, self.seq_len, self.limits = masks.shape[1], seq_len, list(limits)
+        self.bounds = [np.flatnonzero(masks[s]) for s in range(len(self.limits))]
+
+    def at(self, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(reach, cause) of rows starting at ``starts``: a row may end at ``reach`` (exclusive,
+        ``<= n``) and no later; ``cause``: the transition whose limit cut it there, or :data:`FULL`."""
+        reach = np.minimum(starts + self.seq_len, self.n)
+        cause = np.full(len(starts), FULL, dtype=np.int8)
+        for s, (bounds, limit) in enumerate(zip(self.bounds, self.limits)):
+            # the row holds the first ``limit`` boundaries at or after its start; the next one ends it
+            k = np.searchsorted(bounds, starts) + limit
+            ends = np.where(k < len(bounds), bounds[np.minimum(k, len(bounds) - 1)] if len(bounds) else 0, self.n)
+            cut = ends < reach
+            reach = np.where(cut, ends, reach)
+            cause = np.where(cut, np.int8(s), cause)
+        return reach, cause
 
 
-def walk(reach: np.ndarray, first: int, stop: int, seq_len: int) -> tuple[np.ndarray, int]:
-    """Starts of the greedy rows ``first, reach[first], ...`` that lie before ``stop`` (positions
-    relative to ``reach``'s origin), and the first start at or after ``stop``."""
-    full = reach == np.arange(len(reach)) + seq_len
-    out, p, run = [], first, 4096
+def row_reach(masks: np.ndarray, limits: Sequence[int], seq_len: int):
+    """(reach, cause) of a row starting at each of the ``n`` positions of ``masks`` (S, n)."""
+    return Reach(masks, limits, seq_len).at(np.arange(masks.shape[1], dtype=np.int64))
+
+
+def walk(reach: Reach, first: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(starts, ends, causes) of the greedy rows from ``first`` that start before ``stop``, and
+    the first start at or after ``stop``. Full rows are taken in growing runs, short ones one by one."""
+    L = reach.seq_len
+    starts, ends, causes, p, run = [], [], [], first, 1
     while p < stop:
-        steps = full[p : min(stop, p + seq_len * run) : seq_len]  # rows that would all be full
-        n = int(np.argmin(steps)) if not steps.all() else len(steps)
-        out.append(p + seq_len * np.arange(n, dtype=np.int64))
-        p += seq_len * n
-        if n < len(steps):  # a short row at p
-            out.append(np.array([p], dtype=np.int64))
-            p = int(reach[p])
-    return (np.concatenate(out) if out else np.zeros(0, np.int64)), p
+        grid = p + L * np.arange(min(run, -(-(stop - p) // L)), dtype=np.int64)
+        r, c = reach.at(grid)
+        short = np.flatnonzero(r != grid + L)
+        n = int(short[0]) + 1 if len(short) else len(grid)  # up to and including the first short row
+        starts.append(grid[:n])
+        ends.append(r[:n])
+        causes.append(c[:n])
+        p = int(r[n - 1])
+        run = 1 if len(short) else min(2 * run, 4096)
+    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
+    return cat(starts, np.int64), cat(ends, np.int64), cat(causes, np.int8), p
 
 
 @attrs.define
@@ -102,12 +113,11 @@ def plan_rows(
     p = first
     while p < stop:
         a, b = p, min(stop, p + chunk)
-        masks = np.asarray(read_masks(a, min(stop, b + seq_len)), dtype=bool)
-        reach, cause = row_reach(masks, limits, seq_len, count=b - a)
-        rows, nxt = walk(reach, p - a, b - a, seq_len)
+        reach = Reach(np.asarray(read_masks(a, min(stop, b + seq_len)), dtype=bool), limits, seq_len)
+        rows, row_ends, row_causes, nxt = walk(reach, 0, b - a)
         starts.append(rows + a)
-        ends.append(reach[rows] + a)
-        causes.append(cause[rows])
+        ends.append(row_ends + a)
+        causes.append(row_causes)
         p = nxt + a
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     return RowPlan(cat(starts, np.int64), cat(ends, np.int64), cat(causes, np.int8))

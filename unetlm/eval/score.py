@@ -42,7 +42,7 @@ def score_spans(model, stream: TokenStream, spans: list[tuple[int, int, int]], b
     """
     seq_len = model.spec.seq_len
     limits = model.lengths[1 : 1 + len(model.splitters)]
-    reach, _ = row_reach(stream.masks[: len(limits), : len(stream) - 1], limits, seq_len)  # the last token: a target only
+    reach, _ = row_reach(stream.masks[: len(limits), : len(stream) - 1], limits, seq_len)  # the last token: a target
     rows = plan_spans(reach, spans, seq_len)
     device = next(model.parameters()).device
     was_training = model.training
