@@ -263,3 +263,21 @@ def test_bad_input_is_one_clean_line(tmp_path, capsys, monkeypatch):
     assert code == 1 and "format version 99; this unetlm reads version 1" in err
     with pytest.raises(PreparedDataError, match="format version 99"):
         PreparedCorpus.open(out)
+
+
+def test_entropy_masks_come_from_batched_windows(tmp_path):
+    """An entropy splitter's masks are computed over many documents' windows per forward, and
+    equal splitting each document on its own."""
+    from unetlm.splitters.entropy import with_example_checkpoint
+
+    documents = [b"", b"short one", b"\xff\xfe bytes " * 9, b"a much longer document. " * 12]
+    recipe = with_example_checkpoint(files_recipe(tmp_path / "docs", documents, "blt"))
+    splitter = byte_splitter_components(recipe)[0]
+    splitter = splitter.build_class()(splitter.config)
+    for data, values in zip(documents, splitter.batch_entropies(documents, rows=3)):
+        np.testing.assert_allclose(values, splitter.entropies(data), atol=1e-5)
+    prepare(recipe, tmp_path / "out", progress=False)
+    corpus = PreparedCorpus.open(tmp_path / "out", recipe)
+    want = reference(recipe, corpus.tokenizer)
+    assert corpus.num_masks == 1 and 0 < want.masks.sum() < len(want)
+    check_reads(corpus, want, [(5, 200)])
