@@ -16,7 +16,7 @@ import numpy as np
 from unetlm.core.tokens import BOS, BYTES
 from unetlm.data.packing import TokenStream
 from unetlm.data.prepared.format import (
-    DOCS, MANIFEST, PLAN, TOKENIZER, PreparedDataError, check_version, file_digest, mask_file, read_json,
+    DOCS, MANIFEST, PLAN, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, file_digest, mask_file, read_json,
     reprepare_hint, shard_dir, show, splitter_identities, token_file,
 )
 
@@ -67,7 +67,7 @@ class PreparedCorpus:
         if recipe is not None:
             check_recipe(plan, recipe, path)
         if plan["num_shards"] is None:
-            raise PreparedDataError(f"{path}: prepare has not finished streaming the source; rerun the same unetlm prepare command")
+            raise PreparationIncomplete(f"{path}: prepare has not finished streaming the source; rerun the same unetlm prepare command")
         tokenizer = _tokenizer(path, plan)
         return cls(path, plan, *_index(path, plan), tokenizer)
 
@@ -207,7 +207,7 @@ def _index(path: Path, plan: dict):
         folder = shard_dir(path, i)
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file():
-            raise PreparedDataError(
+            raise PreparationIncomplete(
                 f"shard {folder} is missing (no {MANIFEST}): prepare has not finished; rerun the same unetlm "
                 f"prepare command (with its --shard I/N) to complete it"
             )
@@ -215,6 +215,10 @@ def _index(path: Path, plan: dict):
         check_version(manifest, manifest_path, path)
         if manifest.get("key") != plan["key"]:
             raise PreparedDataError(f"{folder} belongs to another preparation than {path / PLAN}; {reprepare_hint(path)}")
+        if manifest.get("tokenizer_sha256") != plan["tokenizer_sha256"]:
+            raise PreparedDataError(
+                f"{folder} was tokenized with another {TOKENIZER} than {path / PLAN} records; {reprepare_hint(path)}"
+            )
         for entry in manifest["files"]:
             file = folder / entry["file"]
             if not file.is_file():
