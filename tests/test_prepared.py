@@ -104,7 +104,7 @@ def test_byte_recipe_reads_as_packing(documents, ranges, shard_bytes, jsonl):
 
 
 @settings(max_examples=6)
-@given(documents=documents_st, ranges=ranges_st, cut=st.integers(0, 4000))
+@given(documents=documents_st, ranges=ranges_st, cut=st.integers(0, 4000))  # a stream byte where the held-out part could start
 def test_bpe_recipe_reads_as_packing(documents, ranges, cut):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -114,10 +114,10 @@ def test_bpe_recipe_reads_as_packing(documents, ranges, cut):
         assert corpus.tokenizer.vocab_size == 300 and corpus.num_masks == 0
         want = reference(recipe, corpus.tokenizer)
         check_reads(corpus, want, ranges)
-        lengths = corpus.tokenizer.lengths[want.tokens]
-        starts = np.cumsum(lengths) - lengths  # stream-byte offset of each token
-        assert corpus.num_bytes == int(lengths.sum())
-        assert corpus.token_at_byte(cut) == int(np.searchsorted(starts, cut, "left"))
+        ends = np.cumsum(corpus.tokenizer.lengths[want.tokens])  # stream byte after each token
+        assert corpus.num_bytes == int(ends[-1])
+        for n in (cut, cut + 1, int(ends[len(ends) // 2])):
+            assert corpus.token_at_byte(n) == int(np.searchsorted(ends, n, "right"))  # ByteData's held-out cut
 
 
 def test_max_bytes_cuts_after_the_crossing_document(tmp_path):

@@ -126,8 +126,10 @@ class PreparedCorpus:
         return self._maps[k]
 
     def token_at_byte(self, n: int) -> int:
-        """The first token whose stream-byte offset (bytes of the tokens before it, a BOS counting
-        one) is >= ``n``; ``num_tokens`` when ``n`` is past the stream."""
+        """The number of tokens that end at or before stream byte ``n`` (a BOS counts as one byte),
+        i.e. the first token that ends after it: where the held-out part starts when it starts at
+        byte ``n``, the rule :class:`~unetlm.data.packing.ByteData` cuts by. A token that straddles
+        ``n`` is held out. Bytes: ``n`` itself."""
         if n <= 0:
             return 0
         if n >= self.num_bytes:
@@ -135,13 +137,13 @@ class PreparedCorpus:
         if self.tokenizer is BYTES:
             return n
         d = int(np.searchsorted(self.doc_byte_starts, n, "right")) - 1
+        first = int(self.doc_starts[d])  # the document's BOS, stream byte doc_byte_starts[d]
         if self.doc_byte_starts[d] == n:
-            return int(self.doc_starts[d])
-        first = int(self.doc_starts[d])  # the document's BOS
+            return first
         end = int(self.doc_starts[d + 1]) if d + 1 < self.num_documents else self.num_tokens
         ids = self.read(first + 1, end).tokens
-        offsets = int(self.doc_byte_starts[d]) + 1 + np.concatenate([[0], np.cumsum(self.tokenizer.lengths[ids])])
-        return first + 1 + int(np.searchsorted(offsets, n, "left"))
+        ends = int(self.doc_byte_starts[d]) + 1 + np.cumsum(self.tokenizer.lengths[ids])
+        return first + 1 + int(np.searchsorted(ends, n, "right"))
 
     def verify(self) -> None:
         """Check every file's sha256 against its manifest; an error names the first corrupt file."""
