@@ -4,6 +4,7 @@ naming the file; bad input is one clean line from ``unetlm prepare``."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_byte_recipe_reads_as_packing(documents, ranges, shard_bytes, jsonl):
 
 
 @settings(max_examples=6)
-@given(documents=documents_st, ranges=ranges_st, cut=st.integers(0, 4000))
+@given(documents=documents_st, ranges=ranges_st, cut=st.integers(0, 4000))  # a stream byte where the held-out part could start
 def test_bpe_recipe_reads_as_packing(documents, ranges, cut):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -113,10 +114,10 @@ def test_bpe_recipe_reads_as_packing(documents, ranges, cut):
         assert corpus.tokenizer.vocab_size == 300 and corpus.num_masks == 0
         want = reference(recipe, corpus.tokenizer)
         check_reads(corpus, want, ranges)
-        lengths = corpus.tokenizer.lengths[want.tokens]
-        starts = np.cumsum(lengths) - lengths  # stream-byte offset of each token
-        assert corpus.num_bytes == int(lengths.sum())
-        assert corpus.token_at_byte(cut) == int(np.searchsorted(starts, cut, "left"))
+        ends = np.cumsum(corpus.tokenizer.lengths[want.tokens])  # stream byte after each token
+        assert corpus.num_bytes == int(ends[-1])
+        for n in (cut, cut + 1, int(ends[len(ends) // 2])):
+            assert corpus.token_at_byte(n) == int(np.searchsorted(ends, n, "right"))  # ByteData's held-out cut
 
 
 def test_max_bytes_cuts_after_the_crossing_document(tmp_path):
@@ -138,16 +139,23 @@ def pydocs_recipe(extra=()):
     return recipe_for("au4", ["data.max_bytes=60000"], [*BYTE_STAGES, *extra])
 
 
-def test_jobs_and_workers_give_one_run(tmp_path):
-    """--shard I/N over N jobs, and 2 worker processes, write the stream one run writes."""
+def test_jobs_and_workers_give_one_run(tmp_path, monkeypatch, capsys):
+    """--shard I/N over N jobs (the last one as torchrun's rank 1 of 3), and 2 worker processes,
+    write the stream one run writes."""
     documents = [b"doc %d: some words. " % i * (i + 1) for i in range(12)]
     recipe = files_recipe(tmp_path / "docs", documents, extra=["data.max_bytes=700"])  # jobs cannot know where it cuts
     prepare(recipe, tmp_path / "one", shard_bytes=100, progress=False)
-    for job in (2, 0):
-        prepare(recipe, tmp_path / "jobs", shard=(job, 3), shard_bytes=100, progress=False)
-    with pytest.raises(PreparedDataError, match="00001 is missing"):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    overrides = [f"--set={o}" for o in ["data.source=files", f"data.paths=['{tmp_path}/docs/*.bin']",
+                                         "data.max_bytes=700", *BYTE_STAGES]]
+    assert main(["prepare", str(ROOT / "recipes/tiny/au4.toml"), *overrides, "--out", str(tmp_path / "jobs"),
+                 "--shard-bytes", "100", "--quiet"]) == 0
+    assert "prepared job 1/3 of" in capsys.readouterr().out
+    prepare(recipe, tmp_path / "jobs", shard=(2, 3), shard_bytes=100, progress=False)
+    with pytest.raises(PreparedDataError, match="00000 is missing"):
         PreparedCorpus.open(tmp_path / "jobs")
-    prepare(recipe, tmp_path / "jobs", shard=(1, 3), shard_bytes=100, progress=False)
+    prepare(recipe, tmp_path / "jobs", shard=(0, 3), shard_bytes=100, progress=False)
     prepare(recipe, tmp_path / "pool", workers=2, shard_bytes=100, progress=False)
     assert read_all(tmp_path / "jobs") == read_all(tmp_path / "one") == read_all(tmp_path / "pool")
     corpus = PreparedCorpus.open(tmp_path / "jobs")
@@ -263,3 +271,49 @@ def test_bad_input_is_one_clean_line(tmp_path, capsys, monkeypatch):
     assert code == 1 and "format version 99; this unetlm reads version 1" in err
     with pytest.raises(PreparedDataError, match="format version 99"):
         PreparedCorpus.open(out)
+
+
+def test_entropy_masks_come_from_batched_windows(tmp_path):
+    """An entropy splitter's masks are computed over many documents' windows per forward, and
+    equal splitting each document on its own."""
+    from unetlm.splitters.entropy import with_example_checkpoint
+
+    documents = [b"", b"short one", b"\xff\xfe bytes " * 9, b"a much longer document. " * 12]
+    recipe = with_example_checkpoint(files_recipe(tmp_path / "docs", documents, "blt"))
+    splitter = byte_splitter_components(recipe)[0]
+    splitter = splitter.build_class()(splitter.config)
+    for data, values in zip(documents, splitter.batch_entropies(documents, rows=3)):
+        np.testing.assert_allclose(values, splitter.entropies(data), atol=1e-5)
+    prepare(recipe, tmp_path / "out", progress=False)
+    corpus = PreparedCorpus.open(tmp_path / "out", recipe)
+    want = reference(recipe, corpus.tokenizer)
+    assert corpus.num_masks == 1 and 0 < want.masks.sum() < len(want)
+    check_reads(corpus, want, [(5, 200)])
+
+
+def test_parquet_row_groups_and_streamed_rows_shard_like_one_run(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from unetlm.data.prepared import plan
+
+    rows = [f"row {i}: words, more words." * (i % 4) for i in range(20)]
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=lambda name, subset, split, streaming: iter({"text": r} for r in rows)))
+    monkeypatch.setattr(plan, "HF_ROWS", 3)
+    streamed = ["data.source=hf", "data.dataset=some/rows", "data.max_bytes=300"]
+    recipes = {"hf": recipe_for("au2", streamed)}
+    if importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": rows}), tmp_path / "d.parquet", row_group_size=4)
+        recipes["parquet"] = recipe_for("au2", ["data.source=parquet", f"data.paths=['{tmp_path}/d.parquet']"])
+    for name, recipe in recipes.items():
+        prepare(recipe, tmp_path / f"{name}-one", shard_bytes=1, progress=False)
+        for job in (1, 0):
+            prepare(recipe, tmp_path / f"{name}-jobs", shard=(job, 2), shard_bytes=1, progress=False)
+        one = PreparedCorpus.open(tmp_path / f"{name}-one", recipe)
+        assert one.plan["num_shards"] > 2
+        assert read_all(tmp_path / f"{name}-jobs") == read_all(tmp_path / f"{name}-one")
+        check_reads(one, reference(recipe, one.tokenizer), [(7, 100)])

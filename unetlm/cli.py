@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_RECIPE = "recipes/tiny/au2.toml"
@@ -100,28 +101,31 @@ def cmd_train(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from unetlm.data.errors import PreparedDataError
+    from unetlm.data.errors import PreparationIncomplete
     from unetlm.data.prepared import PreparedCorpus, prepare
     from unetlm.recipe import load_recipe
 
+    shard = args.shard or (f"{os.environ.get('RANK', 0)}/{os.environ['WORLD_SIZE']}" if "WORLD_SIZE" in os.environ else "0/1")
     try:
-        index, count = (int(x) for x in args.shard.split("/"))
+        index, count = (int(x) for x in shard.split("/"))
     except ValueError:
-        print(f"unetlm: error: --shard {args.shard!r}: expected I/N, e.g. 0/4", file=sys.stderr)
+        print(f"unetlm: error: --shard {shard!r}: expected I/N, e.g. 0/4", file=sys.stderr)
         return 2
     recipe = load_recipe(args.recipe, args.overrides)
+    started = time.perf_counter()
     try:
         out = prepare(recipe, Path(args.out), workers=args.workers, shard=(index, count), skip_bad=args.skip_bad,
-                      progress=not args.quiet)
+                      progress=not args.quiet, shard_bytes=int(float(args.shard_bytes)))
     except ValueError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
+    elapsed = time.perf_counter() - started
     try:
         corpus = PreparedCorpus.open(out)
-    except PreparedDataError:
-        print(f"prepared shard {index}/{count} of {out}; the corpus is complete once every job has finished")
+    except PreparationIncomplete:
+        print(f"prepared job {index}/{count} of {out} in {elapsed:.1f} s; the data is complete once every job has finished")
         return 0
-    print(f"prepared {out}: {corpus.num_documents:,} documents, {corpus.num_bytes:,} bytes, "
+    print(f"prepared {out} in {elapsed:.1f} s: {corpus.num_documents:,} documents, {corpus.num_bytes:,} bytes, "
           f"{corpus.num_tokens:,} tokens, {corpus.num_masks} boundary masks")
     return 0
 
@@ -297,9 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.add_argument("--out", required=True, metavar="DATA_DIR", help="folder of the prepared data")
     p.add_argument("--workers", type=int, default=1, help="processes preparing shards (default 1)")
-    p.add_argument("--shard", default="0/1", metavar="I/N",
-                   help="prepare only job I's share of N independent jobs (default 0/1: everything)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="prepare only job I's share of N independent jobs (default: RANK/WORLD_SIZE under "
+                        "torchrun, else 0/1: everything)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) jsonl lines that are not JSON objects")
+    p.add_argument("--shard-bytes", default="32e6", help="input bytes per shard (default 32e6); fixed for a DATA_DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 

@@ -4,3 +4,7 @@
 class PreparedDataError(RuntimeError):
     """A prepared directory cannot serve a recipe: missing, damaged, another format or stale; or a
     prepare could not finish (a full disk). The message names the file and how to fix it."""
+
+
+class PreparationIncomplete(PreparedDataError):
+    """Some shards of a prepared directory are not written yet (other jobs, or an interrupted run)."""

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from unetlm.data.errors import PreparedDataError
+from unetlm.data.errors import PreparationIncomplete, PreparedDataError
 
 FORMAT = "unetlm-prepared"
 VERSION = 1

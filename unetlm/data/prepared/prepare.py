@@ -16,7 +16,7 @@ from pathlib import Path
 
 from unetlm.core.tokens import BYTES
 from unetlm.data.prepared.format import (
-    FORMAT, MANIFEST, PLAN, SHARDS, TOKENIZER, VERSION, PreparedDataError, byte_splitter_components, check_version,
+    FORMAT, MANIFEST, PLAN, SHARDS, TOKENIZER, VERSION, PreparationIncomplete, PreparedDataError, byte_splitter_components, check_version,
     digest_of,
     file_digest, read_json, shard_dir, splitter_identities, tokenizer_identity, write_json_atomic,
     write_text_atomic,
@@ -24,7 +24,7 @@ from unetlm.data.prepared.format import (
 from unetlm.data.prepared.plan import BadLines, ShardInput, hf_shards, plan_shards, shard_documents, source_identity
 from unetlm.data.prepared.write import write_shard
 
-SHARD_BYTES = 32 << 20  # input bytes per planned shard
+SHARD_BYTES = 32_000_000  # input bytes per planned shard
 
 
 def cache_key(recipe) -> str:
@@ -59,6 +59,8 @@ def prepare(
         raise ValueError(f"--shard {job}/{jobs}: expected I/N with 0 <= I < N")
     if workers < 1:
         raise ValueError(f"--workers {workers}: expected at least 1")
+    if shard_bytes < 1:
+        raise ValueError(f"--shard-bytes {shard_bytes}: expected at least 1")
     out = Path(out)
     (out / SHARDS).mkdir(parents=True, exist_ok=True)
     identity = _identity(recipe)
@@ -84,7 +86,7 @@ def prepare(
     write_json_atomic(out / PLAN, plan)
     if runner.bad.count:
         print(f"skipped {runner.bad.count} bad input lines (the first: {runner.bad.first})")
-    _check_not_empty(out, plan)
+    _check_not_empty(out)
     return out
 
 
@@ -102,13 +104,15 @@ def _check_plan(out: Path, plan: dict) -> None:
         )
 
 
-def _check_not_empty(out: Path, plan: dict) -> None:
+def _check_not_empty(out: Path) -> None:
+    """Once every shard is written (by this job or others), refuse data without any text."""
     from unetlm.data.prepared.read import PreparedCorpus
 
-    if plan["num_shards"] is None or any(not (shard_dir(out, i) / MANIFEST).is_file() for i in range(plan["num_shards"])):
+    try:
+        corpus = PreparedCorpus.open(out)
+    except PreparationIncomplete:
         return  # other jobs' shards are still missing
-    corpus = PreparedCorpus.open(out)
-    if corpus.num_bytes - corpus.num_documents == 0:
+    if corpus.num_bytes == corpus.num_documents:
         raise PreparedDataError(
             f"the data sources hold no text ({corpus.num_documents} documents, 0 bytes); nothing to train on"
         )

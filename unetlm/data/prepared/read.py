@@ -16,7 +16,7 @@ import numpy as np
 from unetlm.core.tokens import BOS, BYTES
 from unetlm.data.packing import TokenStream
 from unetlm.data.prepared.format import (
-    DOCS, MANIFEST, PLAN, TOKENIZER, PreparedDataError, check_version, file_digest, mask_file, read_json,
+    DOCS, MANIFEST, PLAN, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, file_digest, mask_file, read_json,
     reprepare_hint, shard_dir, show, splitter_identities, token_file,
 )
 
@@ -67,7 +67,7 @@ class PreparedCorpus:
         if recipe is not None:
             check_recipe(plan, recipe, path)
         if plan["num_shards"] is None:
-            raise PreparedDataError(f"{path}: prepare has not finished streaming the source; rerun the same unetlm prepare command")
+            raise PreparationIncomplete(f"{path}: prepare has not finished streaming the source; rerun the same unetlm prepare command")
         tokenizer = _tokenizer(path, plan)
         return cls(path, plan, *_index(path, plan), tokenizer)
 
@@ -126,8 +126,10 @@ class PreparedCorpus:
         return self._maps[k]
 
     def token_at_byte(self, n: int) -> int:
-        """The first token whose stream-byte offset (bytes of the tokens before it, a BOS counting
-        one) is >= ``n``; ``num_tokens`` when ``n`` is past the stream."""
+        """The number of tokens that end at or before stream byte ``n`` (a BOS counts as one byte),
+        i.e. the first token that ends after it: where the held-out part starts when it starts at
+        byte ``n``, the rule :class:`~unetlm.data.packing.ByteData` cuts by. A token that straddles
+        ``n`` is held out. Bytes: ``n`` itself."""
         if n <= 0:
             return 0
         if n >= self.num_bytes:
@@ -135,13 +137,13 @@ class PreparedCorpus:
         if self.tokenizer is BYTES:
             return n
         d = int(np.searchsorted(self.doc_byte_starts, n, "right")) - 1
+        first = int(self.doc_starts[d])  # the document's BOS, stream byte doc_byte_starts[d]
         if self.doc_byte_starts[d] == n:
-            return int(self.doc_starts[d])
-        first = int(self.doc_starts[d])  # the document's BOS
+            return first
         end = int(self.doc_starts[d + 1]) if d + 1 < self.num_documents else self.num_tokens
         ids = self.read(first + 1, end).tokens
-        offsets = int(self.doc_byte_starts[d]) + 1 + np.concatenate([[0], np.cumsum(self.tokenizer.lengths[ids])])
-        return first + 1 + int(np.searchsorted(offsets, n, "left"))
+        ends = int(self.doc_byte_starts[d]) + 1 + np.cumsum(self.tokenizer.lengths[ids])
+        return first + 1 + int(np.searchsorted(ends, n, "right"))
 
     def verify(self) -> None:
         """Check every file's sha256 against its manifest; an error names the first corrupt file."""
@@ -207,7 +209,7 @@ def _index(path: Path, plan: dict):
         folder = shard_dir(path, i)
         manifest_path = folder / MANIFEST
         if not manifest_path.is_file():
-            raise PreparedDataError(
+            raise PreparationIncomplete(
                 f"shard {folder} is missing (no {MANIFEST}): prepare has not finished; rerun the same unetlm "
                 f"prepare command (with its --shard I/N) to complete it"
             )
@@ -215,6 +217,10 @@ def _index(path: Path, plan: dict):
         check_version(manifest, manifest_path, path)
         if manifest.get("key") != plan["key"]:
             raise PreparedDataError(f"{folder} belongs to another preparation than {path / PLAN}; {reprepare_hint(path)}")
+        if manifest.get("tokenizer_sha256") != plan["tokenizer_sha256"]:
+            raise PreparedDataError(
+                f"{folder} was tokenized with another {TOKENIZER} than {path / PLAN} records; {reprepare_hint(path)}"
+            )
         for entry in manifest["files"]:
             file = folder / entry["file"]
             if not file.is_file():

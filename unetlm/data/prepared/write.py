@@ -74,8 +74,10 @@ class _BitFile(_File):
 
 
 def document_masks(splitters, documents: list[bytes]) -> list[np.ndarray]:
-    """Each document's (n_splitters, len) boundary masks, computed over the whole document."""
-    return [split_document(splitters, d) for d in documents]
+    """Each document's (n_splitters, len) boundary masks, computed over the whole document (an
+    entropy model runs over all the documents' windows in batches)."""
+    per_document = [splitter.for_documents(documents) for splitter in splitters]
+    return [split_document([p[i] for p in per_document], data) for i, data in enumerate(documents)]
 
 
 def _groups(documents: Iterable[bytes]) -> Iterable[list[bytes]]:
