@@ -22,10 +22,11 @@ def test_tiny_au2_loss_falls_on_shakespeare(tmp_path):
         ],
     )
     model = unetlm.build_model(recipe)
-    from unetlm.data.corpora import open_training_data
+    from unetlm.data.corpora import open_corpora, open_training_data
     from unetlm.train.loop import evaluate
 
-    data = open_training_data(recipe.data, recipe.model.seq_len, model.splitters, model.lengths, model.tokenizer, 8, 0)
+    corpora = open_corpora(recipe, progress=False)
+    data = open_training_data(corpora, 0.1, recipe.model.seq_len, model.lengths, len(model.splitters), 8, 0)
     import torch
 
     torch.manual_seed(recipe.training.seed)

@@ -4,7 +4,8 @@ A corpus of ``corpus_bytes`` document bytes is written to disk as jsonl (CPython
 repeated; real text with real boundaries), prepared for the recipe with each ``workers`` count
 (bytes/s: document bytes over wall time), then a fresh process (so its peak resident set is the
 training's own) opens the prepared data, times :meth:`TrainingData.train_batch` (``loader_bytes_per_s``:
-non-PAD target bytes per second, one process, no loader workers) and trains ``steps`` steps on it.
+non-PAD target bytes per second, one process, no loader workers; ``data_peak_rss_bytes``: the
+peak so far) and trains ``steps`` steps on it (``peak_rss_bytes``: the whole process's peak).
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ def probe(recipe_file: str, data_dir: str, steps: int) -> dict:
     for step in range(LOADER_STEPS):
         read += int((data.train_batch(step).targets != PAD).sum())
     loader = read / (time.perf_counter() - started)
+    data_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before any training
     del data, corpora, model
     with tempfile.TemporaryDirectory() as run:
         torch.manual_seed(0)
@@ -68,6 +70,7 @@ def probe(recipe_file: str, data_dir: str, steps: int) -> dict:
         "index_s": index_s,
         "loader_bytes_per_s": loader,
         "train_bytes_per_s": result.get("bytes_per_s"),
+        "data_peak_rss_bytes": data_rss,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
@@ -128,7 +131,8 @@ def format_record(r: dict) -> str:
         f"{r['recipe']}: corpus {r['corpus_bytes'] / 1e6:,.0f} MB; prepare {speeds}"
         + (f" (speedup {r['prepare_speedup']:.2f}x)" if "prepare_speedup" in r else "")
         + f"; row index {r['index_s']:.1f} s; loader {r['loader_bytes_per_s'] / 1e6:.2f} MB/s; "
-        f"training {r['train_bytes_per_s']:,.0f} bytes/s; training process peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB"
+        f"training {r['train_bytes_per_s']:,.0f} bytes/s; training process peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB "
+        f"({r['data_peak_rss_bytes'] / 1e9:.2f} GB after opening the data and reading {LOADER_STEPS} batches)"
     )
 
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from unetlm.core.tokens import BYTES
 from unetlm.data.errors import PreparedDataError
 from unetlm.data.prepared import PreparedCorpus, cache_key, prepare
 from unetlm.data.rows import RowPlan
@@ -51,11 +52,16 @@ def open_corpora(
     return [(PreparedCorpus.open(part.path, recipe), part.weight) for part in parts]
 
 
+def tokenizer_text(tokenizer) -> str:
+    """What identifies a tokenizer: "bytes", or a trained tokenizer's JSON."""
+    return "bytes" if tokenizer is BYTES else tokenizer.to_json()
+
+
 def shared_tokenizer(corpora: Sequence[tuple[PreparedCorpus, float]]):
     """The tokenizer every corpus was prepared with (a mixture must share one)."""
     first = corpora[0][0]
     for corpus, _ in corpora[1:]:
-        if corpus.tokenizer.to_json() != first.tokenizer.to_json():
+        if tokenizer_text(corpus.tokenizer) != tokenizer_text(first.tokenizer):
             raise PreparedDataError(
                 f"{corpus.path} was prepared with another tokenizer than {first.path}; a mixture needs one "
                 f"tokenizer: copy {first.path}/tokenizer.json into an empty directory and prepare there"
@@ -99,4 +105,4 @@ def open_training_data(
     return TrainingData.build(corpora, limits, seq_len, batch_size, valid_fraction, seed, planner=cached_source)
 
 
-__all__ = ["cache_root", "open_corpora", "open_training_data", "prepare_cached", "shared_tokenizer"]
+__all__ = ["cache_root", "open_corpora", "open_training_data", "prepare_cached", "shared_tokenizer", "tokenizer_text"]

@@ -15,7 +15,7 @@ import torch
 from unetlm.api import build_model, model_from_state
 from unetlm.data.loader import step_batches
 from unetlm.data.boundaries import with_auto_lengths
-from unetlm.data.corpora import open_corpora, open_training_data, shared_tokenizer
+from unetlm.data.corpora import open_corpora, open_training_data, shared_tokenizer, tokenizer_text
 from unetlm.model.generate import generate
 from unetlm.model.stack import Stack
 from unetlm.model.summary import summarize
@@ -360,12 +360,14 @@ def _train(recipe: Recipe, out: Path, world: World, resume: bool, force: bool, p
 
 
 def run_tokenizer(corpora, state: dict | None):
-    """The run's tokenizer: from the checkpoint when resuming, else the one its data was prepared with."""
-    from unetlm.data.bpe import BpeTokenizer
-
-    if state is not None and "tokenizer" in state:
-        return BpeTokenizer.from_json(state["tokenizer"])
-    return shared_tokenizer(corpora)
+    """The tokenizer the data was prepared with (when resuming, it must be the checkpoint's)."""
+    prepared = shared_tokenizer(corpora)
+    if state is not None and "tokenizer" in state and state["tokenizer"] != tokenizer_text(prepared):
+        raise TrainingError(
+            "the checkpoint's tokenizer differs from the one the data was prepared with; prepare the data with "
+            "the run's tokenizer.json in the prepared directory, or train a new run"
+        )
+    return prepared
 
 
 def sample_text(recipe: Recipe, state: dict) -> str:
