@@ -262,6 +262,10 @@ def test_prepared_data_gives_the_batches_of_packing_in_ram(tmp_path):
     assert list((tmp_path / "prep" / "rows").glob("*.npz"))  # the plan is cached beside the data
     again = open_training_data(open_corpora(prepared), 0.2, SEQ_LEN, model.lengths, len(model.splitters), 4, 3)
     pairs = [(in_ram.train_batch(s), data.train_batch(s), again.train_batch(s)) for s in (0, 1, 5)]
+    from unetlm.data.loader import step_batches
+
+    ahead = list(step_batches(data, 4, 6, workers=2))  # loader processes read the memory-mapped shards
+    pairs += [(in_ram.train_batch(s), b) for s, b in zip((4, 5), ahead)]
     pairs += list(zip(in_ram.valid_batches(2), data.valid_batches(2), again.valid_batches(2)))
     for batches in pairs:
         for other in batches[1:]:

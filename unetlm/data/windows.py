@@ -46,9 +46,10 @@ class StreamCorpus:
         return self.stream.read(start, stop)
 
     def token_at_byte(self, n: int) -> int:
-        """Tokens that end at or before stream byte ``n`` (a BOS counts as one byte)."""
-        ends = np.cumsum(self.lengths[self.stream.tokens])
-        return int(np.searchsorted(ends, n, "right"))
+        """The first token that starts at or after stream byte ``n`` (a BOS counts as one byte), as
+        a prepared corpus counts."""
+        sizes = self.lengths[self.stream.tokens]
+        return int(np.searchsorted(np.cumsum(sizes) - sizes, n, "left"))
 
 
 def split_point(corpus, valid_fraction: float) -> int:
