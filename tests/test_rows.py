@@ -291,3 +291,18 @@ def test_training_on_a_prepared_mixture(tmp_path):
     loop.train(recipe_from_dict(table), tmp_path / "run", progress=False, sample=False)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2] and all(r["truncated"] == [0] for r in records)
+
+
+def test_show_reports_boundary_statistics(tmp_path, capsys):
+    from unetlm.cli import main
+
+    (tmp_path / "a.txt").write_bytes(b"1, 2; 3!? a b I\n...\n" * 100)
+    assert main(["show", str(TINY_RECIPES[0].parent / "au3.toml"), "--data", str(tmp_path / "a.txt"),
+                 "--set", 'model.stages[2].max_len="auto"']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[lines.index(next(x for x in lines if x.startswith("stage  max_len"))) + 1:]]
+    assert [r[0] for r in rows] == ["1", "2"] and rows[1][1] == "auto"
+    assert float(rows[0][2].rstrip("%")) > 50  # 160 word slots per 512 bytes of punctuation overflow
+    (tmp_path / "b.txt").write_bytes(b"ab")
+    assert main(["show", str(TINY_RECIPES[0].parent / "au3.toml"), "--data", str(tmp_path / "b.txt")]) == 2
+    assert "fewer than one window" in capsys.readouterr().err

@@ -47,6 +47,10 @@ def cmd_show(args) -> int:
         from unetlm.data.boundaries import recipe_splitters, sample_masks, stage_stats, with_auto_lengths
 
         documents = [Path(args.data).read_bytes()]
+        if len(documents[0]) + 1 < recipe.model.seq_len:
+            print(f"unetlm: error: --data {args.data} holds {len(documents[0])} bytes, fewer than one window of "
+                  f"model.seq_len = {recipe.model.seq_len}", file=sys.stderr)
+            return 2
         stats = stage_stats(recipe.model, sample_masks(documents, recipe_splitters(recipe.model)))
         recipe = with_auto_lengths(recipe, documents)
     print(dump_recipe(recipe))
@@ -73,7 +77,9 @@ def cmd_show(args) -> int:
     else:
         print(f"training FLOPs per byte (forward + backward): {summary.train_flops_per_byte:,.0f}"
               f" ({summary.train_flops_per_byte / 1e6:.3f} MFLOPs)")
-    if stats is not None:
+    if stats == []:
+        print(f"no stage of {args.recipe} is fed by a byte-level splitter: no boundary statistics to report")
+    elif stats is not None:
         print(f"boundaries in {args.data} (seq_len windows; auto: the {AUTO_NOTE}):")
         print("stage  max_len  windows overflowing  auto picks  padding of planned rows")
         for s in stats:

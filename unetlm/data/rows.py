@@ -130,8 +130,8 @@ def plan_in_memory(masks: np.ndarray, first: int, stop: int, limits: Sequence[in
 
 def window_counts(masks: np.ndarray, seq_len: int) -> np.ndarray:
     """(S, windows) boundaries of each stage in the non-overlapping windows of ``seq_len`` positions."""
-    n = masks.shape[1] // seq_len * seq_len
-    return masks[:, :n].reshape(masks.shape[0], -1, seq_len).sum(axis=2)
+    windows = masks.shape[1] // seq_len
+    return masks[:, : windows * seq_len].reshape(masks.shape[0], windows, seq_len).sum(axis=2)
 
 
 def auto_max_len(counts: np.ndarray, percentile: float = 99.9, multiple: int = 16) -> int:
