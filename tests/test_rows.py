@@ -86,7 +86,7 @@ def test_greedy_rows_match_a_plain_loop(data):
 
 
 @pytest.mark.parametrize("path", planned_recipes())
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(docs=overflow_docs)
 def test_training_and_eval_rows_never_overflow(path, docs):
     model = tight_model(path)
@@ -306,3 +306,15 @@ def test_show_reports_boundary_statistics(tmp_path, capsys):
     (tmp_path / "b.txt").write_bytes(b"ab")
     assert main(["show", str(TINY_RECIPES[0].parent / "au3.toml"), "--data", str(tmp_path / "b.txt")]) == 2
     assert "fewer than one window" in capsys.readouterr().err
+
+
+def test_eval_scores_overflow_prone_text_without_truncation():
+    from unetlm.eval.bpb import token_nll
+    from unetlm.eval.choice import continuation_scores
+
+    model = tight_model([p for p in TINY_RECIPES if p.name == "au3.toml"][0])
+    text = b"1, 2; 3!? a b I\n...\n" * 8
+    nll, _, _, truncated = token_nll(model, [text, b"x" + text], stride=SEQ_LEN // 2, batch_size=16)
+    assert truncated == 0 and len(nll) == 2 * len(text) + 1 and (nll > 0).all()  # every byte scored once
+    scores = continuation_scores(model, [(text[:150], b" a b."), (b"", text[:90])], batch_size=8)
+    assert all(nll > 0 for nll, _ in scores)
