@@ -1,7 +1,8 @@
 """Training and validation batches of planned rows, drawn as one permutation per epoch.
 
-A corpus is anything with ``num_tokens``, ``token_at_byte(n)`` and ``read(start, stop)`` giving a
-:class:`~unetlm.data.packing.TokenStream` (a prepared directory, or :class:`StreamCorpus` in RAM).
+A corpus is anything with ``num_tokens``, ``num_bytes``, ``token_at_byte(n)``, ``read(start, stop)``
+giving a :class:`~unetlm.data.packing.TokenStream` and ``read_masks(start, stop)`` giving its masks
+alone (a prepared directory, or :class:`StreamCorpus` in RAM).
 Its last ``valid_fraction`` of stream bytes is held out. Each split is cut into rows by
 :mod:`unetlm.data.rows` (no stage overflows; a row ending early is padded with PAD, whose
 targets are ignored). Training row slot ``j = step * batch_size + i`` of a corpus with R rows
@@ -44,6 +45,9 @@ class StreamCorpus:
 
     def read(self, start: int, stop: int) -> TokenStream:
         return self.stream.read(start, stop)
+
+    def read_masks(self, start: int, stop: int) -> np.ndarray:
+        return self.stream.masks[:, start:stop]
 
     def token_at_byte(self, n: int) -> int:
         """The first token that starts at or after stream byte ``n`` (a BOS counts as one byte), as
@@ -103,14 +107,10 @@ def check_size(corpus, valid_fraction: float, seq_len: int) -> None:
 def plan_source(corpus, valid_fraction: float, limits: Sequence[int], seq_len: int, weight: float = 1.0) -> Source:
     """Rows of ``corpus``'s training and held-out parts (each row's last target inside its part)."""
     cut = split_point(corpus, valid_fraction)
-
-    def read_masks(a: int, b: int) -> np.ndarray:
-        return corpus.read(a, b).masks
-
     return Source(
         corpus,
-        plan_rows(read_masks, 0, max(cut - 1, 0), limits, seq_len),
-        plan_rows(read_masks, cut, max(corpus.num_tokens - 1, cut), limits, seq_len),
+        plan_rows(corpus.read_masks, 0, max(cut - 1, 0), limits, seq_len),
+        plan_rows(corpus.read_masks, cut, max(corpus.num_tokens - 1, cut), limits, seq_len),
         weight,
     )
 

@@ -108,10 +108,23 @@ class PreparedCorpus:
             values = np.asarray(content[lo:hi])
             tokens_out[~is_bos] = values[kept - lo]
         tokens_out[is_bos] = BOS
-        la, lb = a - shard.token_start, b - shard.token_start
-        for s, packed in enumerate(bits):
-            unpacked = np.unpackbits(np.asarray(packed[la // 8 : (lb + 7) // 8]))
-            masks_out[s] = unpacked[la % 8 : la % 8 + (lb - la)].astype(bool)
+        _unpack(bits, a - shard.token_start, b - shard.token_start, masks_out)
+
+    def read_masks(self, start: int, stop: int) -> np.ndarray:
+        """The masks (num_masks, stop - start) of tokens ``[start, stop)``, without reading the tokens."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(f"token range [{start}, {stop}) is outside the stream's {self.num_tokens} tokens")
+        masks = np.empty((self.num_masks, stop - start), dtype=bool)
+        if stop > start:
+            first = int(np.searchsorted(self._shard_starts, start, "right")) - 1
+            last = int(np.searchsorted(self._shard_starts, stop - 1, "right")) - 1
+            for k in range(first, last + 1):
+                shard = self.shards[k]
+                a, b = max(start, shard.token_start), min(stop, shard.token_start + shard.num_tokens)
+                if a < b:
+                    _unpack(self._maps_of(k)[1], a - shard.token_start, b - shard.token_start,
+                            masks[:, a - start : b - start])
+        return masks
 
     def _maps_of(self, k: int):
         if k in self._maps:
@@ -157,6 +170,13 @@ class PreparedCorpus:
                         f"{file} is corrupt (sha256 differs from its manifest); delete {shard.folder} and rerun "
                         f"unetlm prepare to rewrite that shard"
                     )
+
+
+def _unpack(bits, la: int, lb: int, out) -> None:
+    """Unpack bits ``la .. lb - 1`` of each bit-packed mask in ``bits`` into the rows of ``out``."""
+    for s, packed in enumerate(bits):
+        unpacked = np.unpackbits(np.asarray(packed[la // 8 : (lb + 7) // 8]))
+        out[s] = unpacked[la % 8 : la % 8 + (lb - la)].astype(bool)
 
 
 def _memmap(path: Path, dtype):
