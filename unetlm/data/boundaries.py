@@ -91,7 +91,7 @@ def with_auto_lengths(recipe: Recipe, documents: Iterable[bytes] | None = None) 
         from unetlm.data.prepared import PreparedCorpus
 
         corpus = PreparedCorpus.open(recipe.data.prepared_dirs[0].path, recipe)
-        masks = corpus.read(0, min(corpus.num_tokens, SAMPLE_BYTES)).masks
+        masks = corpus.read_masks(0, min(corpus.num_tokens, SAMPLE_BYTES))
     else:
         from unetlm.data.sources import iter_documents
 
