@@ -63,7 +63,7 @@ def source_identity(spec: DataSpec) -> dict:
 def plan_shards(spec: DataSpec, shard_bytes: int) -> list[ShardInput] | None:
     """The shards of ``spec`` in stream order (None for a streamed ``hf`` source)."""
     if spec.source == "pydocs":
-        return [ShardInput("pydocs", [])]
+        return [ShardInput("pydocs", [], size=sum(len(d) for d in pydocs_documents()))]
     if spec.source == "hf":
         return None
     paths = expand_paths(spec.paths)
