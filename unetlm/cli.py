@@ -106,6 +106,10 @@ def cmd_prepare(args) -> int:
     except ValueError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished shards of {args.out} are kept; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
     elapsed = time.perf_counter() - started
     try:
         corpus = PreparedCorpus.open(out)
