@@ -16,10 +16,9 @@ from pathlib import Path
 
 from unetlm.core.tokens import BYTES
 from unetlm.data.prepared.format import (
-    FORMAT, MANIFEST, PLAN, SHARDS, TOKENIZER, VERSION, PreparationIncomplete, PreparedDataError, byte_splitter_components, check_version,
-    digest_of,
-    file_digest, read_json, shard_dir, splitter_identities, tokenizer_identity, write_json_atomic,
-    write_text_atomic,
+    FORMAT, MANIFEST, PLAN, SHARDS, TOKENIZER, VERSION, PreparationIncomplete, PreparedDataError,
+    byte_splitter_components, check_version, digest_of, file_digest, read_json, shard_dir, splitter_identities,
+    tokenizer_identity, write_json_atomic, write_text_atomic,
 )
 from unetlm.data.prepared.plan import BadLines, ShardInput, hf_shards, plan_shards, shard_documents, source_identity
 from unetlm.data.prepared.write import write_shard
@@ -119,7 +118,7 @@ def _check_not_empty(out: Path) -> None:
 
 
 def _tokenizer(recipe, out: Path, shards: list[ShardInput] | None, skip_bad: bool) -> str | None:
-    """JSON of the BPE tokenizer (from ``out/tokenizer.json``, or learned and written there); None for bytes."""
+    """JSON of the BPE tokenizer (``out/tokenizer.json``, or learned and written there); None for bytes."""
     spec = recipe.model.tokenizer
     if spec is None:
         return None
@@ -214,14 +213,14 @@ class _Runner:
         entropy = any(c.name == "entropy" for c in self.init[2])
         method = "spawn" if entropy or "fork" not in multiprocessing.get_all_start_methods() else "fork"
         return futures.ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker, initargs=self.init
+            self.workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
+            initargs=self.init,
         )
 
     def _bar(self, total: int | None):
         from tqdm import tqdm
 
-        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare", disable=not self.progress,
-                    smoothing=0.1)
+        return tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not self.progress, smoothing=0.1)
 
     def _done(self, index: int) -> bool:
         return (shard_dir(self.out, index) / MANIFEST).is_file()
@@ -266,12 +265,18 @@ class _Runner:
                     budget = self._budget(i, max_bytes)
                     if budget is not None and budget <= 0:
                         break
-                    self._record(*_run_shard(i, shards[i], None, budget, bar.update))
+                    shown = [0]  # document bytes shown while the shard is written; its input size once done
+
+                    def on_bytes(n: int) -> None:
+                        shown[0] += n
+                        bar.update(n)
+
+                    self._record(*_run_shard(i, shards[i], None, budget, on_bytes))
+                    bar.update(max(0, shards[i].size - shown[0]))
                 return
             with self._pool() as pool:
                 pending: dict = {}
-                queue = iter(todo)
-                for i in queue:
+                for i in todo:
                     budget = self._budget(i, max_bytes)
                     if budget is not None and budget <= 0:
                         break
