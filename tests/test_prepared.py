@@ -129,6 +129,15 @@ def test_max_bytes_cuts_after_the_crossing_document(tmp_path):
     check_reads(corpus, reference(recipe, corpus.tokenizer), [(3, 20)])
 
 
+def test_learned_splitters_have_no_mask(tmp_path):
+    recipe = recipe_for("hnet", ["data.max_bytes=3000"])
+    corpus = PreparedCorpus.open(prepare(recipe, tmp_path / "out", progress=False), recipe)
+    assert corpus.num_masks == 0 and corpus.plan["splitters"] == []
+    check_reads(corpus, reference(recipe, corpus.tokenizer), [(10, 900)])
+    with pytest.raises(PreparedDataError, match="stage 1 splitter \\(none\\), but the recipe's stage 1 splitter is {name = 'regex'"):
+        PreparedCorpus.open(tmp_path / "out", recipe_for("au2", []))
+
+
 def read_all(path: Path) -> tuple:
     corpus = PreparedCorpus.open(path)
     stream = corpus.read(0, corpus.num_tokens)

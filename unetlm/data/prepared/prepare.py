@@ -71,11 +71,12 @@ def prepare(
         "max_bytes": recipe.data.max_bytes,
         "shard_bytes": shard_bytes,
         "num_masks": len(components),
+        "splitter_sha256": [digest_of(s) for s in identity["splitters"]],
         "tokenizer_sha256": None if tokenizer_json is None else file_digest(out / TOKENIZER),
         "num_shards": None if shards is None else len(shards),
     }
     _check_plan(out, plan)
-    header = {"key": plan["key"], "splitters": plan["splitters"], "tokenizer_sha256": plan["tokenizer_sha256"]}
+    header = {k: plan[k] for k in ("key", "splitters", "splitter_sha256", "tokenizer_sha256")}
     runner = _Runner(out, recipe.data, components, tokenizer_json, header, skip_bad, workers, progress)
     if shards is None:
         plan["num_shards"] = runner.run_streamed(hf_shards(recipe.data), job, jobs)
