@@ -259,7 +259,8 @@ class _Runner:
         mine = [i for i in range(job, len(shards), jobs)]
         self._clean(mine)
         todo = [i for i in mine if not self._done(i)]
-        with self._bar(sum(shards[i].size for i in todo)) as bar:
+        total = sum(shards[i].size for i in todo)
+        with self._bar(min(total, max_bytes) if max_bytes and jobs == 1 else total) as bar:
             if self.workers == 1:
                 _init_worker(*self.init)
                 for i in todo:
