@@ -259,51 +259,58 @@ class _Runner:
         mine = [i for i in range(job, len(shards), jobs)]
         self._clean(mine)
         todo = [i for i in mine if not self._done(i)]
+
+        def tasks():
+            for i in todo:
+                budget = self._budget(i, max_bytes)  # asked when the shard starts: earlier ones may be done by then
+                if budget is not None and budget <= 0:
+                    return
+                yield i, shards[i], None, budget, shards[i].size
+
         total = sum(shards[i].size for i in todo)
-        with self._bar(min(total, max_bytes) if max_bytes and jobs == 1 else total) as bar:
+        self._run(tasks(), min(total, max_bytes) if max_bytes and jobs == 1 else total)
+
+    def run_streamed(self, batches, job: int, jobs: int) -> int:
+        """Shards of a streamed source: every job streams it (to agree on the cut) and writes its own."""
+        count = [0]
+
+        def tasks():
+            for index, rows in enumerate(batches):
+                count[0] = index + 1
+                size = sum(len(r) for r in rows)
+                if index % jobs == job and not self._done(index):
+                    self._clean([index])
+                    yield index, None, rows, None, size
+
+        self._run(tasks(), self.spec.max_bytes or None)
+        return count[0]
+
+    def _run(self, tasks, total: int | None) -> None:
+        """Run ``(index, shard, rows, budget, size)`` tasks here or in the pool, ``2 * workers`` in flight."""
+        with self._bar(total) as bar:
             if self.workers == 1:
                 _init_worker(*self.init)
-                for i in todo:
-                    budget = self._budget(i, max_bytes)
-                    if budget is not None and budget <= 0:
-                        break
+                for index, shard, rows, budget, size in tasks:
                     shown = [0]  # document bytes shown while the shard is written; its input size once done
 
                     def on_bytes(n: int) -> None:
                         shown[0] += n
                         bar.update(n)
 
-                    self._record(*_run_shard(i, shards[i], None, budget, on_bytes))
-                    bar.update(max(0, shards[i].size - shown[0]))
+                    self._record(*_run_shard(index, shard, rows, budget, on_bytes))
+                    bar.update(max(0, size - shown[0]))
                 return
             with self._pool() as pool:
                 pending: dict = {}
-                for i in todo:
-                    budget = self._budget(i, max_bytes)
-                    if budget is not None and budget <= 0:
-                        break
-                    pending[pool.submit(_run_shard, i, shards[i], None, budget)] = i
+                for index, shard, rows, budget, size in tasks:
+                    pending[pool.submit(_run_shard, index, shard, rows, budget)] = size
                     while len(pending) >= 2 * self.workers:
-                        self._wait(pending, shards, bar)
+                        self._wait(pending, bar)
                 while pending:
-                    self._wait(pending, shards, bar)
+                    self._wait(pending, bar)
 
-    def _wait(self, pending: dict, shards, bar) -> None:
+    def _wait(self, pending: dict, bar) -> None:
         done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
         for future in done:
-            i = pending.pop(future)
+            bar.update(pending.pop(future))
             self._record(*future.result())
-            bar.update(shards[i].size if shards is not None else 0)
-
-    def run_streamed(self, batches, job: int, jobs: int) -> int:
-        """Shards of a streamed source: every job streams it (to agree on the cut) and writes its own."""
-        count = 0
-        with self._bar(self.spec.max_bytes or None) as bar:
-            _init_worker(*self.init)
-            for index, rows in enumerate(batches):
-                count = index + 1
-                if index % jobs == job and not self._done(index):
-                    self._clean([index])
-                    self._record(*_run_shard(index, None, rows, None))
-                bar.update(sum(len(r) for r in rows))
-        return count
