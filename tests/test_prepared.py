@@ -226,7 +226,7 @@ def test_stale_splitters_tokenizer_and_damaged_shards_are_refused(tmp_path, caps
     with pytest.raises(PreparedDataError, match=f"{mask} is corrupt"):
         corpus.verify()
     overrides = ["--set=data.max_bytes=60000", *(f"--set={o}" for o in BYTE_STAGES)]
-    code, err = run_cli(capsys, "prepare", str(ROOT / "recipes/tiny/au4.toml"), *overrides, "--out", str(out), "--verify")
+    code, err = run_cli(capsys, "prepare", str(ROOT / "recipes/tiny/au4.toml"), *overrides, "--out", str(out), "--verify", "--quiet")
     assert code == 1 and err.startswith(f"unetlm: error: {mask} is corrupt")
     mask.write_bytes(bytes(data[:-1]))
     with pytest.raises(PreparedDataError, match=f"{mask} is truncated or damaged: {len(data) - 1} bytes, its manifest says {len(data)}"):
