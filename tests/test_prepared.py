@@ -129,6 +129,15 @@ def test_max_bytes_cuts_after_the_crossing_document(tmp_path):
     check_reads(corpus, reference(recipe, corpus.tokenizer), [(3, 20)])
 
 
+def test_learned_splitters_have_no_mask(tmp_path):
+    recipe = recipe_for("hnet", ["data.max_bytes=3000"])
+    corpus = PreparedCorpus.open(prepare(recipe, tmp_path / "out", progress=False), recipe)
+    assert corpus.num_masks == 0 and corpus.plan["splitters"] == []
+    check_reads(corpus, reference(recipe, corpus.tokenizer), [(10, 900)])
+    with pytest.raises(PreparedDataError, match="stage 1 splitter \\(none\\), but the recipe's stage 1 splitter is {name = 'regex'"):
+        PreparedCorpus.open(tmp_path / "out", recipe_for("au2", []))
+
+
 def read_all(path: Path) -> tuple:
     corpus = PreparedCorpus.open(path)
     stream = corpus.read(0, corpus.num_tokens)
@@ -191,7 +200,7 @@ def test_a_shard_killed_mid_write_is_not_visible_and_a_rerun_completes_it(tmp_pa
     assert read_all(tmp_path / "out") == read_all(tmp_path / "one")
 
 
-def test_stale_splitters_tokenizer_and_damaged_shards_are_refused(tmp_path):
+def test_stale_splitters_tokenizer_and_damaged_shards_are_refused(tmp_path, capsys):
     recipe = pydocs_recipe()
     out = prepare(recipe, tmp_path / "out", progress=False)
     PreparedCorpus.open(out, recipe)
@@ -216,6 +225,9 @@ def test_stale_splitters_tokenizer_and_damaged_shards_are_refused(tmp_path):
     mask.write_bytes(bytes(data))
     with pytest.raises(PreparedDataError, match=f"{mask} is corrupt"):
         corpus.verify()
+    overrides = ["--set=data.max_bytes=60000", *(f"--set={o}" for o in BYTE_STAGES)]
+    code, err = run_cli(capsys, "prepare", str(ROOT / "recipes/tiny/au4.toml"), *overrides, "--out", str(out), "--verify", "--quiet")
+    assert code == 1 and err.startswith(f"unetlm: error: {mask} is corrupt")
     mask.write_bytes(bytes(data[:-1]))
     with pytest.raises(PreparedDataError, match=f"{mask} is truncated or damaged: {len(data) - 1} bytes, its manifest says {len(data)}"):
         PreparedCorpus.open(out)
@@ -292,6 +304,8 @@ def test_entropy_masks_come_from_batched_windows(tmp_path):
 
 
 def test_parquet_row_groups_and_streamed_rows_shard_like_one_run(tmp_path, monkeypatch):
+    """Parquet shards are runs of row groups; a streamed dataset is cut into shards of rows while
+    streaming (every job streams it). 2 jobs, and one run with 2 workers, write the same stream."""
     import sys
     import types
 
@@ -310,7 +324,7 @@ def test_parquet_row_groups_and_streamed_rows_shard_like_one_run(tmp_path, monke
         pq.write_table(pa.table({"text": rows}), tmp_path / "d.parquet", row_group_size=4)
         recipes["parquet"] = recipe_for("au2", ["data.source=parquet", f"data.paths=['{tmp_path}/d.parquet']"])
     for name, recipe in recipes.items():
-        prepare(recipe, tmp_path / f"{name}-one", shard_bytes=1, progress=False)
+        prepare(recipe, tmp_path / f"{name}-one", shard_bytes=1, workers=2, progress=False)
         for job in (1, 0):
             prepare(recipe, tmp_path / f"{name}-jobs", shard=(job, 2), shard_bytes=1, progress=False)
         one = PreparedCorpus.open(tmp_path / f"{name}-one", recipe)

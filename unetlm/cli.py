@@ -125,12 +125,19 @@ def cmd_prepare(args) -> int:
     except ValueError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished shards of {args.out} are kept; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
     elapsed = time.perf_counter() - started
     try:
         corpus = PreparedCorpus.open(out)
     except PreparationIncomplete:
         print(f"prepared job {index}/{count} of {out} in {elapsed:.1f} s; the data is complete once every job has finished")
         return 0
+    if args.verify:
+        corpus.verify()
+        print(f"verified the sha256 of every file of {out}")
     print(f"prepared {out} in {elapsed:.1f} s: {corpus.num_documents:,} documents, {corpus.num_bytes:,} bytes, "
           f"{corpus.num_tokens:,} tokens, {corpus.num_masks} boundary masks")
     return 0
@@ -312,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun, else 0/1: everything)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) jsonl lines that are not JSON objects")
     p.add_argument("--shard-bytes", default="32e6", help="input bytes per shard (default 32e6); fixed for a DATA_DIR")
+    p.add_argument("--verify", action="store_true",
+                   help="once the data is complete, check every file's sha256 against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 

@@ -50,10 +50,9 @@ class StreamCorpus:
         return self.stream.masks[:, start:stop]
 
     def token_at_byte(self, n: int) -> int:
-        """The first token that starts at or after stream byte ``n`` (a BOS counts as one byte), as
-        a prepared corpus counts."""
-        sizes = self.lengths[self.stream.tokens]
-        return int(np.searchsorted(np.cumsum(sizes) - sizes, n, "left"))
+        """The number of tokens that end at or before stream byte ``n`` (a BOS counts as one byte),
+        as a prepared corpus counts: a token that straddles ``n`` is held out."""
+        return int(np.searchsorted(np.cumsum(self.lengths[self.stream.tokens]), n, "right"))
 
 
 def split_point(corpus, valid_fraction: float) -> int:

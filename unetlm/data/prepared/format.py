@@ -98,7 +98,8 @@ def show(identity) -> str:
         return "(none)"
     if isinstance(identity, dict):
         identity = {k: identity[k] for k in sorted(identity, key=lambda k: (k != "name", k))}
-        return "{" + ", ".join(f"{k} = {show(v) if isinstance(v, dict) else repr(v)}" for k, v in identity.items()) + "}"
+        shown = (f"{k} = {show(v) if isinstance(v, dict) else repr(v)}" for k, v in identity.items())
+        return "{" + ", ".join(shown) + "}"
     return repr(identity)
 
 

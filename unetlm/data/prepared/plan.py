@@ -63,7 +63,7 @@ def source_identity(spec: DataSpec) -> dict:
 def plan_shards(spec: DataSpec, shard_bytes: int) -> list[ShardInput] | None:
     """The shards of ``spec`` in stream order (None for a streamed ``hf`` source)."""
     if spec.source == "pydocs":
-        return [ShardInput("pydocs", [])]
+        return [ShardInput("pydocs", [], size=sum(len(d) for d in pydocs_documents()))]
     if spec.source == "hf":
         return None
     paths = expand_paths(spec.paths)
@@ -74,7 +74,8 @@ def plan_shards(spec: DataSpec, shard_bytes: int) -> list[ShardInput] | None:
         for path in paths:
             size = path.stat().st_size
             starts = range(0, max(size, 1), shard_bytes)
-            out += [ShardInput("jsonl", [str(path)], a, min(a + shard_bytes, size), min(shard_bytes, size - a)) for a in starts]
+            out += [ShardInput("jsonl", [str(path)], a, min(a + shard_bytes, size), min(shard_bytes, size - a))
+                    for a in starts]
         return out
     out = []
     for path in paths:
@@ -100,7 +101,8 @@ def _runs(sizes: list[int], target: int) -> list[tuple[int, int]]:
 
 def _group_files(paths: list[Path], shard_bytes: int) -> list[ShardInput]:
     sizes = [p.stat().st_size for p in paths]
-    return [ShardInput("files", [str(p) for p in paths[a:b]], size=sum(sizes[a:b])) for a, b in _runs(sizes, shard_bytes)]
+    runs = _runs(sizes, shard_bytes)
+    return [ShardInput("files", [str(p) for p in paths[a:b]], size=sum(sizes[a:b])) for a, b in runs]
 
 
 def shard_documents(shard: ShardInput, spec: DataSpec, skip_bad: bool, bad: BadLines) -> Iterator[bytes]:

@@ -16,10 +16,9 @@ from pathlib import Path
 
 from unetlm.core.tokens import BYTES
 from unetlm.data.prepared.format import (
-    FORMAT, MANIFEST, PLAN, SHARDS, TOKENIZER, VERSION, PreparationIncomplete, PreparedDataError, byte_splitter_components, check_version,
-    digest_of,
-    file_digest, read_json, shard_dir, splitter_identities, tokenizer_identity, write_json_atomic,
-    write_text_atomic,
+    FORMAT, MANIFEST, PLAN, SHARDS, TOKENIZER, VERSION, PreparationIncomplete, PreparedDataError,
+    byte_splitter_components, check_version, digest_of, file_digest, read_json, shard_dir, splitter_identities,
+    tokenizer_identity, write_json_atomic, write_text_atomic,
 )
 from unetlm.data.prepared.plan import BadLines, ShardInput, hf_shards, plan_shards, shard_documents, source_identity
 from unetlm.data.prepared.write import write_shard
@@ -72,11 +71,12 @@ def prepare(
         "max_bytes": recipe.data.max_bytes,
         "shard_bytes": shard_bytes,
         "num_masks": len(components),
+        "splitter_sha256": [digest_of(s) for s in identity["splitters"]],
         "tokenizer_sha256": None if tokenizer_json is None else file_digest(out / TOKENIZER),
         "num_shards": None if shards is None else len(shards),
     }
     _check_plan(out, plan)
-    header = {"key": plan["key"], "splitters": plan["splitters"], "tokenizer_sha256": plan["tokenizer_sha256"]}
+    header = {k: plan[k] for k in ("key", "splitters", "splitter_sha256", "tokenizer_sha256")}
     runner = _Runner(out, recipe.data, components, tokenizer_json, header, skip_bad, workers, progress)
     if shards is None:
         plan["num_shards"] = runner.run_streamed(hf_shards(recipe.data), job, jobs)
@@ -119,7 +119,7 @@ def _check_not_empty(out: Path) -> None:
 
 
 def _tokenizer(recipe, out: Path, shards: list[ShardInput] | None, skip_bad: bool) -> str | None:
-    """JSON of the BPE tokenizer (from ``out/tokenizer.json``, or learned and written there); None for bytes."""
+    """JSON of the BPE tokenizer (``out/tokenizer.json``, or learned and written there); None for bytes."""
     spec = recipe.model.tokenizer
     if spec is None:
         return None
@@ -214,14 +214,14 @@ class _Runner:
         entropy = any(c.name == "entropy" for c in self.init[2])
         method = "spawn" if entropy or "fork" not in multiprocessing.get_all_start_methods() else "fork"
         return futures.ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker, initargs=self.init
+            self.workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
+            initargs=self.init,
         )
 
     def _bar(self, total: int | None):
         from tqdm import tqdm
 
-        return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prepare", disable=not self.progress,
-                    smoothing=0.1)
+        return tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not self.progress, smoothing=0.1)
 
     def _done(self, index: int) -> bool:
         return (shard_dir(self.out, index) / MANIFEST).is_file()
@@ -259,44 +259,58 @@ class _Runner:
         mine = [i for i in range(job, len(shards), jobs)]
         self._clean(mine)
         todo = [i for i in mine if not self._done(i)]
-        with self._bar(sum(shards[i].size for i in todo)) as bar:
-            if self.workers == 1:
-                _init_worker(*self.init)
-                for i in todo:
-                    budget = self._budget(i, max_bytes)
-                    if budget is not None and budget <= 0:
-                        break
-                    self._record(*_run_shard(i, shards[i], None, budget, bar.update))
-                return
-            with self._pool() as pool:
-                pending: dict = {}
-                queue = iter(todo)
-                for i in queue:
-                    budget = self._budget(i, max_bytes)
-                    if budget is not None and budget <= 0:
-                        break
-                    pending[pool.submit(_run_shard, i, shards[i], None, budget)] = i
-                    while len(pending) >= 2 * self.workers:
-                        self._wait(pending, shards, bar)
-                while pending:
-                    self._wait(pending, shards, bar)
 
-    def _wait(self, pending: dict, shards, bar) -> None:
-        done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
-        for future in done:
-            i = pending.pop(future)
-            self._record(*future.result())
-            bar.update(shards[i].size if shards is not None else 0)
+        def tasks():
+            for i in todo:
+                budget = self._budget(i, max_bytes)  # asked when the shard starts: earlier ones may be done by then
+                if budget is not None and budget <= 0:
+                    return
+                yield i, shards[i], None, budget, shards[i].size
+
+        total = sum(shards[i].size for i in todo)
+        self._run(tasks(), min(total, max_bytes) if max_bytes and jobs == 1 else total)
 
     def run_streamed(self, batches, job: int, jobs: int) -> int:
         """Shards of a streamed source: every job streams it (to agree on the cut) and writes its own."""
-        count = 0
-        with self._bar(self.spec.max_bytes or None) as bar:
-            _init_worker(*self.init)
+        count = [0]
+
+        def tasks():
             for index, rows in enumerate(batches):
-                count = index + 1
+                count[0] = index + 1
+                size = sum(len(r) for r in rows)
                 if index % jobs == job and not self._done(index):
                     self._clean([index])
-                    self._record(*_run_shard(index, None, rows, None))
-                bar.update(sum(len(r) for r in rows))
-        return count
+                    yield index, None, rows, None, size
+
+        self._run(tasks(), self.spec.max_bytes or None)
+        return count[0]
+
+    def _run(self, tasks, total: int | None) -> None:
+        """Run ``(index, shard, rows, budget, size)`` tasks here or in the pool, ``2 * workers`` in flight."""
+        with self._bar(total) as bar:
+            if self.workers == 1:
+                _init_worker(*self.init)
+                for index, shard, rows, budget, size in tasks:
+                    shown = [0]  # document bytes shown while the shard is written; its input size once done
+
+                    def on_bytes(n: int) -> None:
+                        shown[0] += n
+                        bar.update(n)
+
+                    self._record(*_run_shard(index, shard, rows, budget, on_bytes))
+                    bar.update(max(0, size - shown[0]))
+                return
+            with self._pool() as pool:
+                pending: dict = {}
+                for index, shard, rows, budget, size in tasks:
+                    pending[pool.submit(_run_shard, index, shard, rows, budget)] = size
+                    while len(pending) >= 2 * self.workers:
+                        self._wait(pending, bar)
+                while pending:
+                    self._wait(pending, bar)
+
+    def _wait(self, pending: dict, bar) -> None:
+        done, _ = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+        for future in done:
+            bar.update(pending.pop(future))
+            self._record(*future.result())

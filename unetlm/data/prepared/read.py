@@ -16,7 +16,8 @@ import numpy as np
 from unetlm.core.tokens import BOS, BYTES
 from unetlm.data.packing import TokenStream
 from unetlm.data.prepared.format import (
-    DOCS, MANIFEST, PLAN, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, file_digest, mask_file, read_json,
+    DOCS, MANIFEST, PLAN, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, file_digest, mask_file,
+    read_json,
     reprepare_hint, shard_dir, show, splitter_identities, token_file,
 )
 
@@ -60,14 +61,16 @@ class PreparedCorpus:
         path = Path(path)
         plan_path = path / PLAN
         if not plan_path.is_file():
-            what = "does not exist" if not path.exists() else "holds no plan.json (not prepared, or prepare has not started)"
+            what = "holds no plan.json (not prepared, or prepare has not started)" if path.exists() else "does not exist"
             raise PreparedDataError(f"prepared data {path} {what}; prepare it with: unetlm prepare RECIPE --out {path}")
         plan = read_json(plan_path, path)
         check_version(plan, plan_path, path)
         if recipe is not None:
             check_recipe(plan, recipe, path)
         if plan["num_shards"] is None:
-            raise PreparationIncomplete(f"{path}: prepare has not finished streaming the source; rerun the same unetlm prepare command")
+            raise PreparationIncomplete(
+                f"{path}: prepare has not finished streaming the source; rerun the same unetlm prepare command"
+            )
         tokenizer = _tokenizer(path, plan)
         return cls(path, plan, *_index(path, plan), tokenizer)
 
@@ -161,7 +164,9 @@ class PreparedCorpus:
     def verify(self) -> None:
         """Check every file's sha256 against its manifest; an error names the first corrupt file."""
         if self.plan.get("tokenizer_sha256") and file_digest(self.path / TOKENIZER) != self.plan["tokenizer_sha256"]:
-            raise PreparedDataError(f"{self.path / TOKENIZER} is corrupt (sha256 differs from plan.json); {reprepare_hint(self.path)}")
+            raise PreparedDataError(
+                f"{self.path / TOKENIZER} is corrupt (sha256 differs from plan.json); {reprepare_hint(self.path)}"
+            )
         for shard in self.shards:
             for entry in shard.files:
                 file = shard.folder / entry["file"]
@@ -236,7 +241,9 @@ def _index(path: Path, plan: dict):
         manifest = read_json(manifest_path, path)
         check_version(manifest, manifest_path, path)
         if manifest.get("key") != plan["key"]:
-            raise PreparedDataError(f"{folder} belongs to another preparation than {path / PLAN}; {reprepare_hint(path)}")
+            raise PreparedDataError(
+                f"{folder} belongs to another preparation than {path / PLAN}; {reprepare_hint(path)}"
+            )
         if manifest.get("tokenizer_sha256") != plan["tokenizer_sha256"]:
             raise PreparedDataError(
                 f"{folder} was tokenized with another {TOKENIZER} than {path / PLAN} records; {reprepare_hint(path)}"
@@ -248,7 +255,8 @@ def _index(path: Path, plan: dict):
             size = file.stat().st_size
             if size != entry["bytes"]:
                 raise PreparedDataError(
-                    f"{file} is truncated or damaged: {size} bytes, its manifest says {entry['bytes']}; {reprepare_hint(path)}"
+                    f"{file} is truncated or damaged: {size} bytes, its manifest says {entry['bytes']}; "
+                    f"{reprepare_hint(path)}"
                 )
         index = np.fromfile(folder / DOCS, dtype=np.int64).reshape(-1, 2)
         used = len(index)
