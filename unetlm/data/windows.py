@@ -22,8 +22,8 @@ import torch
 
 from unetlm.core.tokens import BYTES, PAD
 from unetlm.data.packing import Batch, TokenStream, pack, shard_rows, training_cut
-from unetlm.recipe.errors import RecipeError
 from unetlm.data.rows import RowPlan, plan_rows
+from unetlm.recipe.errors import RecipeError
 
 BLOCK = 4096  # mixture slots whose corpus shares are exact
 
@@ -97,8 +97,9 @@ def check_size(corpus, valid_fraction: float, seq_len: int) -> None:
         return
     needed = int(np.ceil((seq_len + 1) / max(min(valid_fraction, 1.0 - valid_fraction), 1e-9)))
     raise RecipeError(
-        f"the data holds {corpus.num_bytes:,} stream bytes (each document's BOS counts as one; {cut:,} training and {corpus.num_tokens - cut:,} held-out "
-        f"tokens with data.valid_fraction = {valid_fraction}); one sequence of model.seq_len = {seq_len} "
+        f"the data holds {corpus.num_bytes:,} stream bytes (each document's BOS counts as one; {cut:,} "
+        f"training and {corpus.num_tokens - cut:,} held-out tokens with data.valid_fraction = "
+        f"{valid_fraction}); one sequence of model.seq_len = {seq_len} "
         f"needs {seq_len + 1} tokens in each part, i.e. about {needed:,} bytes: add data or lower model.seq_len"
     )
 
@@ -158,7 +159,7 @@ class TrainingData:
         cls, documents, splitters, limits, seq_len: int, batch_size: int, valid_fraction: float, seed: int,
         tokenizer=BYTES,
     ) -> "TrainingData":
-        """One corpus packed in RAM from ``documents`` (tests, benchmarks, tokenized models)."""
+        """One corpus packed in RAM from ``documents`` (tests and benchmarks; training reads prepared data)."""
         corpus = StreamCorpus(pack(documents, splitters, tokenizer), tokenizer.lengths)
         return cls.build([(corpus, 1.0)], limits, seq_len, batch_size, valid_fraction, seed)
 
