@@ -232,8 +232,10 @@ def test_stale_splitters_tokenizer_and_damaged_shards_are_refused(tmp_path, caps
     with pytest.raises(PreparedDataError, match=f"{mask} is truncated or damaged: {len(data) - 1} bytes, its manifest says {len(data)}"):
         PreparedCorpus.open(out)
     (shard / "tokens.u8").unlink()
-    with pytest.raises(PreparedDataError, match=f"{shard / 'tokens.u8'} is missing"):
+    with pytest.raises(PreparedDataError, match=f"{shard / 'tokens.u8'} is missing; rerun the same unetlm prepare"):
         PreparedCorpus.open(out)
+    prepare(recipe, out, progress=False)  # rewrites the damaged shard
+    PreparedCorpus.open(out, recipe).verify()
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:

@@ -106,6 +106,9 @@ def cmd_prepare(args) -> int:
     except ValueError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk is a PreparedDataError; this is e.g. an --out that cannot be written
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished shards of {args.out} are kept; rerun the same command to continue",
               file=sys.stderr)

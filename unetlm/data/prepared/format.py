@@ -137,3 +137,33 @@ def check_version(data: dict, path: Path, out) -> None:
             f"{path} was written in prepared-data format version {data.get('version')!r}; this unetlm reads "
             f"version {VERSION}; {reprepare_hint(out)}"
         )
+
+
+def open_shard(folder: Path, plan: dict, out) -> dict:
+    """The manifest of a finished shard of ``plan``, after checking that every file it lists has its
+    recorded size. Raises :class:`PreparationIncomplete` when the shard is not written yet."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise PreparationIncomplete(
+            f"shard {folder} is missing (no {MANIFEST}): prepare has not finished; rerun the same unetlm "
+            f"prepare command (with its --shard I/N) to complete it"
+        )
+    manifest = read_json(manifest_path, out)
+    check_version(manifest, manifest_path, out)
+    if manifest.get("key") != plan["key"]:
+        raise PreparedDataError(f"{folder} belongs to another preparation than {Path(out) / PLAN}; {reprepare_hint(out)}")
+    if manifest.get("tokenizer_sha256") != plan["tokenizer_sha256"]:
+        raise PreparedDataError(
+            f"{folder} was tokenized with another {TOKENIZER} than {Path(out) / PLAN} records; {reprepare_hint(out)}"
+        )
+    rewrite = "rerun the same unetlm prepare command to rewrite that shard"
+    for entry in manifest["files"]:
+        file = folder / entry["file"]
+        if not file.is_file():
+            raise PreparedDataError(f"{file} is missing; {rewrite}")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise PreparedDataError(
+                f"{file} is truncated or damaged: {size} bytes, its manifest says {entry['bytes']}; {rewrite}"
+            )
+    return manifest
