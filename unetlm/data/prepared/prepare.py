@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures as futures
 import multiprocessing
 import shutil
+import sys
 from pathlib import Path
 
 from unetlm.core.tokens import BYTES
@@ -211,8 +212,9 @@ class _Runner:
         self.doc_bytes: dict[int, int] = {}  # shard -> document bytes, for the max_bytes cut
 
     def _pool(self):
+        # fork starts workers at once; a model (entropy splitters) and other systems need a fresh process
         entropy = any(c.name == "entropy" for c in self.init[2])
-        method = "spawn" if entropy or "fork" not in multiprocessing.get_all_start_methods() else "fork"
+        method = "fork" if sys.platform.startswith("linux") and not entropy else "spawn"
         return futures.ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
             initargs=self.init,
