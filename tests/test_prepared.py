@@ -303,6 +303,13 @@ def test_entropy_masks_come_from_batched_windows(tmp_path):
     want = reference(recipe, corpus.tokenizer)
     assert corpus.num_masks == 1 and 0 < want.masks.sum() < len(want)
     check_reads(corpus, want, [(5, 200)])
+    moved = tmp_path / "moved.pt"  # the model is known by its content: a copy elsewhere is the same splitter
+    moved.write_bytes(Path(splitter.config.checkpoint).read_bytes())
+    recipe.model.stages[1].splitter.config.checkpoint = str(moved)
+    PreparedCorpus.open(tmp_path / "out", recipe)
+    recipe.model.stages[1].splitter.config.threshold = 3.0
+    with pytest.raises(PreparedDataError, match="stage 1 splitter {name = 'entropy', checkpoint = {sha256 = '"):
+        PreparedCorpus.open(tmp_path / "out", recipe)
 
 
 def test_parquet_row_groups_and_streamed_rows_shard_like_one_run(tmp_path, monkeypatch):

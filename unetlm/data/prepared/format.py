@@ -56,6 +56,15 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def content_digest(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (their relative names and digests, in sorted order)."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return digest_of([[str(p.relative_to(path)), file_digest(p)] for p in files])
+
+
 def digest_of(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
@@ -74,8 +83,8 @@ def splitter_identity(component) -> dict:
     """What decides a splitter's boundaries: its name and options (an entropy model by content)."""
     table = {k: v for k, v in component.to_table().items() if k not in _NOT_DECISIONS}
     checkpoint = table.get("checkpoint") if component.name == "entropy" else None
-    if checkpoint and Path(checkpoint).is_file():
-        table["checkpoint"] = {"path": checkpoint, "sha256": file_digest(checkpoint)}
+    if checkpoint and Path(checkpoint).exists():  # a model by its content, wherever it lies
+        table["checkpoint"] = {"sha256": content_digest(checkpoint)}
     return table
 
 
