@@ -34,6 +34,57 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from unetlm.data.errors import PreparedDataError
+    from unetlm.recipe import load_recipe
+
+    try:
+        return _prepare(args, load_recipe(args.recipe, args.overrides))
+    except PreparedDataError as exc:  # a damaged, stale or partial directory, or a full disk
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _prepare(args, recipe) -> int:
+    from unetlm.data.errors import PreparationIncomplete
+    from unetlm.data.prepared import PreparedCorpus, prepare
+
+    launched = "WORLD_SIZE" in os.environ  # by torchrun: each rank prepares its share
+    shard = args.shard or (f"{os.environ.get('RANK', 0)}/{os.environ['WORLD_SIZE']}" if launched else "0/1")
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        print(f"unetlm: error: --shard {shard!r}: expected I/N, e.g. 0/4", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        out = prepare(recipe, Path(args.out), workers=args.workers, shard=(index, count), skip_bad=args.skip_bad,
+                      progress=not args.quiet, shard_bytes=int(float(args.shard_bytes)))
+    except ValueError as exc:
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk is a PreparedDataError; this is e.g. an --out that cannot be written
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished shards of {args.out} are kept; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    elapsed = time.perf_counter() - started
+    try:
+        corpus = PreparedCorpus.open(out)
+    except PreparationIncomplete:
+        print(f"prepared job {index}/{count} of {out} in {elapsed:.1f} s; the data is complete once every job "
+              f"has finished")
+        return 0
+    if args.verify:
+        corpus.verify()
+        print(f"verified the sha256 of every file of {out}")
+    print(f"prepared {out} in {elapsed:.1f} s: {corpus.num_documents:,} documents, {corpus.num_bytes:,} bytes, "
+          f"{corpus.num_tokens:,} tokens, {corpus.num_masks} boundary masks")
+    return 0
+
+
 def cmd_show(args) -> int:
     import torch
 
@@ -103,43 +154,6 @@ def cmd_train(args) -> int:
     if "sample" in result:
         print("sample:")
         print(result["sample"])
-    return 0
-
-
-def cmd_prepare(args) -> int:
-    from unetlm.data.errors import PreparationIncomplete
-    from unetlm.data.prepared import PreparedCorpus, prepare
-    from unetlm.recipe import load_recipe
-
-    shard = args.shard or (f"{os.environ.get('RANK', 0)}/{os.environ['WORLD_SIZE']}" if "WORLD_SIZE" in os.environ else "0/1")
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        print(f"unetlm: error: --shard {shard!r}: expected I/N, e.g. 0/4", file=sys.stderr)
-        return 2
-    recipe = load_recipe(args.recipe, args.overrides)
-    started = time.perf_counter()
-    try:
-        out = prepare(recipe, Path(args.out), workers=args.workers, shard=(index, count), skip_bad=args.skip_bad,
-                      progress=not args.quiet, shard_bytes=int(float(args.shard_bytes)))
-    except ValueError as exc:
-        print(f"unetlm: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished shards of {args.out} are kept; rerun the same command to continue",
-              file=sys.stderr)
-        return 130
-    elapsed = time.perf_counter() - started
-    try:
-        corpus = PreparedCorpus.open(out)
-    except PreparationIncomplete:
-        print(f"prepared job {index}/{count} of {out} in {elapsed:.1f} s; the data is complete once every job has finished")
-        return 0
-    if args.verify:
-        corpus.verify()
-        print(f"verified the sha256 of every file of {out}")
-    print(f"prepared {out} in {elapsed:.1f} s: {corpus.num_documents:,} documents, {corpus.num_bytes:,} bytes, "
-          f"{corpus.num_tokens:,} tokens, {corpus.num_masks} boundary masks")
     return 0
 
 
@@ -299,16 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overrides(p)
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("train", help="train a recipe")
-    p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"recipe file (default {DEFAULT_RECIPE})")
-    _add_overrides(p)
-    p.add_argument("--out", help="run directory (default runs/RECIPE_NAME)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
-    p.add_argument("--force", action="store_true", help="resume even if the recipe changed")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")
-    p.set_defaults(func=cmd_train)
-
     p = sub.add_parser("prepare", help="write a recipe's data as memory-mapped shards of tokens, documents and masks")
     p.add_argument("recipe")
     _add_overrides(p)
@@ -323,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="once the data is complete, check every file's sha256 against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a recipe")
+    p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"recipe file (default {DEFAULT_RECIPE})")
+    _add_overrides(p)
+    p.add_argument("--out", help="run directory (default runs/RECIPE_NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--force", action="store_true", help="resume even if the recipe changed")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plot", help="plot loss and validation bits/byte of runs against bytes and FLOPs")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -428,16 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from unetlm.data.errors import PreparedDataError
     from unetlm.recipe.errors import RecipeError
     from unetlm.registry import RegistryError
     from unetlm.train.errors import TrainingError
 
     try:
         return args.func(args)
-    except PreparedDataError as exc:
-        print(f"unetlm: error: {exc}", file=sys.stderr)
-        return 1
     except (RecipeError, RegistryError, TrainingError) as exc:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads the recipe; one reports
             print(f"unetlm: error: {exc}", file=sys.stderr)

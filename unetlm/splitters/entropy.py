@@ -42,7 +42,6 @@ from unetlm.recipe.structure import positive
 from unetlm.splitters.base import Splitter
 
 BLT_THRESHOLD = 1.335  # nats; BLT's published global threshold
-BATCH_ROWS = {"cpu": 64, "cuda": 1024}  # windows per forward when documents are split in batches
 TRAIN_HINT = "train one with: unetlm train recipes/entropy-model.toml --out runs/entropy-model"
 
 
@@ -64,6 +63,9 @@ class EntropyConfig:
         if self.threshold is not None:
             return self.threshold
         return None if self.relative_threshold is not None else BLT_THRESHOLD
+
+
+BATCH_ROWS = {"cpu": 64, "cuda": 1024}  # windows per forward when documents are split in batches
 
 
 def entropy_boundaries(

@@ -56,6 +56,15 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def content_digest(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (their relative names and digests, in sorted order)."""
+    path = Path(path)
+    if path.is_file():
+        return file_digest(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return digest_of([[str(p.relative_to(path)), file_digest(p)] for p in files])
+
+
 def digest_of(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
@@ -74,8 +83,8 @@ def splitter_identity(component) -> dict:
     """What decides a splitter's boundaries: its name and options (an entropy model by content)."""
     table = {k: v for k, v in component.to_table().items() if k not in _NOT_DECISIONS}
     checkpoint = table.get("checkpoint") if component.name == "entropy" else None
-    if checkpoint and Path(checkpoint).is_file():
-        table["checkpoint"] = {"path": checkpoint, "sha256": file_digest(checkpoint)}
+    if checkpoint and Path(checkpoint).exists():  # a model by its content, wherever it lies
+        table["checkpoint"] = {"sha256": content_digest(checkpoint)}
     return table
 
 
@@ -137,3 +146,33 @@ def check_version(data: dict, path: Path, out) -> None:
             f"{path} was written in prepared-data format version {data.get('version')!r}; this unetlm reads "
             f"version {VERSION}; {reprepare_hint(out)}"
         )
+
+
+def open_shard(folder: Path, plan: dict, out) -> dict:
+    """The manifest of a finished shard of ``plan``, after checking that every file it lists has its
+    recorded size. Raises :class:`PreparationIncomplete` when the shard is not written yet."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise PreparationIncomplete(
+            f"shard {folder} is missing (no {MANIFEST}): prepare has not finished; rerun the same unetlm "
+            f"prepare command (with its --shard I/N) to complete it"
+        )
+    manifest = read_json(manifest_path, out)
+    check_version(manifest, manifest_path, out)
+    if manifest.get("key") != plan["key"]:
+        raise PreparedDataError(f"{folder} belongs to another preparation than {Path(out) / PLAN}; {reprepare_hint(out)}")
+    if manifest.get("tokenizer_sha256") != plan["tokenizer_sha256"]:
+        raise PreparedDataError(
+            f"{folder} was tokenized with another {TOKENIZER} than {Path(out) / PLAN} records; {reprepare_hint(out)}"
+        )
+    rewrite = "rerun the same unetlm prepare command to rewrite that shard"
+    for entry in manifest["files"]:
+        file = folder / entry["file"]
+        if not file.is_file():
+            raise PreparedDataError(f"{file} is missing; {rewrite}")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise PreparedDataError(
+                f"{file} is truncated or damaged: {size} bytes, its manifest says {entry['bytes']}; {rewrite}"
+            )
+    return manifest

@@ -12,13 +12,14 @@ from __future__ import annotations
 import concurrent.futures as futures
 import multiprocessing
 import shutil
+import sys
 from pathlib import Path
 
 from unetlm.core.tokens import BYTES
 from unetlm.data.prepared.format import (
     FORMAT, MANIFEST, PLAN, SHARDS, TOKENIZER, VERSION, PreparationIncomplete, PreparedDataError,
     byte_splitter_components, check_version, digest_of, file_digest, read_json, shard_dir, splitter_identities,
-    tokenizer_identity, write_json_atomic, write_text_atomic,
+    open_shard, tokenizer_identity, write_json_atomic, write_text_atomic,
 )
 from unetlm.data.prepared.plan import BadLines, ShardInput, hf_shards, plan_shards, shard_documents, source_identity
 from unetlm.data.prepared.write import write_shard
@@ -77,7 +78,7 @@ def prepare(
     }
     _check_plan(out, plan)
     header = {k: plan[k] for k in ("key", "splitters", "splitter_sha256", "tokenizer_sha256")}
-    runner = _Runner(out, recipe.data, components, tokenizer_json, header, skip_bad, workers, progress)
+    runner = _Runner(out, plan, recipe.data, components, tokenizer_json, header, skip_bad, workers, progress)
     if shards is None:
         plan["num_shards"] = runner.run_streamed(hf_shards(recipe.data), job, jobs)
     else:
@@ -203,16 +204,17 @@ def _until(documents, budget: int):
 class _Runner:
     """Runs shards in this process (``workers`` = 1) or in a pool, with a progress bar."""
 
-    def __init__(self, out, spec, components, tokenizer_json, header, skip_bad, workers, progress) -> None:
-        self.out, self.spec, self.workers = out, spec, workers
+    def __init__(self, out, plan, spec, components, tokenizer_json, header, skip_bad, workers, progress) -> None:
+        self.out, self.plan, self.spec, self.workers = out, plan, spec, workers
         self.init = (out, spec, components, tokenizer_json, header, skip_bad)
         self.progress = progress
         self.bad = BadLines()
         self.doc_bytes: dict[int, int] = {}  # shard -> document bytes, for the max_bytes cut
 
     def _pool(self):
+        # fork starts workers at once; a model (entropy splitters) and other systems need a fresh process
         entropy = any(c.name == "entropy" for c in self.init[2])
-        method = "spawn" if entropy or "fork" not in multiprocessing.get_all_start_methods() else "fork"
+        method = "fork" if sys.platform.startswith("linux") and not entropy else "spawn"
         return futures.ProcessPoolExecutor(
             self.workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
             initargs=self.init,
@@ -224,7 +226,16 @@ class _Runner:
         return tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=not self.progress, smoothing=0.1)
 
     def _done(self, index: int) -> bool:
-        return (shard_dir(self.out, index) / MANIFEST).is_file()
+        """True for a finished, undamaged shard; a damaged one is removed, to be written again."""
+        folder = shard_dir(self.out, index)
+        try:
+            open_shard(folder, self.plan, self.out)
+            return True
+        except PreparationIncomplete:
+            return False
+        except PreparedDataError:
+            shutil.rmtree(folder, ignore_errors=True)
+            return False
 
     def _clean(self, indices) -> None:
         """Remove temporary folders an interrupted run left for these shards."""

@@ -16,7 +16,7 @@ import numpy as np
 from unetlm.core.tokens import BOS, BYTES
 from unetlm.data.packing import TokenStream
 from unetlm.data.prepared.format import (
-    DOCS, MANIFEST, PLAN, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, file_digest, mask_file,
+    DOCS, PLAN, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, file_digest, mask_file, open_shard,
     read_json,
     reprepare_hint, shard_dir, show, splitter_identities, token_file,
 )
@@ -232,32 +232,7 @@ def _index(path: Path, plan: dict):
     tokens = n_bytes = docs = content = 0
     for i in range(plan["num_shards"]):
         folder = shard_dir(path, i)
-        manifest_path = folder / MANIFEST
-        if not manifest_path.is_file():
-            raise PreparationIncomplete(
-                f"shard {folder} is missing (no {MANIFEST}): prepare has not finished; rerun the same unetlm "
-                f"prepare command (with its --shard I/N) to complete it"
-            )
-        manifest = read_json(manifest_path, path)
-        check_version(manifest, manifest_path, path)
-        if manifest.get("key") != plan["key"]:
-            raise PreparedDataError(
-                f"{folder} belongs to another preparation than {path / PLAN}; {reprepare_hint(path)}"
-            )
-        if manifest.get("tokenizer_sha256") != plan["tokenizer_sha256"]:
-            raise PreparedDataError(
-                f"{folder} was tokenized with another {TOKENIZER} than {path / PLAN} records; {reprepare_hint(path)}"
-            )
-        for entry in manifest["files"]:
-            file = folder / entry["file"]
-            if not file.is_file():
-                raise PreparedDataError(f"{file} is missing; {reprepare_hint(path)}")
-            size = file.stat().st_size
-            if size != entry["bytes"]:
-                raise PreparedDataError(
-                    f"{file} is truncated or damaged: {size} bytes, its manifest says {entry['bytes']}; "
-                    f"{reprepare_hint(path)}"
-                )
+        manifest = open_shard(folder, plan, path)
         index = np.fromfile(folder / DOCS, dtype=np.int64).reshape(-1, 2)
         used = len(index)
         if max_bytes:
