@@ -7,7 +7,9 @@ environment variable ``HYPOTHESIS_PROFILE``. ``UNETLM_TEST_THREADS`` sets torch'
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # training prepares plain sources into a cache: the tests' cache lives and dies with the session
 os.environ["UNETLM_CACHE"] = tempfile.mkdtemp(prefix="unetlm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["UNETLM_CACHE"], ignore_errors=True)
 
 # Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads slow
 # every small matmul down many times over.

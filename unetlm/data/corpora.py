@@ -5,7 +5,7 @@ with its weight). Without it, the recipe's sources are prepared once into
 ``$UNETLM_CACHE/prepared/KEY`` (default ``~/.cache/unetlm``), ``KEY`` = :func:`cache_key` of the
 sources, splitters and tokenizer, and reused by later runs. Either way a rank holds the document
 index and the row plan in RAM, never the corpus. A row plan is cached beside its data as
-``rows/L{seq_len}-M{max_lens}-V{valid_fraction}.npz``.
+``rows/{key}-T{tokens}-L{seq_len}-M{max_lens}-V{valid_fraction}-{train,valid}.npz``.
 """
 from __future__ import annotations
 
@@ -74,7 +74,9 @@ def cached_source(corpus, valid_fraction: float, limits: Sequence[int], seq_len:
     folder = getattr(corpus, "path", None)
     if folder is None:
         return plan_source(corpus, valid_fraction, limits, seq_len, weight)
-    name = f"L{seq_len}-M{'-'.join(map(str, limits)) or 'none'}-V{valid_fraction!r}"
+    # the preparation's key and stream length tell a re-prepared directory's plans from old ones
+    lengths = "-".join(map(str, limits)) or "none"
+    name = f"{corpus.plan['key']}-T{corpus.num_tokens}-L{seq_len}-M{lengths}-V{valid_fraction!r}"
     files = [Path(folder) / "rows" / f"{name}-{split}.npz" for split in ("train", "valid")]
     if all(f.is_file() for f in files):
         try:
