@@ -9,11 +9,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from strategies import TINY_RECIPES, recipe_model, recipe_params, shortened
-from unetlm.data.packing import pack
+from unetlm.data.packing import TokenStream, pack
 from unetlm.data.rows import FULL, plan_in_memory, plan_rows, plan_spans, row_reach
 from unetlm.data.windows import BLOCK, StreamCorpus, TrainingData, read_rows, shares
 from unetlm.core.tokens import BYTES
 from unetlm.recipe import load_recipe
+from unetlm.splitters.splitting import split_document
 
 SEQ_LEN = 96
 # runs of punctuation, digit groups, one-letter words and newlines: a boundary on nearly every byte
@@ -115,18 +116,29 @@ def test_training_and_eval_rows_never_overflow(path, docs):
 ISOLATION = [p for p in planned_recipes() if p.id.split("/")[-1] in ("au3.toml", "au4.toml", "spacebyte.toml")]
 
 
+def without_bos(documents: list[bytes], splitters) -> TokenStream:
+    """Documents told apart by their ids alone: no BOS, so a document's start is no boundary."""
+    return TokenStream(
+        np.concatenate([np.frombuffer(d, np.uint8).astype(np.int32) for d in documents]),
+        np.concatenate([np.full(len(d), i, np.int32) for i, d in enumerate(documents)]),
+        np.concatenate([split_document(splitters, d) for d in documents], axis=1),
+    )
+
+
+@pytest.mark.parametrize("with_bos", [True, False], ids=["bos", "ids-only"])
 @pytest.mark.parametrize("path", ISOLATION)
 @settings(max_examples=3, deadline=None)
 @given(first=overflow_text, second=overflow_text)
-def test_a_document_on_a_planned_row_never_moves_the_next(path, first, second):
+def test_a_document_on_a_planned_row_never_moves_the_next(path, with_bos, first, second):
     """Replace the first document's bytes (same length) and the second's logits stay put."""
     model = tight_model(path)
     limits = limits_of(model)
     first = (first * 4)[:200]
     other = bytes(97 if c != 10 else c for c in first)  # fewer boundaries than ``first``
-    stream = pack([first, second], model.splitters)
-    changed = pack([other, second], model.splitters)
-    bos = len(first) + 1  # the second document's BOS
+    build = pack if with_bos else without_bos
+    stream = build([first, second], model.splitters)
+    changed = build([other, second], model.splitters)
+    bos = len(first) + with_bos  # the second document's first position (its BOS, if any)
     plan = plan_in_memory(stream.masks, 0, len(stream) - 1, limits, SEQ_LEN)
     row = int(np.searchsorted(plan.ends, bos, side="right"))
     start, end = int(plan.starts[row]), int(plan.ends[row])
