@@ -3,17 +3,25 @@
 Profiles: ``ci`` (the default: derandomized, no deadline, no example database, so every run
 draws the same examples) and ``dev`` (random draws, more examples); choose one with the
 environment variable ``HYPOTHESIS_PROFILE``. ``UNETLM_TEST_THREADS`` sets torch's threads.
+``UNETLM_CACHE`` (prepared data of plain sources) points to a fresh temporary directory.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# training prepares plain sources into a cache: the tests' cache lives and dies with the session
+os.environ["UNETLM_CACHE"] = tempfile.mkdtemp(prefix="unetlm-test-cache-")
+atexit.register(shutil.rmtree, os.environ["UNETLM_CACHE"], ignore_errors=True)
 
 # Tiny models gain nothing from intra-op threads, and on a busy machine spinning threads slow
 # every small matmul down many times over.

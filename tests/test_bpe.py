@@ -13,7 +13,8 @@ pytest.importorskip("tokenizers", reason="the BPE baseline needs the tokenizers 
 
 from unetlm.api import load_checkpoint
 from unetlm.data.bpe import BpeTokenizer, byte_level_chars
-from unetlm.data.packing import ByteData, pack, text_prefix, training_cut, training_text
+from unetlm.data.packing import pack, text_prefix, training_cut, training_text
+from unetlm.data.windows import StreamCorpus, split_point
 from unetlm.eval.bpb import text_bpb
 from unetlm.eval.choice import continuation_nll
 from unetlm.model.generate import generate
@@ -72,13 +73,14 @@ def test_text_prefix_holds_exactly_the_first_stream_bytes(documents, n):
 
 def test_byte_and_bpe_models_hold_out_the_same_text(tok):
     docs = [f"document {i}: the quick brown fox jumps over the lazy dog. ".encode() * (i + 3) for i in range(12)]
-    byte_data = ByteData.build(docs, [], 32, 2, 0.25, 0)
-    bpe_data = ByteData.build(docs, [], 16, 2, 0.25, 0, tok)
-    held_bytes = BYTES.decode(byte_data.valid.tokens)
-    held_bpe = tok.decode(bpe_data.valid.tokens)
+    byte_data = StreamCorpus(pack(docs, []), BYTES.lengths)
+    bpe_data = StreamCorpus(pack(docs, [], tok), tok.lengths)
+    byte_cut, bpe_cut = split_point(byte_data, 0.25), split_point(bpe_data, 0.25)
+    held_bytes = BYTES.decode(byte_data.stream.tokens[byte_cut:])
+    held_bpe = tok.decode(bpe_data.stream.tokens[bpe_cut:])
     assert held_bpe.endswith(held_bytes[-50:]) and abs(len(held_bpe) - len(held_bytes)) < 16
     cut = training_cut(sum(len(d) + 1 for d in docs), 0.25)
-    assert len(byte_data.train) == cut
+    assert byte_cut == cut
     # the tokenizer's text stops where the held-out part starts (a BOS with nothing after it is dropped)
     assert sum(len(d) + 1 for d in training_text(docs, 0.25)) in (cut, cut - 1)
 

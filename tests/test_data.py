@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unetlm.data.loader import step_batches
-from unetlm.data.packing import ByteData, pack
+from unetlm.data.packing import pack
+from unetlm.data.windows import TrainingData
 from unetlm.data.sources import load_documents
 from unetlm.core.tokens import BOS
 from unetlm.recipe import RecipeError
@@ -66,10 +67,11 @@ def test_max_bytes_stops_after_the_crossing_document():
     assert sum(map(len, docs[:-1])) < 1000 <= sum(map(len, docs))
 
 
-def make_data(batch_size=4, seed=0) -> ByteData:
+def make_data(batch_size=4, seed=0) -> TrainingData:
     rng = np.random.default_rng(1)
     docs = [bytes(rng.choice(list(b"ab cd. "), size=int(n))) for n in rng.integers(5, 200, size=40)]
-    return ByteData.build(docs, [RegexSplitter(RegexSplitter.Config(preset="word"))], 32, batch_size, 0.2, seed)
+    splitters = [RegexSplitter(RegexSplitter.Config(preset="word"))]
+    return TrainingData.from_documents(docs, splitters, [32], 32, batch_size, 0.2, seed)
 
 
 def test_pack_marks_documents():

@@ -22,11 +22,11 @@ def test_tiny_au2_loss_falls_on_shakespeare(tmp_path):
         ],
     )
     model = unetlm.build_model(recipe)
-    from unetlm.data.packing import ByteData
-    from unetlm.data.sources import load_documents
+    from unetlm.data.corpora import open_corpora, open_training_data
     from unetlm.train.loop import evaluate
 
-    data = ByteData.build(load_documents(recipe.data), model.splitters, recipe.model.seq_len, 8, 0.1, 0)
+    corpora = open_corpora(recipe, progress=False)
+    data = open_training_data(corpora, 0.1, recipe.model.seq_len, model.lengths, len(model.splitters), 8, 0)
     import torch
 
     torch.manual_seed(recipe.training.seed)

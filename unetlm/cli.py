@@ -4,9 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 DEFAULT_RECIPE = "recipes/tiny/au2.toml"
+AUTO_NOTE = "99.9th percentile of boundaries per window, rounded up to a multiple of 16"
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
@@ -32,6 +34,57 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from unetlm.data.errors import PreparedDataError
+    from unetlm.recipe import load_recipe
+
+    try:
+        return _prepare(args, load_recipe(args.recipe, args.overrides))
+    except PreparedDataError as exc:  # a damaged, stale or partial directory, or a full disk
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _prepare(args, recipe) -> int:
+    from unetlm.data.errors import PreparationIncomplete
+    from unetlm.data.prepared import PreparedCorpus, prepare
+
+    launched = "WORLD_SIZE" in os.environ  # by torchrun: each rank prepares its share
+    shard = args.shard or (f"{os.environ.get('RANK', 0)}/{os.environ['WORLD_SIZE']}" if launched else "0/1")
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        print(f"unetlm: error: --shard {shard!r}: expected I/N, e.g. 0/4", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    try:
+        out = prepare(recipe, Path(args.out), workers=args.workers, shard=(index, count), skip_bad=args.skip_bad,
+                      progress=not args.quiet, shard_bytes=int(float(args.shard_bytes)))
+    except ValueError as exc:
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk is a PreparedDataError; this is e.g. an --out that cannot be written
+        print(f"unetlm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished shards of {args.out} are kept; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    elapsed = time.perf_counter() - started
+    try:
+        corpus = PreparedCorpus.open(out)
+    except PreparationIncomplete:
+        print(f"prepared job {index}/{count} of {out} in {elapsed:.1f} s; the data is complete once every job "
+              f"has finished")
+        return 0
+    if args.verify:
+        corpus.verify()
+        print(f"verified the sha256 of every file of {out}")
+    print(f"prepared {out} in {elapsed:.1f} s: {corpus.num_documents:,} documents, {corpus.num_bytes:,} bytes, "
+          f"{corpus.num_tokens:,} tokens, {corpus.num_masks} boundary masks")
+    return 0
+
+
 def cmd_show(args) -> int:
     import torch
 
@@ -40,6 +93,17 @@ def cmd_show(args) -> int:
     from unetlm.recipe import dump_recipe, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    stats = None
+    if args.data:
+        from unetlm.data.boundaries import recipe_splitters, sample_masks, stage_stats, with_auto_lengths
+
+        documents = [Path(args.data).read_bytes()]
+        if len(documents[0]) + 1 < recipe.model.seq_len:
+            print(f"unetlm: error: --data {args.data} holds {len(documents[0])} bytes, fewer than one window of "
+                  f"model.seq_len = {recipe.model.seq_len}", file=sys.stderr)
+            return 2
+        stats = stage_stats(recipe.model, sample_masks(documents, recipe_splitters(recipe.model)))
+        recipe = with_auto_lengths(recipe, documents)
     print(dump_recipe(recipe))
     with torch.device("meta"):
         model = build_model(recipe)
@@ -64,6 +128,13 @@ def cmd_show(args) -> int:
     else:
         print(f"training FLOPs per byte (forward + backward): {summary.train_flops_per_byte:,.0f}"
               f" ({summary.train_flops_per_byte / 1e6:.3f} MFLOPs)")
+    if stats == []:
+        print(f"no stage of {args.recipe} is fed by a byte-level splitter: no boundary statistics to report")
+    elif stats is not None:
+        print(f"boundaries in {args.data} (seq_len windows; auto: the {AUTO_NOTE}):")
+        print("stage  max_len  windows overflowing  auto picks  padding of planned rows")
+        for s in stats:
+            print(f"{s.stage:<5}  {s.max_len!s:<7}  {s.overflow:<19.2%}  {s.auto:<10}  {s.padding:.2%}")
     return 0
 
 
@@ -152,6 +223,16 @@ def cmd_bench_train(args) -> int:
     modes = tuple(m for m in ("eager", "compiled") if m not in args.skip)
     records = bench_train(args.recipes, args.json, modes=modes, steps=args.steps, overrides=args.overrides)
     print(format_table(records))
+    return 0
+
+
+def cmd_bench_data(args) -> int:
+    from unetlm.bench.data import bench_data, format_record
+
+    workers = tuple(int(w) for w in args.workers.split(","))
+    record = bench_data(args.recipe, int(float(args.corpus_bytes)), args.json, workers=workers, steps=args.steps,
+                        work_dir=args.work_dir, overrides=args.overrides)
+    print(format_record(record))
     return 0
 
 
@@ -280,8 +361,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="print a resolved recipe with per-stage parameters and FLOPs")
     p.add_argument("recipe")
+    p.add_argument("--data", metavar="FILE", help="also report each stage's boundary statistics on this file")
     _add_overrides(p)
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("prepare", help="write a recipe's data as memory-mapped shards of tokens, documents and masks")
+    p.add_argument("recipe")
+    _add_overrides(p)
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="folder of the prepared data")
+    p.add_argument("--workers", type=int, default=1, help="processes preparing shards (default 1)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="prepare only job I's share of N independent jobs (default: RANK/WORLD_SIZE under "
+                        "torchrun, else 0/1: everything)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) jsonl lines that are not JSON objects")
+    p.add_argument("--shard-bytes", default="32e6", help="input bytes per shard (default 32e6); fixed for a DATA_DIR")
+    p.add_argument("--verify", action="store_true",
+                   help="once the data is complete, check every file's sha256 against its manifest")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a recipe")
     p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"recipe file (default {DEFAULT_RECIPE})")
@@ -332,6 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: time to the first byte after an N-byte prompt, prefilled against stepped")
     p.add_argument("--json", required=True, help="file to write the list of records to")
     p.set_defaults(func=cmd_bench_generate)
+
+    p = bench.add_parser("data", help="prepare throughput, loader bytes/s and training peak memory on a large corpus")
+    p.add_argument("recipe")
+    p.add_argument("--corpus-bytes", default="2e8", help="document bytes of the corpus written to disk (default 2e8)")
+    p.add_argument("--json", required=True, help="file to write the record to")
+    p.add_argument("--workers", default="1,2", help="comma-separated prepare worker counts (default 1,2)")
+    p.add_argument("--steps", type=int, default=5, help="training steps on the prepared data (default 5)")
+    p.add_argument("--work-dir", help="keep the corpus and prepared data here (default: a temporary directory)")
+    _add_overrides(p)
+    p.set_defaults(func=cmd_bench_data)
 
     p = sub.add_parser("generate", help="continue prompts with a trained checkpoint, streaming the output")
     p.add_argument("checkpoint", help="a run directory, an exported directory (unetlm export) or a .pt file")

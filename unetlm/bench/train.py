@@ -18,7 +18,7 @@ import attrs
 import torch
 
 from unetlm.api import build_model
-from unetlm.data.packing import ByteData
+from unetlm.data.windows import TrainingData
 from unetlm.data.sources import load_documents
 from unetlm.model.summary import summarize
 from unetlm.recipe import load_recipe
@@ -67,7 +67,10 @@ def bench_recipe(recipe, mode: str, steps: int, warmup: int, device: torch.devic
     flops_per_byte = summarize(model).train_flops_per_byte
     budget = resolve_budget(spec.batch_size, spec.lr, spec.steps, recipe.model.seq_len, flops_per_byte)
     docs = load_documents(attrs.evolve(recipe.data, max_bytes=recipe.data.max_bytes or BENCH_DATA_BYTES))
-    data = ByteData.build(docs, model.splitters, recipe.model.seq_len, budget.batch_size, 0.1, spec.seed)
+    limits = model.lengths[1 : 1 + len(model.splitters)]
+    data = TrainingData.from_documents(
+        docs, model.splitters, limits, recipe.model.seq_len, budget.batch_size, 0.1, spec.seed
+    )
     optimizer = make_optimizer(model, spec, budget.lr)
     if mode == "compiled":
         compile_blocks(model)

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from unetlm.data.packing import Batch, ByteData
+from unetlm.data.packing import Batch
+from unetlm.data.windows import TrainingData
 
 
 class StepBatches(IterableDataset):
-    def __init__(self, data: ByteData, start: int, stop: int, rank: int, world: int) -> None:
+    def __init__(self, data: TrainingData, start: int, stop: int, rank: int, world: int) -> None:
         self.data, self.start, self.stop, self.rank, self.world = data, start, stop, rank, world
 
     def __iter__(self) -> Iterator[Batch]:
@@ -28,7 +29,7 @@ def _keep(batch: Batch) -> Batch:
     return batch
 
 
-def step_batches(data: ByteData, start: int, stop: int, rank: int = 0, world: int = 1, workers: int = 0):
+def step_batches(data: TrainingData, start: int, stop: int, rank: int = 0, world: int = 1, workers: int = 0):
     """An iterator over the local batches of steps ``start .. stop - 1``."""
     dataset = StepBatches(data, start, stop, rank, world)
     if workers == 0:

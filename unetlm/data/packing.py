@@ -1,12 +1,15 @@
 """Packing documents into one token stream with document ids and stage boundaries.
 
 The stream is ``BOS doc0 BOS doc1 ...``: bytes, or a tokenizer's ids. Boundaries are computed
-once per whole document (so a window that starts mid-document still carries the right
-boundaries), then windows of ``seq_len + 1`` tokens are cut from it: inputs are the first
-``seq_len``, targets the last. The last ``valid_fraction`` of the stream's bytes (a BOS counts
-as one) is held out for validation, so byte and tokenized models hold out the same text.
+once per whole document (so a row that starts mid-document still carries the right
+boundaries); :mod:`unetlm.data.windows` cuts it into rows. The last ``valid_fraction`` of the
+stream's bytes (a BOS counts as one) is held out for validation, so byte and tokenized models
+hold out the same text.
 """
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable
 
 import attrs
 import numpy as np
@@ -52,12 +55,9 @@ class TokenStream:
     def slice(self, start: int, stop: int) -> "TokenStream":
         return TokenStream(self.tokens[start:stop], self.doc[start:stop], self.masks[:, start:stop])
 
-    def window_batch(self, starts: np.ndarray, seq_len: int) -> Batch:
-        idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
-        tokens = torch.from_numpy(self.tokens[idx].astype(np.int64))
-        doc = torch.from_numpy(self.doc[idx[:, :-1]].astype(np.int64))
-        masks = [torch.from_numpy(self.masks[s][idx[:, :-1]]) for s in range(self.masks.shape[0])]
-        return Batch(tokens[:, :-1], doc, masks, tokens[:, 1:])
+    def read(self, start: int, stop: int) -> "TokenStream":
+        """Positions ``start .. stop - 1`` (what a prepared corpus's ``read`` gives)."""
+        return self.slice(start, stop)
 
 
 def pack(documents: list[bytes | tuple[bytes, ...]], splitters: list[Splitter], tokenizer=BYTES) -> TokenStream:
@@ -111,68 +111,30 @@ def training_text(documents: list[bytes], valid_fraction: float) -> list[bytes]:
     return split_text(documents, training_cut(sum(len(d) + 1 for d in documents), valid_fraction))[0]
 
 
+def tokenizer_text(documents: Iterable[bytes], valid_fraction: float, train_bytes: int = 0) -> list[bytes]:
+    """``training_text(documents, valid_fraction)``, cut to its first ``train_bytes`` bytes (0: all),
+    reading only as many documents as that needs: once the stream holds ``train_bytes / (1 -
+    valid_fraction) + 1`` bytes, the held-out cut of any longer stream lies beyond ``train_bytes``."""
+    if not train_bytes or valid_fraction >= 1.0:
+        text = training_text(list(documents), valid_fraction)
+        return text_prefix(text, train_bytes) if train_bytes else text
+    enough = math.ceil(train_bytes / (1.0 - valid_fraction)) + 1
+    read, total = [], 0
+    for data in documents:
+        read.append(data)
+        total += len(data) + 1
+        if total >= enough:
+            return text_prefix(read, train_bytes)
+    return text_prefix(training_text(read, valid_fraction), train_bytes)
+
+
 def held_out_text(documents: list[bytes], valid_fraction: float) -> list[bytes]:
     """The documents' bytes from the held-out part on (what no run trains on)."""
     return split_text(documents, training_cut(sum(len(d) + 1 for d in documents), valid_fraction))[1]
 
 
-@attrs.define
-class ByteData:
-    """Train and validation streams with deterministic batch sampling."""
-
-    train: TokenStream
-    valid: TokenStream
-    seq_len: int
-    batch_size: int
-    seed: int
-
-    @classmethod
-    def build(
-        cls,
-        documents: list[bytes],
-        splitters,
-        seq_len: int,
-        batch_size: int,
-        valid_fraction: float,
-        seed: int,
-        tokenizer=BYTES,
-    ):
-        stream = pack(documents, splitters, tokenizer)
-        ends = np.cumsum(tokenizer.lengths[stream.tokens])  # stream bytes up to each token
-        cut = int(np.searchsorted(ends, training_cut(int(ends[-1]) if len(ends) else 0, valid_fraction), "right"))
-        train, valid = stream.slice(0, cut), stream.slice(cut, len(stream))
-        for name, part in (("training", train), ("validation", valid)):
-            if len(part) < seq_len + 1:
-                raise ValueError(
-                    f"the {name} data holds {len(part)} tokens, fewer than one sequence of {seq_len + 1}; "
-                    f"use more data or a smaller model.seq_len"
-                )
-        return cls(train, valid, seq_len, batch_size, seed)
-
-    def train_starts(self, step: int) -> np.ndarray:
-        """Window starts of the global batch of optimizer step ``step``: a pure function of (seed, step)."""
-        rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.train) - self.seq_len, size=self.batch_size)
-
-    def train_batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
-        """Rank ``rank``'s rows of the global batch of step ``step``: rows ``[rank*B/W, (rank+1)*B/W)``.
-
-        The global batch does not depend on the world size, so resuming (on any number of
-        processes) sees exactly the bytes an uninterrupted run would have.
-        """
-        return self.train.window_batch(shard_rows(self.train_starts(step), rank, world), self.seq_len)
-
-    def valid_batches(self, count: int, rank: int = 0, world: int = 1) -> list[Batch]:
-        """``count`` fixed global batches spread evenly over the validation stream (this rank's rows)."""
-        n = count * self.batch_size
-        starts = np.linspace(0, len(self.valid) - self.seq_len - 1, n).astype(np.int64)
-        return [
-            self.valid.window_batch(shard_rows(starts[i : i + self.batch_size], rank, world), self.seq_len)
-            for i in range(0, n, self.batch_size)
-        ]
-
-
-def shard_rows(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
+def shard_rows(rows, rank: int, world: int):
+    """Rank ``rank``'s equal block of a global batch's rows (an array or a list)."""
     if len(rows) % world:
         raise ValueError(f"a batch of {len(rows)} sequences does not split over {world} processes")
     per = len(rows) // world

@@ -59,30 +59,44 @@ def jsonl_documents(patterns: list[str], field: str) -> Iterator[bytes]:
             for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                where = f"{path}:{number}"
-                try:
-                    row = json.loads(line.decode("utf-8", errors="surrogateescape"))
-                except json.JSONDecodeError as exc:
-                    raise RecipeError(f"{where}: not a JSON object: {exc}") from None
-                if not isinstance(row, dict) or field not in row:
-                    raise RecipeError(f"{where}: no field {field!r} (set data.text_field)")
-                yield as_bytes(row[field], where)
+                yield jsonl_document(line, field, f"{path}:{number}")
+
+
+def jsonl_document(line: bytes, field: str, where: str) -> bytes:
+    """The document in one jsonl line (``where``: file:line, for the error)."""
+    try:
+        row = json.loads(line.decode("utf-8", errors="surrogateescape"))
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{where}: not a JSON object: {exc}") from None
+    if not isinstance(row, dict) or field not in row:
+        raise RecipeError(f"{where}: no field {field!r} (set data.text_field)")
+    return as_bytes(row[field], where)
 
 
 def parquet_documents(patterns: list[str], field: str) -> Iterator[bytes]:
     """One document per row of the column ``field`` (string or binary)."""
+    for path in expand_paths(patterns):
+        yield from parquet_rows(open_parquet(path, field), field, str(path))
+
+
+def open_parquet(path: Path, field: str):
+    """A ``pyarrow.parquet.ParquetFile`` that has the column ``field``."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise RecipeError("data.source = 'parquet' needs pyarrow: pip install pyarrow") from None
-    for path in expand_paths(patterns):
-        table = pq.ParquetFile(path)
-        if field not in table.schema_arrow.names:
-            raise RecipeError(f"{path}: no column {field!r} (columns: {', '.join(table.schema_arrow.names)})")
-        for batch in table.iter_batches(columns=[field]):
-            for value in batch.column(0).to_pylist():
-                if value is not None:
-                    yield as_bytes(value, str(path))
+    table = pq.ParquetFile(path)
+    if field not in table.schema_arrow.names:
+        raise RecipeError(f"{path}: no column {field!r} (columns: {', '.join(table.schema_arrow.names)})")
+    return table
+
+
+def parquet_rows(table, field: str, where: str, row_groups: list[int] | None = None) -> Iterator[bytes]:
+    """The non-null values of column ``field`` (of the given row groups; None: all), as bytes."""
+    for batch in table.iter_batches(columns=[field], row_groups=row_groups):
+        for value in batch.column(0).to_pylist():
+            if value is not None:
+                yield as_bytes(value, where)
 
 
 def hf_documents(spec: DataSpec) -> Iterator[bytes]:

@@ -18,7 +18,7 @@ import attrs
 import numpy as np
 
 from unetlm.eval.bootstrap import bootstrap_ci
-from unetlm.eval.score import padded_stream, window_nll
+from unetlm.eval.score import score_spans, scoring_stream
 
 LN2 = math.log(2.0)
 
@@ -57,25 +57,19 @@ def token_nll(
     bytes each token stands for; and the boundaries truncated by max_len."""
     seq_len = model.spec.seq_len
     tokens = [model.tokenizer.encode(d) for d in documents]
-    starts, plans, offset = [], [], 0
-    for ids in tokens:
-        plan = window_plan(len(ids), seq_len, stride) if len(ids) else []
-        starts += [offset + s for s, _ in plan]
-        plans.append(plan)
-        offset += len(ids) + 1
-    scores = window_nll(model, padded_stream(list(documents), model), np.array(starts, np.int64), batch_size)
-    nll = scores.nll
-    out, window, w = [], [], 0
-    for ids, plan in zip(tokens, plans):
-        doc_nll = np.zeros(len(ids), dtype=np.float64)
+    spans, window, offsets, offset, w = [], [], [], 0, 0
+    for ids in tokens:  # doc token k is the target of stream input offset + k
         doc_window = np.zeros(len(ids), dtype=np.int64)
-        for start, first in plan:
+        for start, first in window_plan(len(ids), seq_len, stride) if len(ids) else []:
             stop = min(start + seq_len, len(ids))
-            doc_nll[start + first : stop] = nll[w, first : stop - start]
+            spans.append((offset + start, offset + start + first, offset + stop))
             doc_window[start + first : stop] = w
             w += 1
-        out.append(doc_nll)
         window.append(doc_window)
+        offsets.append(offset)
+        offset += len(ids) + 1
+    scores = score_spans(model, scoring_stream(list(documents), model), spans, batch_size)
+    out = [scores.nll[o : o + len(ids)] for o, ids in zip(offsets, tokens)]
     ids = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
     return cat(out, np.float64), cat(window, np.int64), model.tokenizer.lengths[ids], scores.truncated

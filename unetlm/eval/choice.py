@@ -17,7 +17,7 @@ import attrs
 import numpy as np
 
 from unetlm.eval.bootstrap import bootstrap_ci
-from unetlm.eval.score import padded_stream, window_nll
+from unetlm.eval.score import score_spans, scoring_stream
 
 
 @attrs.define
@@ -79,21 +79,17 @@ def continuation_scores(model, pairs: list[tuple[bytes, bytes]], batch_size: int
     continuation's tokens."""
     seq_len = model.spec.seq_len
     sizes = [(len(model.tokenizer.encode(c)), len(model.tokenizer.encode(x))) for c, x in pairs]
-    starts, offset = [], 0
+    spans, offset = [], 0
     for n_context, n_continuation in sizes:
         if not n_continuation or n_continuation > seq_len:
             raise ValueError(f"a continuation must hold 1 to seq_len = {seq_len} tokens (got {n_continuation})")
-        n = n_context + n_continuation  # tokens of this document; stream tokens offset .. offset + n
-        starts.append(offset + max(0, n - seq_len))
+        n = n_context + n_continuation  # tokens of this document: stream tokens offset + 1 .. offset + n
+        spans.append((offset + max(0, n - seq_len), offset + n_context, offset + n))  # input p predicts p + 1
         offset += n + 1
-    scores = window_nll(model, padded_stream(list(pairs), model), np.array(starts, dtype=np.int64), batch_size)
-    out, offset = [], 0
-    for (n_context, n_continuation), start, nll, greedy in zip(sizes, starts, scores.nll, scores.greedy):
-        first = offset + n_context - start  # column predicting the continuation's first token
-        span = slice(first, first + n_continuation)
-        out.append((float(nll[span].sum()), bool(greedy[span].all())))
-        offset += n_context + n_continuation + 1
-    return out
+    scores = score_spans(model, scoring_stream(list(pairs), model), spans, batch_size)
+    return [
+        (float(scores.nll[first:stop].sum()), bool(scores.greedy[first:stop].all())) for _, first, stop in spans
+    ]
 
 
 def continuation_nll(model, pairs: list[tuple[bytes, bytes]], batch_size: int = 8) -> list[float]:

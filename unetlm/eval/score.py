@@ -1,10 +1,12 @@
 """Negative log-likelihoods of target tokens (bytes, for byte-level models) from the full forward, in static-shape batches.
 
 Documents are packed into one stream (``BOS doc0 BOS doc1 ...``, boundaries computed over each
-whole document, as in training) and padded with PAD, so every window holds exactly
-``seq_len`` tokens and every batch exactly ``batch_size`` rows. Window at start ``s`` reads
-tokens ``s .. s+seq_len-1``; its column ``c`` predicts stream token ``s + c + 1``. Logits are
-causal, so tokens after a scored position (the next document, padding) never change its score.
+whole document, as in training). A caller asks for spans ``(context, first, stop)``: score the
+targets of stream inputs ``first .. stop - 1`` (input p predicts token p + 1), reading context
+from ``context`` on. :func:`unetlm.data.rows.plan_spans` turns the spans into rows in which no
+byte-level stage overflows its ``max_len`` (a span that would overflow is scored over several
+rows, each with as much context as fits); rows are padded with PAD to ``seq_len`` and batches
+filled to ``batch_size`` rows. Logits are causal, so tokens after a scored position never change its score.
 """
 from __future__ import annotations
 
@@ -13,53 +15,52 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unetlm.data.packing import TokenStream, pack
 from unetlm.core.tokens import PAD
+from unetlm.data.packing import TokenStream, pack
+from unetlm.data.rows import plan_spans, row_reach
+from unetlm.data.windows import read_rows
 
 
-def padded_stream(documents: list[bytes | tuple[bytes, ...]], model) -> TokenStream:
-    """The packed stream of ``documents`` (tokenized as ``model`` reads them) followed by ``seq_len + 1`` PAD tokens."""
-    seq_len = model.spec.seq_len
-    stream = pack(documents, model.splitters, model.tokenizer)
-    n = seq_len + 1
-    return TokenStream(
-        np.concatenate([stream.tokens, np.full(n, PAD, dtype=stream.tokens.dtype)]),
-        np.concatenate([stream.doc, np.full(n, stream.doc[-1] if len(stream) else 0, dtype=stream.doc.dtype)]),
-        np.concatenate([stream.masks, np.zeros((stream.masks.shape[0], n), dtype=bool)], axis=1),
-    )
+def scoring_stream(documents: list[bytes | tuple[bytes, ...]], model) -> TokenStream:
+    """The packed stream of ``documents``, tokenized and split as ``model`` reads them."""
+    return pack(documents, model.splitters, model.tokenizer)
 
 
 @attrs.define
-class WindowScores:
-    nll: np.ndarray  # (windows, seq_len) float64 nats; 0 at PAD targets
-    greedy: np.ndarray  # (windows, seq_len) bool: the target is the most likely token
-    truncated: int  # boundaries dropped by a stage's max_len
+class TargetScores:
+    nll: np.ndarray  # (n,) float64 nats of the target of each stream input position; 0 where not scored
+    greedy: np.ndarray  # (n,) bool: that target is the most likely token
+    truncated: int  # boundaries dropped by a learned splitter's stage (byte-level stages never overflow)
+    rows: int  # rows the model read
 
 
 @torch.no_grad()
-def window_nll(model, stream: TokenStream, starts: np.ndarray, batch_size: int = 8) -> WindowScores:
-    """Scores of the windows at ``starts``: per-target NLL, greedy flags and truncation.
+def score_spans(model, stream: TokenStream, spans: list[tuple[int, int, int]], batch_size: int = 8) -> TargetScores:
+    """Scores of the targets of every span ``(context, first, stop)`` of ``stream`` (see the module doc).
 
-    Rows are evaluated ``batch_size`` at a time; a short last batch is filled with copies of its
-    first window (static shapes), whose results are dropped.
+    A short last batch is filled with copies of its first row, whose results are dropped.
     """
     seq_len = model.spec.seq_len
+    limits = model.lengths[1 : 1 + len(model.splitters)]
+    reach, _ = row_reach(stream.masks[: len(limits), : len(stream) - 1], limits, seq_len)  # the last token: a target
+    rows = plan_spans(reach, spans, seq_len)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = WindowScores(np.zeros((len(starts), seq_len)), np.zeros((len(starts), seq_len), dtype=bool), 0)
+    out = TargetScores(np.zeros(len(stream)), np.zeros(len(stream), dtype=bool), 0, len(rows))
     try:
-        for i in range(0, len(starts), batch_size):
-            chunk = np.asarray(starts[i : i + batch_size], dtype=np.int64)
-            rows = len(chunk)
-            chunk = np.concatenate([chunk, np.full(batch_size - rows, chunk[0], dtype=np.int64)])
-            batch = stream.window_batch(chunk, seq_len).to(device)
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            filled = chunk + [chunk[0]] * (batch_size - len(chunk))
+            batch = read_rows([(stream, start, end) for start, end, _, _ in filled], seq_len).to(device)
             output = model(batch.tokens, batch.doc, batch.masks)
             logits = output.logits.float()
             nll = F.cross_entropy(logits.transpose(1, 2), batch.targets, ignore_index=PAD, reduction="none")
-            out.nll[i : i + rows] = nll[:rows].double().cpu().numpy()
-            out.greedy[i : i + rows] = (logits.argmax(-1) == batch.targets)[:rows].cpu().numpy()
-            out.truncated += sum(int(t[:rows].sum()) for t in output.truncated)
+            nll, greedy = nll.double().cpu().numpy(), (logits.argmax(-1) == batch.targets).cpu().numpy()
+            for r, (start, _, a, b) in enumerate(chunk):
+                out.nll[a:b] = nll[r, a - start : b - start]
+                out.greedy[a:b] = greedy[r, a - start : b - start]
+            out.truncated += sum(int(t[: len(chunk)].sum()) for t in output.truncated)
     finally:
         model.train(was_training)
     return out

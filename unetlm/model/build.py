@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unetlm.recipe import Recipe, load_recipe
+from unetlm.recipe import Recipe, RecipeError, load_recipe
 from unetlm.recipe.schema import ModelSpec
 
 
@@ -14,4 +14,10 @@ def build_model(recipe: Recipe | ModelSpec | str | Path, overrides: list[str] | 
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe, overrides)
     spec = recipe.model if isinstance(recipe, Recipe) else recipe
+    if spec.auto_lengths:
+        i = spec.auto_lengths[0]
+        raise RecipeError(
+            f"model.stages[{i}].max_len = 'auto' is sized from data: `unetlm train` does it when it starts, "
+            f"`unetlm show RECIPE --data FILE` prints the value; give a number to build the model without data"
+        )
     return UNet(spec)

@@ -65,7 +65,8 @@ class StageSpec:
     layers: int = attrs.field(validator=non_negative)
     mixer: Component = attrs.field(metadata=component_field("mixer"))
     decoder_layers: int | None = attrs.field(default=None, validator=non_negative)
-    max_len: int | None = attrs.field(default=None, validator=positive)
+    # positions this stage holds per row; "auto": sized from the data when training starts
+    max_len: int | Literal["auto"] | None = attrs.field(default=None, validator=positive_or_auto)
     splitter: Component | None = attrs.field(default=None, metadata=component_field("splitter"))
     pooler: Component | None = attrs.field(default=None, metadata=component_field("pooler"))
     upsampler: Component | None = attrs.field(default=None, metadata=component_field("upsampler"))
@@ -120,6 +121,11 @@ class ModelSpec:
     def vocab_size(self) -> int:
         return VOCAB if self.tokenizer is None else self.tokenizer.vocab_size
 
+    @property
+    def auto_lengths(self) -> list[int]:
+        """Indices of the stages whose max_len is "auto" (sized from the data)."""
+        return [i for i, s in enumerate(self.stages) if s.max_len == "auto"]
+
     def check(self, path: str) -> None:
         if not self.stages:
             raise RecipeError(f"{path}.stages = [] is invalid: expected at least one stage")
@@ -134,7 +140,7 @@ class ModelSpec:
                 for key in ("splitter", "pooler", "upsampler"):
                     if getattr(stage, key) is not None:
                         raise RecipeError(f"{where}.{key}: stage 0 reads bytes and takes no {key}")
-                if stage.max_len is not None and stage.max_len != self.seq_len:
+                if stage.max_len is not None and stage.max_len != self.seq_len:  # "auto" included
                     raise RecipeError(
                         f"{where}.max_len = {stage.max_len} is invalid: stage 0 holds the "
                         f"sequence, so it must equal model.seq_len = {self.seq_len}"
@@ -147,7 +153,12 @@ class ModelSpec:
                 if stage.max_len is None:
                     raise RecipeError(f"{where}.max_len: required for stage {i} (a positive integer)")
                 finer = self.stages[i - 1].max_len
-                if stage.max_len > finer:
+                if stage.max_len == "auto" and self.stages[i].splitter.build_class().learned:
+                    raise RecipeError(
+                        f"{where}.max_len = 'auto' is invalid: a learned splitter decides its boundaries inside "
+                        f"the forward, so its stage cannot be sized from the data; give a number"
+                    )
+                if "auto" not in (stage.max_len, finer) and stage.max_len > finer:
                     raise RecipeError(
                         f"{where}.max_len = {stage.max_len} is invalid: a stage cannot hold more "
                         f"positions than the stage before it ({finer})"
@@ -179,8 +190,20 @@ def check_device(spec: ModelSpec, device_type: str, training: bool) -> None:
 
 
 @attrs.define
+class PreparedSpec:
+    """One prepared directory of a mixture, drawn in proportion to ``weight``."""
+
+    path: str
+    weight: float = attrs.field(default=1.0, validator=positive)
+
+
+@attrs.define
 class DataSpec:
-    """Where documents come from; every source yields raw bytes (invalid UTF-8 is data)."""
+    """Where documents come from; every source yields raw bytes (invalid UTF-8 is data).
+
+    ``prepared``: train on directories written by ``unetlm prepare`` (one path, or a list of
+    ``{path, weight}`` tables for a mixture) instead of preparing the sources into the cache.
+    """
 
     source: Literal["pydocs", "files", "jsonl", "parquet", "hf"] = "pydocs"
     paths: list[str] = attrs.field(factory=list)  # files, jsonl, parquet: paths or globs
@@ -191,8 +214,27 @@ class DataSpec:
     max_bytes: int = attrs.field(default=0, validator=non_negative)  # stop reading after this many (0: all)
     valid_fraction: float = attrs.field(default=0.1, validator=fraction)
     workers: int = attrs.field(default=0, validator=non_negative)  # loader processes preparing batches
+    prepared: str | list[PreparedSpec] = ""  # prepared directories to train on ("": the sources, via the cache)
+
+    @property
+    def prepared_dirs(self) -> list[PreparedSpec]:
+        """The prepared directories with their weights ([]: none, train on the sources)."""
+        return [PreparedSpec(self.prepared)] if isinstance(self.prepared, str) and self.prepared else list(
+            self.prepared or []
+        )
 
     def check(self, path: str) -> None:
+        if isinstance(self.prepared, list):
+            if not self.prepared:
+                raise RecipeError(f"{path}.prepared = [] is invalid: expected a directory or a non-empty list of "
+                                  f"{{path = DIR, weight = W}} tables")
+            seen = set()
+            for i, part in enumerate(self.prepared):
+                if not part.path:
+                    raise RecipeError(f"{path}.prepared[{i}].path = '' is invalid: expected a prepared directory")
+                if part.path in seen:
+                    raise RecipeError(f"{path}.prepared[{i}].path = {part.path!r} is invalid: listed twice")
+                seen.add(part.path)
         if self.source in ("files", "jsonl", "parquet") and not self.paths:
             raise RecipeError(f"{path}.paths = [] is invalid: source {self.source!r} needs at least one path")
         if self.source == "hf" and not self.dataset:

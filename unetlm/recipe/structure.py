@@ -89,6 +89,9 @@ def structure_value(tp: Any, value: Any, path: str) -> Any:
         tables = [a for a in args if attrs.has(a)]
         if isinstance(value, dict) and len(tables) == 1:  # a table for the one table type: its own error says more
             raise errors[[a for a in args if a is not type(None)].index(tables[0])]
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if isinstance(value, list) and len(lists) == 1:  # likewise a list for the one list type
+            raise errors[[a for a in args if a is not type(None)].index(lists[0])]
         raise _fail(path, value, describe_type(tp))
     if origin is list:
         if not isinstance(value, list):

@@ -48,6 +48,11 @@ class Splitter:
         """Bool array of len(data): True where a boundary is. Causal and nested in ``parent``."""
         raise NotImplementedError
 
+    def for_documents(self, documents: list[bytes]) -> list["Splitter"]:
+        """One splitter per document, each giving this one's boundaries on it; a splitter with a
+        model (entropy) runs it over all the documents in batches here, once."""
+        return [self] * len(documents)
+
     def start(self) -> SplitterState:
         """Incremental state at the start of a document (cached generation needs it)."""
         raise NotImplementedError(f"splitter {type(self).__name__} has no incremental state (start)")

@@ -65,6 +65,9 @@ class EntropyConfig:
         return None if self.relative_threshold is not None else BLT_THRESHOLD
 
 
+BATCH_ROWS = {"cpu": 64, "cuda": 1024}  # windows per forward when documents are split in batches
+
+
 def entropy_boundaries(
     entropy: np.ndarray,
     parent: np.ndarray,
@@ -150,34 +153,70 @@ class EntropySplitter(Splitter):
         return context, max(1, context // 2)
 
     @torch.inference_mode()
+    def _rows_entropy(self, rows: np.ndarray) -> np.ndarray:
+        """(B, context) float32 entropies after each token of (B, context) PAD-filled token rows."""
+        x = torch.from_numpy(rows).to(self.config.device)
+        logp = torch.log_softmax(self.model(x).logits[:, :, : BOS + 1].float(), dim=-1)
+        return (-(logp.exp() * logp).sum(-1)).cpu().numpy()
+
     def _window_entropy(self, tokens: np.ndarray, start: int, context: int) -> np.ndarray:
         """Entropies after each token of ``tokens[start:start + context]`` (PAD-filled to ``context``)."""
         chunk = np.full(context, PAD, dtype=np.int64)
         piece = tokens[start : start + context]
         chunk[: len(piece)] = piece
-        model = self.model
-        x = torch.from_numpy(chunk).to(self.config.device).unsqueeze(0)
-        logits = model(x).logits[0, : len(piece), : BOS + 1].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        return (-(logp.exp() * logp).sum(-1)).cpu().numpy()
+        return self._rows_entropy(chunk[None])[0, : len(piece)]
 
     @staticmethod
     def owner(i: int, context: int, stride: int) -> int:
         """Start of the window that gives token i its entropy."""
         return 0 if i < context else (i - context + stride) // stride * stride
 
-    def _compute(self, data: bytes) -> np.ndarray:
-        tokens = np.concatenate([[BOS], np.frombuffer(data, dtype=np.uint8)]).astype(np.int64)
-        n = len(tokens)
-        context, stride = self.window()
-        out = np.empty(n, dtype=np.float32)
-        out[: min(n, context)] = self._window_entropy(tokens, 0, context)
+    @staticmethod
+    def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+        """(start, lo, hi) per window over n tokens: positions ``start + lo .. start + hi - 1`` own
+        their entropy from the window starting at ``start`` (see :meth:`owner`)."""
+        out = [(0, 0, min(n, context))]
         start = stride
         while start + context - stride < n:
-            keep = start + context - stride  # first position this window owns
-            out[keep : start + context] = self._window_entropy(tokens, start, context)[context - stride :]
+            out.append((start, context - stride, min(context, n - start)))
             start += stride
         return out
+
+    @staticmethod
+    def _tokens(data: bytes) -> np.ndarray:
+        return np.concatenate([[BOS], np.frombuffer(data, dtype=np.uint8)]).astype(np.int64)
+
+    def _compute(self, data: bytes) -> np.ndarray:
+        tokens = self._tokens(data)
+        context, stride = self.window()
+        out = np.empty(len(tokens), dtype=np.float32)
+        for start, lo, hi in self.windows(len(tokens), context, stride):
+            out[start + lo : start + hi] = self._window_entropy(tokens, start, context)[lo:hi]
+        return out
+
+    def batch_entropies(self, documents: list[bytes], rows: int | None = None) -> list[np.ndarray]:
+        """:meth:`entropies` of each document (equal up to float rounding), the windows of all the
+        documents run ``rows`` at a time (default :data:`BATCH_ROWS` of the device) through the model."""
+        rows = rows or BATCH_ROWS.get(torch.device(self.config.device).type, 64)
+        context, stride = self.window()
+        tokens = [self._tokens(d) for d in documents]
+        outs = [np.empty(len(t), dtype=np.float32) for t in tokens]
+        jobs = [(d, *w) for d, t in enumerate(tokens) for w in self.windows(len(t), context, stride)]
+        for a in range(0, len(jobs), rows):
+            part = jobs[a : a + rows]
+            x = np.full((len(part), context), PAD, dtype=np.int64)
+            for j, (d, start, _, _) in enumerate(part):
+                piece = tokens[d][start : start + context]
+                x[j, : len(piece)] = piece
+            values = self._rows_entropy(x)
+            for j, (d, start, lo, hi) in enumerate(part):
+                outs[d][start + lo : start + hi] = values[j, lo:hi]
+        return outs
+
+    def for_documents(self, documents: list[bytes]) -> list[Splitter]:
+        if self.config.cache_dir is not None:  # cached entropies are read per document
+            return super().for_documents(documents)
+        return [_FixedEntropies(self, values) for values in self.batch_entropies(documents)]
 
     def entropies(self, data: bytes) -> np.ndarray:
         """(len(data) + 1,) float32: ``[i]`` is the next-byte entropy after token i of BOS + data."""
@@ -203,14 +242,30 @@ class EntropySplitter(Splitter):
     def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
         if not data:
             return np.zeros(0, dtype=bool)
+        return self.rules(self.entropies(data), parent)
+
+    def rules(self, entropy: np.ndarray, parent: np.ndarray) -> np.ndarray:
+        """Boundaries from a document's entropies (see :func:`entropy_boundaries`)."""
         cfg = self.config
         return entropy_boundaries(
-            self.entropies(data), np.asarray(parent, dtype=bool), cfg.global_threshold(), cfg.relative_threshold,
-            cfg.max_patch,
+            entropy, np.asarray(parent, dtype=bool), cfg.global_threshold(), cfg.relative_threshold, cfg.max_patch
         )
 
     def start(self) -> EntropyState:
         return EntropyState(self)
+
+
+class _FixedEntropies(Splitter):
+    """An entropy splitter for one document whose entropies were computed in a batch."""
+
+    def __init__(self, splitter: EntropySplitter, entropy: np.ndarray) -> None:
+        super().__init__(splitter.config)
+        self.splitter, self.entropy = splitter, entropy
+
+    def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
+        if not data:
+            return np.zeros(0, dtype=bool)
+        return self.splitter.rules(self.entropy, parent)
 
 
 class EntropyState:

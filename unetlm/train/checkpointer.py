@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,

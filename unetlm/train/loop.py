@@ -1,7 +1,8 @@
 """The training loop, from one CPU process to many GPUs under torchrun, in three parts.
 
-``Trainer.setup``: the model from the recipe (unetlm.api), the data (:func:`make_data`: a global
-batch per step, a pure function of (seed, step), split into equal row blocks per rank), the
+``Trainer.setup``: the model from the recipe, the data (:func:`unetlm.data.corpora.open_training_data`:
+planned rows that no stage overflows, a global batch per step as a pure function of (seed, step),
+split into equal row blocks per rank), the
 micro-batch and activation checkpointing (:func:`unetlm.train.plan.plan_run`), parallelism applied from outside the model
 (:mod:`unetlm.train.parallelize`), optimizer and schedule, and the checkpointer
 (:mod:`unetlm.train.checkpointer`), which resumes the run. ``Trainer.step``: one optimizer step.
@@ -16,10 +17,11 @@ import attrs
 import torch
 
 from unetlm.model.build import build_model
-from unetlm.core.tokens import BYTES, PAD
+from unetlm.core.tokens import PAD
 from unetlm.data.loader import step_batches
-from unetlm.data.packing import ByteData, text_prefix, training_text
-from unetlm.data.sources import load_documents
+from unetlm.data.boundaries import with_auto_lengths
+from unetlm.data.corpora import open_corpora, open_training_data, shared_tokenizer, tokenizer_text
+from unetlm.data.windows import TrainingData
 from unetlm.model.generate import generate
 from unetlm.model.summary import summarize
 from unetlm.recipe import Recipe, dump_recipe
@@ -207,7 +209,7 @@ class Trainer:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    data: ByteData
+    data: TrainingData
     valid: list
     checkpointer: Checkpointer
     plan: ParallelPlan
@@ -219,6 +221,7 @@ class Trainer:
 
     @classmethod
     def setup(cls, recipe: Recipe, out: Path, world: World, resume: bool, force: bool, progress: bool) -> "Trainer":
+        recipe = with_auto_lengths(recipe)  # max_len = "auto" sized from the data
         spec = recipe.training
         background = world.device.type == "cuda" if spec.async_checkpoint == "auto" else spec.async_checkpoint
         checkpointer = Checkpointer(out, world, async_save=background)
@@ -228,15 +231,18 @@ class Trainer:
         check_device(recipe.model, world.device.type, training=True)
         torch.manual_seed(spec.seed)
         model = build_model(recipe)
-        documents = load_documents(recipe.data)
+        corpora = open_corpora(recipe, lambda make: from_rank0(make, world), progress and world.main)
         if model.tokenizer is None:
-            model.tokenizer = run_tokenizer(recipe, documents, saved, world)
+            model.tokenizer = run_tokenizer(corpora, saved)
         summary = summarize(model)
         budget = resolve_budget(
             spec.batch_size, spec.lr, spec.steps, recipe.model.seq_len, summary.train_flops_per_byte,
             summary.bytes_per_token,
         )
-        data = make_data(recipe, documents, model, budget)
+        data = open_training_data(
+            corpora, recipe.data.valid_fraction, recipe.model.seq_len, model.lengths, len(model.splitters),
+            budget.batch_size, spec.seed,
+        )
         spec = plan_run(recipe, budget, world, saved, show=progress)  # micro-batch and checkpointing resolved
         dtype = autocast_dtype(spec, world.device)
         plan = plan_parallelism(spec, world, spec.activation_checkpointing, use_compile(spec, world.device), dtype)
@@ -258,12 +264,11 @@ class Trainer:
         return trainer
 
     def describe(self, summary) -> str:
-        tokens = "bytes" if self.model.tokenizer is BYTES else "tokens"
         return (
             f"{self.recipe.name or 'recipe'}: {summary.params:,} parameters, "
-            f"{summary.train_flops_per_byte / 1e6:.2f} MFLOPs/byte (training), {len(self.data.train):,} training "
-            f"{tokens}, {self.world.size} x {self.world.device}, "
-            f"{'bfloat16 autocast' if self.dtype else 'float32'}, {self.plan.describe()}\n{self.budget.describe()}"
+            f"{summary.train_flops_per_byte / 1e6:.2f} MFLOPs/byte (training), {self.world.size} x {self.world.device}, "
+            f"{'bfloat16 autocast' if self.dtype else 'float32'}, {self.plan.describe()}\n{self.budget.describe()}\n"
+            f"{self.data.describe()}"
         )
 
     def step(self, number: int, batch) -> StepOutput:
@@ -291,7 +296,12 @@ class Trainer:
     def log(self, step: int, output: StepOutput) -> dict:
         """Reduce the step's measurements over ranks, evaluate when due; rank 0 writes and shows them."""
         spec = self.recipe.training
-        record = self.logger.record(step, output, self.optimizer)
+        record = self.logger.record(step, output, self.optimizer) | self.data.step_metrics(step - 1)
+        if any(record["truncated"][: self.data.transitions]):
+            raise TrainingError(
+                f"step {step}: the model dropped boundaries {record['truncated']} (per stage transition) on training "
+                f"rows planned to fit every max_len; the data's boundary masks do not match the model's splitters"
+            )
         if step % spec.eval_every == 0 or step == spec.steps:
             val = evaluate(self.model, self.valid, self.world.device, self.world, self.dtype, self.micro_rows)
             record["val_loss"], record["val_bpb"] = val, bits_per_byte(val)
@@ -322,14 +332,6 @@ class Trainer:
     def close(self) -> None:
         self.logger.close()
         self.checkpointer.close()
-
-
-def make_data(recipe: Recipe, documents: list[bytes], model, budget: Budget) -> ByteData:
-    """The run's training and validation data: batches per (step, rank, world)."""
-    return ByteData.build(
-        documents, model.splitters, recipe.model.seq_len, budget.batch_size, recipe.data.valid_fraction,
-        recipe.training.seed, model.tokenizer,
-    )
 
 
 def write_run_files(out: Path, recipe: Recipe, tokenizer) -> None:
@@ -401,7 +403,7 @@ class RunLogger:
             for key in ("loss", "bpb", "lr", "grad_norm", "bytes_per_s", "val_bpb"):
                 if key in record:
                     self.board.add_scalar(f"train/{key}", record[key], step)
-        if any(record["truncated"]):
+        if any(record["truncated"]):  # stages of learned splitters cannot be planned from the data
             self.bar.write(f"step {step}: truncated boundaries per stage transition: {record['truncated']} (raise max_len)")
         shown = {"loss": record["loss"], "bpb": record["bpb"], "bytes/s": f"{record['bytes_per_s']:,.0f}"}
         if "val_bpb" in record:
@@ -415,17 +417,15 @@ class RunLogger:
             self.board = None
 
 
-def run_tokenizer(recipe: Recipe, documents: list[bytes], state: dict | None, world: World):
-    """The run's tokenizer: from the checkpoint when resuming, else trained (on rank 0) on the training split."""
-    from unetlm.data.bpe import BpeTokenizer
-
-    if state is not None and state.get("tokenizer") is not None:
-        return BpeTokenizer.from_json(state["tokenizer"])
-    spec = recipe.model.tokenizer
-    text = training_text(documents, recipe.data.valid_fraction)
-    if spec.train_bytes:
-        text = text_prefix(text, spec.train_bytes)
-    return BpeTokenizer.from_json(from_rank0(lambda: BpeTokenizer.train(text, spec.vocab_size).to_json(), world))
+def run_tokenizer(corpora, state: dict | None):
+    """The tokenizer the data was prepared with (when resuming, it must be the checkpoint's)."""
+    prepared = shared_tokenizer(corpora)
+    if state is not None and state.get("tokenizer") is not None and state["tokenizer"] != tokenizer_text(prepared):
+        raise TrainingError(
+            "the checkpoint's tokenizer differs from the one the data was prepared with; prepare the data with "
+            "the run's tokenizer.json in the prepared directory, or train a new run"
+        )
+    return prepared
 
 
 def sample_text(recipe: Recipe, run_dir: Path) -> str:

@@ -11,7 +11,6 @@ import os
 import attrs
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 @attrs.frozen

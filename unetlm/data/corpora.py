@@ -1,0 +1,110 @@
+"""The corpora a training run reads: prepared directories, or its sources prepared into a cache.
+
+``data.prepared`` names directories written by ``unetlm prepare`` (a mixture when several, each
+with its weight). Without it, the recipe's sources are prepared once into
+``$UNETLM_CACHE/prepared/KEY`` (default ``~/.cache/unetlm``), ``KEY`` = :func:`cache_key` of the
+sources, splitters and tokenizer, and reused by later runs. Either way a rank holds the document
+index and the row plan in RAM, never the corpus. A row plan is cached beside its data as
+``rows/{key}-T{tokens}-L{seq_len}-M{max_lens}-V{valid_fraction}-{train,valid}.npz``.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from unetlm.core.tokens import BYTES
+from unetlm.data.errors import PreparedDataError
+from unetlm.data.prepared import PreparedCorpus, cache_key, prepare
+from unetlm.data.rows import RowPlan
+from unetlm.data.windows import Source, TrainingData, plan_source
+from unetlm.recipe import Recipe
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("UNETLM_CACHE") or Path.home() / ".cache" / "unetlm")
+
+
+def prepare_cached(recipe: Recipe, progress: bool = True) -> Path:
+    """The cache directory of ``recipe``'s sources, prepared now unless an earlier run did."""
+    out = cache_root() / "prepared" / cache_key(recipe)
+    try:
+        PreparedCorpus.open(out, recipe)
+        return out
+    except PreparedDataError:  # absent or unfinished: prepare (it skips finished shards)
+        pass
+    try:
+        return prepare(recipe, out, progress=progress)
+    except PreparedDataError:
+        PreparedCorpus.open(out, recipe)  # complete but without text: training says how much it needs
+        return out
+
+
+def open_corpora(
+    recipe: Recipe, on_main: Callable[[Callable[[], str]], str] = lambda make: make(), progress: bool = True
+) -> list[tuple[PreparedCorpus, float]]:
+    """(corpus, weight) of each prepared directory the recipe trains on; ``on_main(make)`` runs
+    ``make`` on one process and gives every process its result (the cache is prepared once)."""
+    parts = recipe.data.prepared_dirs
+    if not parts:
+        path = on_main(lambda: str(prepare_cached(recipe, progress)))
+        return [(PreparedCorpus.open(path, recipe), 1.0)]
+    return [(PreparedCorpus.open(part.path, recipe), part.weight) for part in parts]
+
+
+def tokenizer_text(tokenizer) -> str:
+    """What identifies a tokenizer: "bytes", or a trained tokenizer's JSON."""
+    return "bytes" if tokenizer is BYTES else tokenizer.to_json()
+
+
+def shared_tokenizer(corpora: Sequence[tuple[PreparedCorpus, float]]):
+    """The tokenizer every corpus was prepared with (a mixture must share one)."""
+    first = corpora[0][0]
+    for corpus, _ in corpora[1:]:
+        if tokenizer_text(corpus.tokenizer) != tokenizer_text(first.tokenizer):
+            raise PreparedDataError(
+                f"{corpus.path} was prepared with another tokenizer than {first.path}; a mixture needs one "
+                f"tokenizer: copy {first.path}/tokenizer.json into an empty directory and prepare there"
+            )
+    return first.tokenizer
+
+
+def cached_source(corpus, valid_fraction: float, limits: Sequence[int], seq_len: int, weight: float) -> Source:
+    """:func:`plan_source`, its rows cached in the corpus's directory when it has a writable one."""
+    folder = getattr(corpus, "path", None)
+    if folder is None:
+        return plan_source(corpus, valid_fraction, limits, seq_len, weight)
+    # the preparation's key and stream length tell a re-prepared directory's plans from old ones
+    lengths = "-".join(map(str, limits)) or "none"
+    name = f"{corpus.plan['key']}-T{corpus.num_tokens}-L{seq_len}-M{lengths}-V{valid_fraction!r}"
+    files = [Path(folder) / "rows" / f"{name}-{split}.npz" for split in ("train", "valid")]
+    if all(f.is_file() for f in files):
+        try:
+            return Source(corpus, RowPlan.load(files[0]), RowPlan.load(files[1]), weight)
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache file: plan again
+    source = plan_source(corpus, valid_fraction, limits, seq_len, weight)
+    try:
+        files[0].parent.mkdir(exist_ok=True)
+        for file, plan in zip(files, (source.train, source.valid)):
+            tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                plan.save(f)
+            os.replace(tmp, file)
+    except OSError:
+        pass  # a read-only directory: the plan is simply not cached
+    return source
+
+
+def open_training_data(
+    corpora: Sequence[tuple[object, float]], valid_fraction: float, seq_len: int, lengths: Sequence[int],
+    n_splitters: int, batch_size: int, seed: int,
+) -> TrainingData:
+    """Batches of ``corpora`` for a model whose first ``n_splitters`` coarse stages are fed by
+    byte-level splitters, with per-stage ``lengths`` (``lengths[0]`` = seq_len): those stages
+    are planned never to overflow."""
+    limits = [int(n) for n in lengths[1 : 1 + n_splitters]]
+    return TrainingData.build(corpora, limits, seq_len, batch_size, valid_fraction, seed, planner=cached_source)
+
+
+__all__ = ["cache_root", "open_corpora", "open_training_data", "prepare_cached", "shared_tokenizer", "tokenizer_text"]
