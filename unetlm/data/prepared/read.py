@@ -144,7 +144,7 @@ class PreparedCorpus:
     def token_at_byte(self, n: int) -> int:
         """The number of tokens that end at or before stream byte ``n`` (a BOS counts as one byte),
         i.e. the first token that ends after it: where the held-out part starts when it starts at
-        byte ``n``, the rule :class:`~unetlm.data.packing.ByteData` cuts by. A token that straddles
+        byte ``n`` (the held-out split of :mod:`unetlm.data.corpora`). A token that straddles
         ``n`` is held out. Bytes: ``n`` itself."""
         if n <= 0:
             return 0
