@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -90,3 +91,17 @@ def test_resuming_an_old_single_file_checkpoint_says_so(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"old")
     with pytest.raises(loop.TrainingError, match="single-file checkpoint of an older unetlm"):
         loop.train(tiny_recipe("unused"), tmp_path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"", bytes(range(256)) * 4])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys, content):
+    from unetlm.cli import main
+
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content)
+    refused = "is not a unetlm checkpoint|refusing to load"  # bytes the safe unpickler rejects: the latter
+    with pytest.raises(CheckpointError, match=refused):
+        unetlm.load_checkpoint(path)
+    assert main(["generate", str(path), "--prompt", "Hi", "--max-bytes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unetlm: error: ") and err.count("\n") == 1 and re.search(refused, err)

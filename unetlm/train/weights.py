@@ -74,8 +74,9 @@ def _from_file(path: Path):
             f"refusing to load {path}: it holds objects other than tensors and plain data, and unpickling "
             f"them could run code ({first})"
         ) from None
-    except (RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{path} is not a unetlm checkpoint: {exc}") from None
+    except Exception as exc:  # any other file: torch's reader fails in many ways on foreign bytes
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} is not a unetlm checkpoint ({reason})") from None
     if not isinstance(state, dict) or not {"model", "recipe"} <= set(state):
         raise CheckpointError(f"{path} is not a unetlm checkpoint: it lacks the 'model' and 'recipe' entries")
     recipe = recipe_from_dict(state["recipe"])
