@@ -46,8 +46,7 @@ def runs(tmp_path_factory):
     hsdp = ["--set", "training.shard_size=1", "--force"]
     again = torchrun(["train", str(recipe_file), "--out", str(root / "two"), "--quiet", "--resume", *hsdp], root)
     assert again.returncode == 0, again.stderr[-3000:]
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(torch._dynamo.config, "debug_backend_override", BACKEND)
+    with torch._dynamo.config.patch(debug_backend_override=BACKEND):  # torch's own patch restores it whole
         loop.train(tiny_recipe(corpus, **COMPILED), root / "two-then-one", resume=True, progress=False, sample=False)
     return root
 

@@ -234,31 +234,31 @@ def test_activation_checkpointing_gives_the_same_gradients(corpus):
 
 
 @pytest.mark.slow
-def test_compiled_training_stays_compiled_and_matches_eager(corpus, tmp_path, monkeypatch):
+def test_compiled_training_stays_compiled_and_matches_eager(corpus, tmp_path):
     """Compiled, checkpointed blocks: one graph per block shape and mode (training, evaluation), none
     added by later steps or evaluations, no graph breaks, and the eager run's losses."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "debug_backend_override", ">=0:aot_eager")  # no C++ compile
-    torch._dynamo.reset()
-    counters.clear()
-    data = tiny_recipe_dict(corpus, steps=3, compile=True, activation_checkpointing=True, eval_every=1)
-    for stage in data["model"]["stages"]:
-        stage["layers"] = 2  # the second block of a stage reads what the first one's call prepared
-    result = loop.train(recipe_from_dict(data), tmp_path, progress=False, sample=False)
-    assert math.isfinite(result["loss"]) and math.isfinite(result["val_bpb"])
-    shapes = 2  # stage 0 (encoder and decoder blocks alike) and stage 1
-    assert counters["stats"]["unique_graphs"] == 2 * shapes, dict(counters["stats"])
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    records = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records if "val_bpb" in r] == [1, 2, 3]  # evaluated after every step
-    torch.manual_seed(0)  # the same model and data, eager: the same losses
-    eager = tmp_path / "eager"
-    data["training"]["compile"] = False
-    loop.train(recipe_from_dict(data), eager, progress=False, sample=False)
-    got, want = losses(tmp_path), losses(eager)
-    for step in (1, 2, 3):
-        assert got[step] == pytest.approx(want[step], abs=1e-4), step
+    with torch._dynamo.config.patch(debug_backend_override=">=0:aot_eager"):  # no C++ compile
+        torch._dynamo.reset()
+        counters.clear()
+        data = tiny_recipe_dict(corpus, steps=3, compile=True, activation_checkpointing=True, eval_every=1)
+        for stage in data["model"]["stages"]:
+            stage["layers"] = 2  # the second block of a stage reads what the first one's call prepared
+        result = loop.train(recipe_from_dict(data), tmp_path, progress=False, sample=False)
+        assert math.isfinite(result["loss"]) and math.isfinite(result["val_bpb"])
+        shapes = 2  # stage 0 (encoder and decoder blocks alike) and stage 1
+        assert counters["stats"]["unique_graphs"] == 2 * shapes, dict(counters["stats"])
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        records = read_metrics(tmp_path / "metrics.jsonl")
+        assert [r["step"] for r in records if "val_bpb" in r] == [1, 2, 3]  # evaluated after every step
+        torch.manual_seed(0)  # the same model and data, eager: the same losses
+        eager = tmp_path / "eager"
+        data["training"]["compile"] = False
+        loop.train(recipe_from_dict(data), eager, progress=False, sample=False)
+        got, want = losses(tmp_path), losses(eager)
+        for step in (1, 2, 3):
+            assert got[step] == pytest.approx(want[step], abs=1e-4), step
 
 
 def test_plot_several_runs(full_run, corpus, tmp_path):
