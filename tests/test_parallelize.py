@@ -63,3 +63,31 @@ def test_flex_attention_only_for_compiled_blocks():
     assert block._backend(cuda) == "sdpa" and block._backend(CPU) == "sdpa"
     compile_blocks(model)
     assert block._backend(cuda) == "flex" and block._backend(CPU) == "sdpa"
+
+
+def test_planner_units_are_the_units_fully_shard_wraps(one_rank_group):
+    """The planner's FSDP2 layout of tiny BLT (hash-embedding tables, untied head) lists the modules
+    fully_shard wraps, each with the parameters its unit shards and whether it is resharded."""
+    from entropy_example import with_example_checkpoint
+
+    from unetlm.recipe import load_recipe
+    from unetlm.train.plan import parameter_layout
+
+    recipe = with_example_checkpoint(load_recipe("recipes/tiny/blt.toml"))
+    model = unetlm.build_model(recipe)
+    layout = parameter_layout(model)
+    world = World(0, 1, 0, CPU)
+    plan = attrs.evolve(plan_parallelism(recipe.training, world, False, False, None), shard=True)
+    parallelize(model, plan, world)
+    wrapped = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FSDPModule):
+            group = module._get_fsdp_state()._fsdp_param_group
+            count = sum(p._orig_size.numel() for p in group.fsdp_params) if group else 0
+            wrapped[name] = (count, group is None or group.post_forward_mesh_info is not None)
+    assert {u.name: (u.params, u.resharded) for u in layout.units} == wrapped
+    tables = [f"embed.hashed.{i}" for i in range(6)]
+    assert set(tables) | {"embed", "head", ""} <= set(wrapped) and layout.units[-1].name == ""
+    assert all(wrapped[t] == (4096 * 64, True) for t in tables)  # the tables are not in the root
+    assert layout.held == wrapped[""][0] + wrapped["head"][0] and not wrapped["head"][1]
+    assert layout.total == sum(p.numel() for p in model.parameters())

@@ -154,19 +154,23 @@ def test_gpu_check_dry_run_writes_its_figures(tmp_path, capsys):
 
 def test_plan_arithmetic_and_the_refusal_names_what_would_fit():
     gib = 2**30
-    layout = plan.ParameterLayout(total=10**9, largest_block=10**7, root=10**7)
+    blocks = tuple(plan.UnitSize(f"b{i}", 10**7, True) for i in range(98))
+    layout = plan.ParameterLayout(blocks + (plan.UnitSize("head", 10**7, False), plan.UnitSize("", 10**7, False)))
+    assert (layout.total, layout.held, layout.in_flight, layout.reducing) == (10**9, 2 * 10**7, 2 * 10**7, 2 * 10**7)
     profile = activations.ActivationProfile(gib, 0, gib // 10, 0, gib // 20)
     eight = hardware.Hardware(8, 80 * gib, 1e15)
     chosen = plan.choose_plan(eight, layout, profile, 64, 1024, 1e13)
     assert (chosen.checkpointing, chosen.micro_batch, chosen.accumulation) == (False, 8, 1)
     assert chosen.optimizer == 8 * 10**9 // 8 and chosen.parameters == chosen.gradients == 4 * 10**9 // 8
-    assert chosen.communication == int(10**9 * 7 / 8 * (2 * 2 * 1 + 4))
+    assert chosen.communication == int(7 / 8 * (2 * (2 * 10**9 - 2 * 10**7) + 4 * 10**9))  # head, root gathered once
+    assert chosen.buffers == 2 * 4 * 10**7 + 4 * 2 * 10**7  # gathered: head, root, two blocks; root + one unit reducing
     assert chosen.mfu == pytest.approx(plan.KERNEL_EFFICIENCY)  # compute-bound at 300 GB/s
     fixed = plan.choose_plan(eight, layout, profile, 64, 1024, 1e13, micro_batch=2, checkpointing=True)
     assert (fixed.micro_batch, fixed.accumulation, fixed.checkpointing) == (2, 4, True)
+    assert fixed.buffers == 2 * 4 * 10**7 + 4 * 10**9  # accumulated micro-batches: every unsharded gradient
     assert fixed.mfu == pytest.approx(plan.KERNEL_EFFICIENCY * 3 / 4)  # the recomputed forward
-    one = hardware.Hardware(1, 10 * gib, None)  # 16 GB of weights and AdamW state: not on one GPU
-    with pytest.raises(plan.PlanError, match=r"Change: at least 2 GPUs, or a shorter model.seq_len or a smaller"):
+    one = hardware.Hardware(1, 10 * gib, None)  # 16 GB of weights and AdamW state, 4 GB of accumulated gradients: not on 1 or 2 GPUs
+    with pytest.raises(plan.PlanError, match=r"Change: at least 4 GPUs, or a shorter model.seq_len or a smaller"):
         plan.choose_plan(one, layout, profile, 8, 1024, 1e13)
-    with pytest.raises(plan.PlanError, match=r"Change: at least 2 GPUs, or training.activation_checkpointing = true,"):
+    with pytest.raises(plan.PlanError, match=r"Change: at least 4 GPUs, or training.activation_checkpointing = true,"):
         plan.choose_plan(one, layout, profile, 8, 1024, 1e13, micro_batch=1, checkpointing=False)

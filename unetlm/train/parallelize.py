@@ -107,30 +107,53 @@ def device_mesh(plan: ParallelPlan, world: World):
     return init_device_mesh(world.device.type, (plan.replicas, plan.shard_size), mesh_dim_names=("replicate", "shard"))
 
 
-def shard(model: nn.Module, plan: ParallelPlan, world: World) -> None:
-    """FSDP2 units: each block; each hash-embedding table; the byte embedding; the head; then the root.
+@attrs.frozen
+class ShardUnit:
+    """One FSDP2 unit: a module ``fully_shard`` wraps, by its name in the model ("" is the root)."""
 
-    A head tied to the embedding shares its weight with it, so both stay in the root unit.
+    name: str
+    module: nn.Module
+    reshard_after_forward: bool  # False: its gathered parameters stay until its backward
+
+
+def shard_units(model: nn.Module) -> list[ShardUnit]:
+    """The FSDP2 units of ``model`` in the order they are wrapped (inner first, the root last): each
+    block; each hash-embedding table; the byte embedding; the head; then the root.
+
+    A head tied to the embedding shares its weight with it, so both stay in the root unit. The
+    head (used last in the forward, first in the backward) and the root are not resharded after
+    the forward. A unit owns the parameters of its module not owned by a unit listed before it.
     """
+    names = {id(m): name for name, m in model.named_modules()}
+    modules: list[tuple[nn.Module, bool]] = [(block, True) for stack in mixer_stacks(model) for block in stack.blocks]
+    embed = getattr(model, "embed", None)
+    if embed is not None:
+        modules += [(table, True) for table in embed.hashed]
+        if not model.spec.tie_embeddings:
+            modules += [(embed, True), (model.head, False)]
+    modules.append((model, False))
+    return [ShardUnit(names[id(m)], m, reshard) for m, reshard in modules]
+
+
+def unit_parameters(units: list[ShardUnit]) -> list[int]:
+    """Parameters each unit of ``units`` (as :func:`shard_units` lists them) owns and shards."""
+    claimed: set[int] = set()
+    counts = []
+    for unit in units:
+        own = [p for p in unit.module.parameters() if id(p) not in claimed]
+        claimed.update(id(p) for p in own)
+        counts.append(sum(p.numel() for p in own))
+    return counts
+
+
+def shard(model: nn.Module, plan: ParallelPlan, world: World) -> None:
+    """``fully_shard`` each of :func:`shard_units`, with the plan's mesh and mixed-precision policy."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = device_mesh(plan, world)
     policy = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=torch.float32)
-
-    def unit(module: nn.Module, reshard: bool = True) -> None:
-        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-
-    for stack in mixer_stacks(model):
-        for block in stack.blocks:
-            unit(block)
-    embed = getattr(model, "embed", None)
-    if embed is not None:
-        for table in embed.hashed:
-            unit(table)
-        if not model.spec.tie_embeddings:
-            unit(embed)
-            unit(model.head, reshard=False)  # used last in the forward, first in the backward
-    unit(model, reshard=False)
+    for unit in shard_units(model):
+        fully_shard(unit.module, mesh=mesh, mp_policy=policy, reshard_after_forward=unit.reshard_after_forward)
 
 
 def parallelize(model: nn.Module, plan: ParallelPlan, world: World) -> nn.Module:

@@ -4,9 +4,8 @@ Activations are measured on fake tensors (:mod:`unetlm.train.activations`), devi
 :mod:`unetlm.train.hardware`.
 
 Per GPU, with FSDP2 over ``gpus`` processes and AdamW: fp32 parameters, gradients and two
-moments sharded ``1/gpus``; the bf16 all-gather buffers of the units in flight (the root unit
-plus two blocks, the next one prefetched) and the unsharded fp32 gradients of the largest unit
-before its reduce-scatter; activations of one micro-batch. Without FSDP (one process) the
+moments sharded ``1/gpus``; the bf16 all-gather buffers and unsharded fp32 gradients of the FSDP2
+units that training wraps (:meth:`Plan.buffers`); activations of one micro-batch. Without FSDP (one process) the
 autocast copies of the weights saved for backward count instead of the buffers.
 """
 from __future__ import annotations
@@ -25,22 +24,52 @@ class PlanError(ValueError):
 
 
 @attrs.frozen
-class ParameterLayout:
-    """Parameter counts as FSDP2 units see them: the whole model, its largest block, the root."""
+class UnitSize:
+    """One FSDP2 unit as the planner sees it: its name ("" is the root), the parameters it owns, and
+    whether its gathered parameters are freed after the forward."""
 
-    total: int
-    largest_block: int
-    root: int  # everything outside the mixer blocks (embeddings, poolers, upsamplers, head)
+    name: str
+    params: int
+    resharded: bool
+
+
+@attrs.frozen
+class ParameterLayout:
+    """Parameter counts of the model's FSDP2 units (those :func:`~unetlm.train.parallelize.shard_units`
+    wraps), the root last."""
+
+    units: tuple[UnitSize, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(u.params for u in self.units)
+
+    @property
+    def held(self) -> int:
+        """Parameters gathered from the forward until their backward (units not resharded)."""
+        return sum(u.params for u in self.units if not u.resharded)
+
+    @property
+    def in_flight(self) -> int:
+        """Parameters of the two largest resharded units: one computing, the next prefetched."""
+        return sum(sorted((u.params for u in self.units if u.resharded), reverse=True)[:2])
+
+    @property
+    def reducing(self) -> int:
+        """Unsharded gradients at once with a reduce-scatter per backward: the root's (reduced
+        last) and the largest other unit's."""
+        *others, root = self.units
+        return root.params + max((u.params for u in others), default=0)
 
 
 def parameter_layout(model) -> ParameterLayout:
-    from unetlm.model.stack import Stack
-    from unetlm.model.summary import count_params
+    """The FSDP2 units of ``model`` (any device, meta included) as training shards them."""
+    from unetlm.train.parallelize import shard_units, unit_parameters
 
-    blocks = [b for m in model.modules() if isinstance(m, Stack) for b in m.blocks]
-    total = count_params(model)
-    in_blocks = count_params(*blocks) if blocks else 0
-    return ParameterLayout(total, max((count_params(b) for b in blocks), default=0), total - in_blocks)
+    units = shard_units(model)
+    return ParameterLayout(
+        tuple(UnitSize(u.name, n, u.reshard_after_forward) for u, n in zip(units, unit_parameters(units)))
+    )
 
 
 @attrs.frozen
@@ -71,11 +100,18 @@ class Plan:
 
     @property
     def buffers(self) -> int:
-        """FSDP2's gathered bf16 units and unsharded fp32 gradients; one process: the autocast weight copies."""
+        """FSDP2's gathered bf16 parameters and unsharded fp32 gradients; one process: the autocast weight copies.
+
+        Gathered: the units not resharded after the forward, plus the two largest resharded units.
+        Gradients: with one micro-batch, the root's and the largest other unit's before their
+        reduce-scatter; with several, every unit's, accumulated unsharded until the last
+        micro-batch's backward reduces them (``set_gradient_sync``).
+        """
         if self.hardware.gpus == 1:
             return self.activations.fixed_checkpointed if self.checkpointing else self.activations.fixed
         p = self.params
-        return 2 * (p.root + 2 * p.largest_block) + 4 * max(p.root, p.largest_block)
+        gradients = p.total if self.accumulation > 1 else p.reducing
+        return 2 * (p.held + p.in_flight) + 4 * gradients
 
     @property
     def static(self) -> int:
@@ -91,13 +127,15 @@ class Plan:
 
     @property
     def communication(self) -> int:
-        """Bytes per step per GPU: bf16 all-gathers of the parameters in every micro-batch's forward and
-        backward, one fp32 reduce-scatter of the gradients."""
+        """Bytes per step per GPU: bf16 all-gathers in every micro-batch's forward and backward (once
+        per micro-batch for units not resharded after the forward), one fp32 reduce-scatter of the
+        gradients."""
         n = self.hardware.gpus
         if n == 1:
             return 0
-        share = (n - 1) / n
-        return int(self.params.total * share * (2 * 2 * self.accumulation + 4))
+        p = self.params
+        gathered = 2 * p.total - p.held
+        return int((n - 1) / n * (2 * gathered * self.accumulation + 4 * p.total))
 
     @property
     def compute_flops(self) -> float:
@@ -247,7 +285,8 @@ def describe(plan: Plan, name: str = "recipe") -> str:
     if hw.gpus > 1:
         lines.append(
             f"communication per step: {plan.communication / 1e9:.2f} GB per {hw.name} (bf16 all-gather of the "
-            f"parameters per micro-batch forward and backward, fp32 reduce-scatter of the gradients)"
+            f"parameters per micro-batch forward and backward, the root's and head's once; fp32 reduce-scatter "
+            f"of the gradients)"
         )
     if plan.step_time is not None:
         lines.append(
