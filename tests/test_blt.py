@@ -25,6 +25,7 @@ from unetlm.recipe import RecipeError, recipe_from_dict
 from unetlm.recipe.schema import EmbeddingSpec
 from unetlm.recipe.structure import structure
 from unetlm.splitters.entropy import EntropyConfig, EntropySplitter, entropy_boundaries
+from unetlm.splitters.entropy_models import installed_entropy_models, use_entropy_models
 from unetlm.splitters.space import SpaceSplitter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -416,3 +417,17 @@ def test_tiny_blt_builds_with_the_example_entropy_model():
     model = unetlm.build_model(recipe).eval()
     out = model(encode(b"Hello there, patches.").unsqueeze(0))
     assert out.logits.shape == (1, 22, 258) and out.logits.isfinite().all()
+
+
+def test_entropy_splitter_without_a_checkpoint_loader_fails_only_when_it_needs_its_model(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"")
+    splitter = EntropySplitter(EntropyConfig(checkpoint=str(checkpoint)))
+    loader = installed_entropy_models()
+    use_entropy_models(None)
+    try:
+        assert splitter.boundaries(b"", np.ones(0, dtype=bool)).shape == (0,)  # no model needed
+        with pytest.raises(RuntimeError, match="no checkpoint loader installed"):
+            splitter.boundaries(b"ab", np.ones(2, dtype=bool))
+    finally:
+        use_entropy_models(loader)

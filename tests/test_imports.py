@@ -13,11 +13,7 @@ LOWER = ("core", "splitters", "poolers", "upsamplers", "mixers", "data", "recipe
 UPPER = ("model", "train", "cli", "api", "eval", "bench", "compare", "console")
 
 # (importing module, imported unit): known upward imports being removed, each with its reason
-ALLOWED: dict[tuple[str, str], str] = {
-    # the entropy splitter loads its trained byte model through the public API; the
-    # checkpoint loading it needs moves below the splitters in another change
-    ("unetlm.splitters.entropy", "api"): "entropy model loaded via unetlm.api",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:

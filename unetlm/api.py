@@ -6,6 +6,9 @@ from pathlib import Path
 import torch
 
 from unetlm.model.build import build_model
+from unetlm.splitters.entropy_models import use_entropy_models
+from unetlm.train.trained_models import TrainedModels
+from unetlm.train.weights import load_trained, weight_files
 
 __all__ = ["build_model", "load_checkpoint", "checkpoint_files"]
 
@@ -14,13 +17,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     """(model in eval mode, recipe) from a run directory (its sharded checkpoint), an exported
     directory (``unetlm export``) or a single ``.pt`` file of plain data; nothing in the files is
     run as code (see :mod:`unetlm.train.weights`)."""
-    from unetlm.train.weights import load_trained
-
     return load_trained(path, map_location)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
     """The files the trained model at ``path`` (any form :func:`load_checkpoint` reads) is read from."""
-    from unetlm.train.weights import weight_files
-
     return weight_files(path)
+
+
+use_entropy_models(TrainedModels())  # entropy splitters built through this API load checkpoints

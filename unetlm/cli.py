@@ -527,6 +527,10 @@ def exit_status(exc: BaseException) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from unetlm.splitters.entropy_models import use_entropy_models
+    from unetlm.train.trained_models import TrainedModels
+
+    use_entropy_models(TrainedModels())  # entropy splitters load their model through training's loader
     try:
         return args.func(args)
     except Exception as exc:

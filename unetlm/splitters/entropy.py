@@ -15,7 +15,8 @@ Rules, with H[t] = entropy (nats) of the model's next-byte distribution after by
   entropy after BOS alone; given both thresholds, both must hold (BLT's combined rule);
 * ``max_patch``: a boundary is forced once a patch holds that many parent positions.
 
-The entropy model is a unetlm checkpoint (train ``recipes/entropy-model.toml``). It reads the
+The entropy model is a unetlm checkpoint (train ``recipes/entropy-model.toml``), loaded
+through the loader the layers above install (:mod:`unetlm.splitters.entropy_models`). It reads the
 document through fixed-shape windows of ``context`` tokens (default: its ``seq_len``), the
 first starting with BOS, the next ones every ``context // 2`` tokens; each position takes its
 entropy from the window where it has at least ``context // 2`` tokens of history (or all of
@@ -39,6 +40,7 @@ from unetlm.core.tokens import BOS, PAD
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.validators import positive
 from unetlm.splitters.base import Splitter
+from unetlm.splitters.entropy_models import entropy_models
 
 BLT_THRESHOLD = 1.335  # nats; BLT's published global threshold
 EXAMPLE_CHECKPOINT = "runs/entropy-model"
@@ -98,17 +100,12 @@ def entropy_boundaries(
 
 @functools.lru_cache(maxsize=8)
 def _load(path: str, stamp: tuple, device: str):
-    from unetlm.api import load_checkpoint
-
-    model, _ = load_checkpoint(path, map_location=device)
-    return model
+    return entropy_models().load(path, device)
 
 
 def _stamp(path: Path) -> tuple:
     """(name, mtime, size) of every file the checkpoint at ``path`` is read from."""
-    from unetlm.api import checkpoint_files
-
-    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in checkpoint_files(path.resolve()))
+    return tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in entropy_models().files(path.resolve()))
 
 
 def load_entropy_model(path: str | Path, device: str = "cpu"):
