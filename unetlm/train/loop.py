@@ -27,6 +27,7 @@ from unetlm.model.summary import summarize
 from unetlm.recipe import Recipe, dump_recipe
 from unetlm.recipe.schema import TrainingSpec, check_device
 from unetlm.train import parallel
+from unetlm.splitters.entropy_models import installed_entropy_models, use_entropy_models
 from unetlm.train.checkpointer import Checkpointer
 from unetlm.train.errors import TrainingError
 from unetlm.train.metrics import MetricsWriter, bits_per_byte, open_tensorboard
@@ -36,6 +37,7 @@ from unetlm.train.parallelize import ParallelPlan, parallelize, plan_parallelism
 from unetlm.train.plan import plan_run
 from unetlm.train.progress import Progress
 from unetlm.train.scaling import Budget, resolve_budget
+from unetlm.train.trained_models import TrainedModels
 from unetlm.train.weights import load_trained
 
 
@@ -185,6 +187,8 @@ def train(
     Run as one process, or under ``torchrun`` (every rank calls this; rank 0 writes the logs,
     every rank its checkpoint shards).
     """
+    if installed_entropy_models() is None:  # entropy splitters read their byte model through training's loader
+        use_entropy_models(TrainedModels())
     world = parallel.init_world(recipe.training.device)
     try:
         trainer = Trainer.setup(recipe, Path(out_dir), world, resume, force, progress)
