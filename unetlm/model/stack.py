@@ -39,16 +39,16 @@ class Stack(nn.Module):
         return [block.init_state(batch, max_len, device, dtype) for block in self.mixers()]
 
     def step(self, h: torch.Tensor, states: list, info: StepInfo) -> tuple[torch.Tensor, list]:
-        new = []
-        for block, state in zip(self.mixers(), states):
-            h, state = block.step(h, state, info)
-            new.append(state)
-        return h, new
+        return self._chain("step", h, states, info)
 
     def prefill(self, h: torch.Tensor, states: list, info: StageInfo) -> tuple[torch.Tensor, list]:
+        return self._chain("prefill", h, states, info)
+
+    def _chain(self, method: str, h: torch.Tensor, states: list, info) -> tuple[torch.Tensor, list]:
+        """``h`` through every block's ``method`` (step or prefill), each with its own state."""
         new = []
         for block, state in zip(self.mixers(), states):
-            h, state = block.prefill(h, state, info)
+            h, state = getattr(block, method)(h, state, info)
             new.append(state)
         return h, new
 

@@ -88,16 +88,22 @@ class PreparedCorpus:
         masks = np.empty((self.num_masks, n), dtype=bool)
         positions = np.arange(start, stop, dtype=np.int64)
         doc = np.searchsorted(self.doc_starts, positions, "right") - 1
-        if n:
-            first = int(np.searchsorted(self._shard_starts, start, "right")) - 1
-            last = int(np.searchsorted(self._shard_starts, stop - 1, "right")) - 1
-            for k in range(first, last + 1):
-                shard = self.shards[k]
-                a, b = max(start, shard.token_start), min(stop, shard.token_start + shard.num_tokens)
-                if a < b:
-                    self._read_shard(k, a, b, doc[a - start : b - start], tokens[a - start : b - start],
-                                     masks[:, a - start : b - start])
+        for k, a, b in self._shard_spans(start, stop):
+            self._read_shard(k, a, b, doc[a - start : b - start], tokens[a - start : b - start],
+                             masks[:, a - start : b - start])
         return TokenStream(tokens, doc.astype(np.int32), masks)
+
+    def _shard_spans(self, start: int, stop: int):
+        """(shard index, a, b): the non-empty parts ``[a, b)`` of tokens ``[start, stop)`` each shard holds."""
+        if stop <= start:
+            return
+        first = int(np.searchsorted(self._shard_starts, start, "right")) - 1
+        last = int(np.searchsorted(self._shard_starts, stop - 1, "right")) - 1
+        for k in range(first, last + 1):
+            shard = self.shards[k]
+            a, b = max(start, shard.token_start), min(stop, shard.token_start + shard.num_tokens)
+            if a < b:
+                yield k, a, b
 
     def _read_shard(self, k: int, a: int, b: int, doc, tokens_out, masks_out) -> None:
         shard = self.shards[k]
@@ -118,15 +124,9 @@ class PreparedCorpus:
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"token range [{start}, {stop}) is outside the stream's {self.num_tokens} tokens")
         masks = np.empty((self.num_masks, stop - start), dtype=bool)
-        if stop > start:
-            first = int(np.searchsorted(self._shard_starts, start, "right")) - 1
-            last = int(np.searchsorted(self._shard_starts, stop - 1, "right")) - 1
-            for k in range(first, last + 1):
-                shard = self.shards[k]
-                a, b = max(start, shard.token_start), min(stop, shard.token_start + shard.num_tokens)
-                if a < b:
-                    _unpack(self._maps_of(k)[1], a - shard.token_start, b - shard.token_start,
-                            masks[:, a - start : b - start])
+        for k, a, b in self._shard_spans(start, stop):
+            offset = self.shards[k].token_start
+            _unpack(self._maps_of(k)[1], a - offset, b - offset, masks[:, a - start : b - start])
         return masks
 
     def _maps_of(self, k: int):
