@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import sys
 import tracemalloc
 from pathlib import Path
@@ -34,7 +33,6 @@ from strategies import (
 from unetlm.api import build_model
 from unetlm.mixers.attention import AttentionBlock
 from unetlm.model.cascade import Cascade, missing_step_api, stage_counts
-from unetlm.console import StreamPrinter
 from unetlm.model.generate import generate, sample_next
 from unetlm.core.tokens import encode
 from unetlm.plugins import registry
@@ -333,29 +331,6 @@ def test_stop_strings_and_streaming():
     assert b"".join(streamed) == out[0]
     assert generate(model, [b"x"], 30, temperature=1.0, seed=3, cached=False, stop=[stop])[0] == out[0]
     assert list(model.generate([b"x"], 30, temperature=1.0, seed=3)) == [free]
-
-
-@settings(max_examples=20)
-@given(case=with_parent())
-def test_stream_printer_never_raises_and_decodes_like_replace(case):
-    data, cuts = case
-    pieces, start = [], 0
-    for i in np.flatnonzero(cuts).tolist() + [len(data)]:
-        pieces.append(data[start:i])
-        start = i
-    for encoding in ("utf-8", "ascii"):
-        raw = io.BytesIO()
-        stream = io.TextIOWrapper(raw, encoding=encoding, errors="strict")
-        printer = StreamPrinter(stream)
-        for piece in pieces:
-            printer(0, piece)
-            printer(1, piece)
-        printer.close()
-        text = raw.getvalue().decode(encoding)
-        expected = data.decode("utf-8", errors="replace")
-        if encoding == "ascii":
-            expected = expected.encode("ascii", "replace").decode("ascii")
-        assert text == expected + "\n--- [1]\n" + expected
 
 
 # ------------------------------------------------------------------ incremental splitting

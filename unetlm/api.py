@@ -8,9 +8,9 @@ import torch
 from unetlm.model.build import build_model
 from unetlm.splitters.entropy_models import use_entropy_models
 from unetlm.train.trained_models import TrainedModels
-from unetlm.train.weights import load_trained, weight_files
+from unetlm.train.weights import load_trained
 
-__all__ = ["build_model", "load_checkpoint", "checkpoint_files"]
+__all__ = ["build_model", "load_checkpoint"]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
@@ -18,11 +18,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     directory (``unetlm export``) or a single ``.pt`` file of plain data; nothing in the files is
     run as code (see :mod:`unetlm.train.weights`)."""
     return load_trained(path, map_location)
-
-
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The files the trained model at ``path`` (any form :func:`load_checkpoint` reads) is read from."""
-    return weight_files(path)
 
 
 use_entropy_models(TrainedModels())  # entropy splitters built through this API load checkpoints

@@ -111,7 +111,7 @@ def training_text(documents: list[bytes], valid_fraction: float) -> list[bytes]:
     return split_text(documents, training_cut(sum(len(d) + 1 for d in documents), valid_fraction))[0]
 
 
-def tokenizer_text(documents: Iterable[bytes], valid_fraction: float, train_bytes: int = 0) -> list[bytes]:
+def tokenizer_training_text(documents: Iterable[bytes], valid_fraction: float, train_bytes: int = 0) -> list[bytes]:
     """``training_text(documents, valid_fraction)``, cut to its first ``train_bytes`` bytes (0: all),
     reading only as many documents as that needs: once the stream holds ``train_bytes / (1 -
     valid_fraction) + 1`` bytes, the held-out cut of any longer stream lies beyond ``train_bytes``."""

@@ -202,7 +202,6 @@ def _chunked_scan(x, dt, A, B, C, seg, chunk, initial):
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
         seg = torch.cat([seg, seg[:, -1:].expand(b, pad)], dim=1)
-    c = (l + pad) // chunk
     B = repeat(B, "b (c q) g n -> b c q (g r) n", q=chunk, r=h // g)  # head i reads group i // r
     C = repeat(C, "b (c q) g n -> b c q (g r) n", q=chunk, r=h // g)
     X = rearrange(x * dt.unsqueeze(-1), "b (c q) h p -> b c q h p", q=chunk)

@@ -126,7 +126,7 @@ def _tokenizer(recipe, out: Path, shards: list[ShardInput] | None, skip_bad: boo
     if spec is None:
         return None
     from unetlm.data.bpe import BpeTokenizer
-    from unetlm.data.packing import tokenizer_text
+    from unetlm.data.packing import tokenizer_training_text
 
     path = out / TOKENIZER
     if path.is_file():
@@ -138,7 +138,7 @@ def _tokenizer(recipe, out: Path, shards: list[ShardInput] | None, skip_bad: boo
             )
         return text
     documents = _all_documents(recipe.data, shards, skip_bad)
-    sample = tokenizer_text(documents, recipe.data.valid_fraction, spec.train_bytes)
+    sample = tokenizer_training_text(documents, recipe.data.valid_fraction, spec.train_bytes)
     text = BpeTokenizer.train(sample, spec.vocab_size).to_json()
     write_text_atomic(path, text)
     return text
