@@ -139,6 +139,20 @@ def test_resume_refuses_a_different_recipe(full_run, corpus):
         loop.train(changed, out, progress=False)
 
 
+def test_resume_auto_starts_fresh_then_continues(full_run, corpus, tmp_path, monkeypatch):
+    """--resume auto is safe to repeat: a fresh directory starts, an interrupted one continues."""
+    out, _ = full_run
+    recipe = tiny_recipe(corpus, sample_bytes=8)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 2)
+        loop.train(recipe, tmp_path, resume="auto", progress=False)
+    assert saved(tmp_path)["step"] == 2
+    loop.train(recipe, tmp_path, resume="auto", progress=False)
+    assert_same_run(out, tmp_path, tol=1e-6)
+    with pytest.raises(loop.TrainingError, match="training.lr"):
+        loop.train(tiny_recipe(corpus, sample_bytes=8, lr=1e-3), tmp_path, resume="auto", progress=False)
+
+
 def test_resume_with_force_and_more_steps(corpus, tmp_path):
     loop.train(tiny_recipe(corpus, steps=3), tmp_path, progress=False)
     result = loop.train(tiny_recipe(corpus, steps=4, lr=1e-3), tmp_path, resume=True, force=True, progress=False)

@@ -384,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"recipe file (default {DEFAULT_RECIPE})")
     _add_overrides(p)
     p.add_argument("--out", help="run directory (default runs/RECIPE_NAME)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"], metavar="auto",
+                   help="continue from the run directory's checkpoint; --resume auto: continue if there is one, "
+                        "else start fresh (safe to repeat, e.g. after a requeue)")
     p.add_argument("--force", action="store_true", help="resume even if the recipe changed")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")

@@ -149,9 +149,12 @@ def evaluate(model, batches, device, world: World | None = None, dtype: torch.dt
     return float(total[0] / total[1].clamp(min=1))
 
 
-def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool, force: bool) -> dict | None:
+def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool | str, force: bool) -> dict | None:
     """The saved train record to resume from (None: a fresh run); an error when the request and
-    the run directory disagree."""
+    the run directory disagree. ``resume``: True (a checkpoint must exist), False (none may exist)
+    or ``"auto"`` (continue if there is one, else start fresh: a command safe to repeat)."""
+    if resume == "auto":
+        resume = saved is not None
     if not resume:
         if saved is not None:
             raise TrainingError(f"{path} exists; pass --resume to continue it or choose another --out")
@@ -175,7 +178,7 @@ def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool, f
 def train(
     recipe: Recipe,
     out_dir: str | Path,
-    resume: bool = False,
+    resume: bool | str = False,
     force: bool = False,
     progress: bool = True,
     sample: bool = True,
@@ -183,6 +186,7 @@ def train(
 ) -> dict:
     """Train ``recipe`` into ``out_dir`` (checkpoint/, metrics.jsonl, recipe.toml); returns the last
     step's metrics. ``stop_at``: stop (with a checkpoint) after that step; ``--resume`` continues.
+    ``resume``: True, False or ``"auto"`` (see :func:`check_resume`).
 
     Run as one process, or under ``torchrun`` (every rank calls this; rank 0 writes the logs,
     every rank its checkpoint shards).
@@ -224,7 +228,7 @@ class Trainer:
     logger: "RunLogger"
 
     @classmethod
-    def setup(cls, recipe: Recipe, out: Path, world: World, resume: bool, force: bool, progress: bool) -> "Trainer":
+    def setup(cls, recipe: Recipe, out: Path, world: World, resume: bool | str, force: bool, progress: bool) -> "Trainer":
         recipe = with_auto_lengths(recipe)  # max_len = "auto" sized from the data
         spec = recipe.training
         background = world.device.type == "cuda" if spec.async_checkpoint == "auto" else spec.async_checkpoint
