@@ -54,15 +54,57 @@ def test_shard_size_must_divide_the_world():
     assert plan.replicas == 2 and "HSDP (2 replicas x 2 shards)" in plan.describe()
 
 
-def test_flex_attention_only_for_compiled_blocks():
-    from unetlm.train.parallelize import compile_blocks
+def test_compiled_regions_hold_no_fsdp_hooks(one_rank_group):
+    """Under FSDP2 (hash-embedding tables and the head units of their own) every region compiles
+    without a graph break; in one process the embedding and the head with the loss are regions too."""
+    from torch._dynamo.utils import counters
 
-    model = unetlm.build_model(recipe_from_dict(tiny_recipe_dict("unused")))
-    block = model.middle.blocks[0]
-    cuda = torch.device("cuda")  # only the choice is checked: nothing runs on the device
-    assert block._backend(cuda) == "sdpa" and block._backend(CPU) == "sdpa"
-    compile_blocks(model)
-    assert block._backend(cuda) == "flex" and block._backend(CPU) == "sdpa"
+    from unetlm.train.parallelize import compile_regions
+
+    data = tiny_recipe_dict("unused")
+    data["model"]["embedding"] = {"hash_ngrams": [3], "hash_buckets": 64}
+    recipe = recipe_from_dict(data)
+    blocks = ["encoders.0.blocks.0", "middle.blocks.0", "decoders.0.blocks.0"]
+    assert compile_regions(unetlm.build_model(recipe), sharded=False) == blocks + ["down()", "up()", "enter()", "finish()"]
+    model = unetlm.build_model(recipe)
+    world = World(0, 1, 0, CPU)
+    plan = attrs.evolve(plan_parallelism(recipe.training, world, True, True, None), shard=True)
+    assert plan.describe() == "FSDP2, activation checkpointing, compiled blocks and transitions"
+    tokens = torch.randint(0, 256, (2, 64))
+    doc = torch.zeros_like(tokens)
+    masks = model.split(tokens, doc)
+    with torch._dynamo.config.patch(debug_backend_override=">=0:aot_eager"):
+        torch._dynamo.reset()
+        counters.clear()
+        parallelize(model, plan, world)
+        model(tokens, doc, masks, tokens.roll(-1, 1)).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 4 and not counters["graph_break"]  # 2 block shapes, down, up
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_region_past_its_graphs_stops_the_run(monkeypatch):
+    """Room for the first batch shape only: the second shape is an error, not an eager fall back."""
+    from unetlm.core.errors import RunError
+    from unetlm.train import parallelize as P
+
+    data = tiny_recipe_dict("unused")
+    data["model"]["stages"] = data["model"]["stages"][:1]
+    model = unetlm.build_model(recipe_from_dict(data))
+    monkeypatch.setattr(P, "GRAPHS_PER_REGION", 0)
+    with torch._dynamo.config.patch(debug_backend_override=">=0:aot_eager", recompile_limit=1):
+        torch._dynamo.reset()
+        P.compile_regions(model, sharded=False)
+        for rows in (1, 2):
+            tokens = torch.randint(0, 256, (rows, 16))
+            doc = torch.zeros_like(tokens)
+            with pytest.raises(RunError, match="a compiled region needed more graphs than the 1 it may hold") if rows == 2 else _nothing():
+                model(tokens, doc, model.split(tokens, doc))
+
+
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def test_planner_units_are_the_units_fully_shard_wraps(one_rank_group):

@@ -247,22 +247,37 @@ def test_activation_checkpointing_gives_the_same_gradients(corpus):
         assert len(match) == 1 and torch.allclose(grad, match[0], atol=1e-6), name
 
 
+def five_stage_recipe_dict(data_glob: str, **training) -> dict:
+    """Bytes (a window of 8, two blocks: the second reads what the first prepared), words, word pairs,
+    4-word chunks and pairs of chunks, each stage a length of its own."""
+    data = tiny_recipe_dict(data_glob, **training)
+    attn = {"name": "attention", "head_dim": 8}
+    splitters = [{"name": "regex", "preset": p} for p in ("word", "word2", "word4")] + [{"name": "fixed-window", "size": 2}]
+    data["model"]["stages"] = [{"dim": 16, "layers": 2, "mixer": {**attn, "window": 8}}] + [
+        {"dim": 16, "layers": 1, "max_len": length, "mixer": attn, "splitter": splitter,
+         "pooler": {"name": "select"}, "upsampler": {"name": "multi-linear"}}
+        for length, splitter in zip((32, 24, 16, 12), splitters)
+    ]
+    return data
+
+
 @pytest.mark.slow
-def test_compiled_training_stays_compiled_and_matches_eager(corpus, tmp_path):
-    """Compiled, checkpointed blocks: one graph per block shape and mode (training, evaluation), none
-    added by later steps or evaluations, no graph breaks, and the eager run's losses."""
+def test_five_stage_training_compiled_never_falls_back_to_eager(corpus, tmp_path):
+    """Compiled regions (checkpointed blocks, transitions, embedding, head and loss) of a 5-stage model
+    trained and evaluated after every step: one graph per region shape and mode, none added by later
+    steps or evaluations, no graph breaks, a recompile limit that fails rather than falls back to
+    eager, and the eager run's losses."""
     from torch._dynamo.utils import counters
 
     with torch._dynamo.config.patch(debug_backend_override=">=0:aot_eager"):  # no C++ compile
         torch._dynamo.reset()
         counters.clear()
-        data = tiny_recipe_dict(corpus, steps=3, compile=True, activation_checkpointing=True, eval_every=1)
-        for stage in data["model"]["stages"]:
-            stage["layers"] = 2  # the second block of a stage reads what the first one's call prepared
+        data = five_stage_recipe_dict(corpus, steps=3, compile=True, activation_checkpointing=True, eval_every=1)
         result = loop.train(recipe_from_dict(data), tmp_path, progress=False, sample=False)
         assert math.isfinite(result["loss"]) and math.isfinite(result["val_bpb"])
-        shapes = 2  # stage 0 (encoder and decoder blocks alike) and stage 1
-        assert counters["stats"]["unique_graphs"] == 2 * shapes, dict(counters["stats"])
+        assert torch._dynamo.config.fail_on_recompile_limit_hit
+        # training and evaluation: blocks at 5 stage shapes, 4 transitions down and 4 up, enter and finish
+        assert counters["stats"]["unique_graphs"] == 2 * (5 + 4 + 4 + 2), dict(counters["stats"])
         assert not counters["graph_break"], dict(counters["graph_break"])
         records = read_metrics(tmp_path / "metrics.jsonl")
         assert [r["step"] for r in records if "val_bpb" in r] == [1, 2, 3]  # evaluated after every step

@@ -80,7 +80,7 @@ def check_training(name: str, device: torch.device, steps: int, peak: float | No
     model.to(device)
     world = World(0, 1, 0, device)
     parallel_plan = plan_parallelism(recipe.training, world, True, bool(recipe.training.compile), torch.bfloat16)
-    parallelize(model, parallel_plan, world)  # checkpointing, then compile per block, as training applies them
+    parallelize(model, parallel_plan, world)  # checkpointing, then compile regions, as training applies them
     optimizer = make_optimizer(model, recipe.training, 1e-3)
     batch = text_batch(model, rows, seq_len, device)
     lengths = torch.as_tensor(model.tokenizer.lengths, device=device)

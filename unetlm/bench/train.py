@@ -1,34 +1,51 @@
-"""``unetlm bench train``: training bytes/s and model FLOP utilisation, eager and compiled.
+"""``unetlm bench train``: training bytes/s and model FLOP utilisation, against a plain reference.
+
+Each recipe runs in up to three modes: ``eager``; ``compiled``, compiled the way training compiles
+it (:func:`unetlm.train.parallelize.compile_regions`: blocks, transitions, embedding, head and
+loss); ``whole``, the same model under one ``torch.compile`` of the whole model. Beside it, the
+same run measures :class:`Reference`, a plain causal transformer written here (SDPA with
+``is_causal``, no document or window masks) with the shapes of the recipe's byte stage: eager,
+and compiled whole when a compiled mode runs. The timed steps alternate between the variants
+(one step of each in turn), so a noisy machine slows them alike; each record carries every step
+time, and bytes/s comes from the median.
 
 MFU = (training FLOPs per byte x bytes/s) / matmul peak, the peak measured in the same run on the
 same device (square matmuls, best of several trials), in bfloat16 (``mfu``) and float32
 (``mfu_fp32``). A step is forward + backward + clipping + AdamW, as in training; the batches are
 real packed data from the recipe's source. ``training.threads`` sets the torch threads, as in
-training (``--set training.threads=1``). Peak memory: CUDA's max allocated, or on CPU the
-process's peak resident set (which only grows, so later records include earlier ones).
+training (``--set training.threads=1``). Peak memory: CUDA's max allocated over the variant's
+steps, or on CPU the process's peak resident set (which only grows, so it covers every variant).
 """
 from __future__ import annotations
 
 import json
 import resource
+import statistics
 import time
 from pathlib import Path
 
 import attrs
 import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch import nn
 
 from unetlm.api import build_model
-from unetlm.data.windows import TrainingData
+from unetlm.core.tokens import PAD
 from unetlm.data.sources import load_documents
+from unetlm.data.windows import TrainingData
+from unetlm.mixers.attention import mean_context
+from unetlm.mixers.mlp import swiglu_hidden
 from unetlm.model.summary import summarize
 from unetlm.recipe import load_recipe
 from unetlm.train.loop import autocast_dtype, forward_loss
 from unetlm.train.optim import make_optimizer
 from unetlm.train.parallel import pick_device
-from unetlm.train.parallelize import compile_blocks
+from unetlm.train.parallelize import compile_regions
 from unetlm.train.scaling import resolve_budget
 
 BENCH_DATA_BYTES = 400_000
+MODES = ("eager", "compiled", "whole")
 
 
 def _sync(device: torch.device) -> None:
@@ -60,73 +77,225 @@ def peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def bench_recipe(recipe, mode: str, steps: int, warmup: int, device: torch.device, peaks: dict) -> dict:
+# ---- the reference ----
+
+
+@attrs.frozen
+class ReferenceShape:
+    """A plain causal transformer's shapes: those of a recipe's byte stage."""
+
+    dim: int
+    layers: int
+    heads: int
+    head_dim: int
+    hidden: int  # SwiGLU hidden width
+    vocab: int
+    seq_len: int
+
+    @classmethod
+    def of(cls, model) -> "ReferenceShape":
+        """The byte stage of ``model``: its width, attention heads and feed-forward, and all its
+        layers (encoder and decoder, or the one stack of a one-stage model)."""
+        stacks = [model.encoders[0], model.decoders[0]] if model.encoders else [model.middle]
+        dim = model.spec.stages[0].dim
+        config = model.spec.stages[0].mixer.config
+        head_dim = getattr(config, "head_dim", 64)
+        heads = config.n_heads(dim) if hasattr(config, "n_heads") else dim // head_dim
+        hidden = config.mlp_hidden(dim) if hasattr(config, "mlp_hidden") else swiglu_hidden(dim, 4.0)
+        layers = sum(len(s.blocks) for s in stacks)
+        return cls(dim, layers, heads, head_dim, hidden, model.spec.vocab_size, model.lengths[0])
+
+    def train_flops_per_byte(self) -> float:
+        """Training FLOPs per position, counted as :mod:`unetlm.model.summary` counts (3 x forward)."""
+        inner = self.heads * self.head_dim
+        L = self.seq_len
+        layer = 2.0 * (self.dim * 3 * inner + inner * self.dim + 3 * self.dim * self.hidden)
+        layer += 4.0 * inner * mean_context(L, 0)
+        return 3.0 * (self.layers * layer + 2.0 * self.dim * self.vocab)
+
+
+class ReferenceBlock(nn.Module):
+    def __init__(self, shape: ReferenceShape) -> None:
+        super().__init__()
+        inner = shape.heads * shape.head_dim
+        self.heads = shape.heads
+        self.norm1, self.norm2 = nn.RMSNorm(shape.dim, eps=1e-6), nn.RMSNorm(shape.dim, eps=1e-6)
+        self.qkv = nn.Linear(shape.dim, 3 * inner, bias=False)
+        self.out = nn.Linear(inner, shape.dim, bias=False)
+        self.fc1 = nn.Linear(shape.dim, 2 * shape.hidden, bias=False)
+        self.fc2 = nn.Linear(shape.hidden, shape.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, L, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.out(y.transpose(1, 2).reshape(B, L, -1))
+        value, gate = self.fc1(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.fc2(F.silu(gate) * value)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class Reference(nn.Module):
+    """A causal transformer over one sequence per row: embedding, pre-norm blocks with rotary SDPA
+    (``is_causal``) and a SwiGLU feed-forward, norm, head, cross-entropy. No documents, no windows."""
+
+    def __init__(self, shape: ReferenceShape) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(shape.vocab, shape.dim)
+        self.blocks = nn.ModuleList(ReferenceBlock(shape) for _ in range(shape.layers))
+        self.norm = nn.RMSNorm(shape.dim, eps=1e-6)
+        self.head = nn.Linear(shape.dim, shape.vocab, bias=False)
+        inv = 1.0 / 10000.0 ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32) / shape.head_dim)
+        angles = torch.outer(torch.arange(shape.seq_len, dtype=torch.float32), inv)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        L = tokens.shape[1]
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h, self.cos[:L], self.sin[:L])
+        logits = self.head(self.norm(h))
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD)
+
+
+# ---- variants and the alternating timer ----
+
+
+@attrs.define
+class Variant:
+    """One model of the run and how a step trains it."""
+
+    name: str  # the recipe's name, or "reference"
+    mode: str  # eager, compiled or whole
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    flops_per_byte: float
+    loss: object  # batch -> loss
+    times: list = attrs.field(factory=list)
+    peak: int = 0
+
+    def step(self, batch, clip: float) -> None:
+        loss = self.loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+
+
+def recipe_variants(recipe, modes, device: torch.device, dtype, lr: float, reference: bool) -> list[Variant]:
+    """The recipe's model in each mode (the same initial weights), and the reference eager and,
+    when a compiled mode runs, compiled whole."""
+    spec = recipe.training
+    variants = []
+    for mode in modes:
+        torch.manual_seed(spec.seed)
+        model = build_model(recipe).to(device)
+        flops = summarize(model).train_flops_per_byte
+        optimizer = make_optimizer(model, spec, lr)
+        if mode == "compiled":
+            compile_regions(model, sharded=False)
+        elif mode == "whole":
+            model.compile(dynamic=False)
+        variants.append(Variant(recipe.name, mode, model, optimizer, flops,
+                                lambda b, m=model: forward_loss(m, b, dtype).objective))
+    if reference:
+        shape = ReferenceShape.of(variants[0].model)
+        for mode in ("eager", "whole") if any(m != "eager" for m in modes) else ("eager",):
+            torch.manual_seed(spec.seed)
+            model = Reference(shape).to(device)
+            if mode == "whole":
+                model.compile(dynamic=False)
+            variants.append(Variant("reference", mode, model, make_optimizer(model, spec, lr),
+                                    shape.train_flops_per_byte(), lambda b, m=model: _reference_loss(m, b, dtype)))
+    return variants
+
+
+def _reference_loss(model: Reference, batch, dtype) -> torch.Tensor:
+    with torch.autocast(batch.tokens.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return model(batch.tokens, batch.targets)
+
+
+def time_alternating(variants: list[Variant], batches: list, warmup: int, clip: float, device) -> None:
+    """Warm each variant up (compilation happens there), then time one step of each in turn."""
+    for variant in variants:
+        for batch in batches[:warmup]:
+            variant.step(batch, clip)
+    for batch in batches[warmup:]:
+        for variant in variants:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            variant.step(batch, clip)
+            _sync(device)
+            variant.times.append(time.perf_counter() - start)
+            variant.peak = max(variant.peak, peak_memory(device))
+
+
+def bench_recipe(recipe, modes, steps: int, warmup: int, device: torch.device, peaks: dict,
+                 reference: bool = True) -> list[dict]:
+    """Records of ``recipe`` in each of ``modes`` and of its reference, timed side by side."""
     spec = recipe.training
     torch.manual_seed(spec.seed)
-    model = build_model(recipe).to(device)
-    flops_per_byte = summarize(model).train_flops_per_byte
+    probe = build_model(recipe)
+    flops_per_byte = summarize(probe).train_flops_per_byte
     budget = resolve_budget(spec.batch_size, spec.lr, spec.steps, recipe.model.seq_len, flops_per_byte)
     docs = load_documents(attrs.evolve(recipe.data, max_bytes=recipe.data.max_bytes or BENCH_DATA_BYTES))
-    limits = model.lengths[1 : 1 + len(model.splitters)]
+    limits = probe.lengths[1 : 1 + len(probe.splitters)]
     data = TrainingData.from_documents(
-        docs, model.splitters, limits, recipe.model.seq_len, budget.batch_size, 0.1, spec.seed
+        docs, probe.splitters, limits, recipe.model.seq_len, budget.batch_size, 0.1, spec.seed
     )
-    optimizer = make_optimizer(model, spec, budget.lr)
-    if mode == "compiled":
-        compile_blocks(model)
     dtype = autocast_dtype(spec, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     batches = [data.train_batch(s).to(device) for s in range(warmup + steps)]
-
-    def step(batch) -> None:
-        loss = forward_loss(model, batch, dtype).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip or float("inf"))
-        optimizer.step()
-
-    for batch in batches[:warmup]:
-        step(batch)
-    _sync(device)
-    start = time.perf_counter()
-    for batch in batches[warmup:]:
-        step(batch)
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    bytes_per_s = steps * budget.batch_size * recipe.model.seq_len / elapsed
-    flops_per_s = bytes_per_s * flops_per_byte
-    return {
-        "recipe": recipe.name,
-        "mode": mode,
-        "device": str(device),
-        "dtype": "bfloat16" if dtype else "float32",
-        "params": sum(p.numel() for p in model.parameters()),
-        "batch_size": budget.batch_size,
-        "seq_len": recipe.model.seq_len,
-        "steps": steps,
-        "threads": torch.get_num_threads(),
-        "bytes_per_s": bytes_per_s,
-        "flops_per_byte": flops_per_byte,
-        "flops_per_s": flops_per_s,
-        "mfu": flops_per_s / peaks["bfloat16"],
-        "mfu_fp32": flops_per_s / peaks["float32"],
-        "peak_bf16_flops": peaks["bfloat16"],
-        "peak_fp32_flops": peaks["float32"],
-        "peak_mem_bytes": peak_memory(device),
-    }
+    variants = recipe_variants(recipe, modes, device, dtype, budget.lr, reference)
+    time_alternating(variants, batches, warmup, spec.grad_clip or float("inf"), device)
+    step_bytes = budget.batch_size * recipe.model.seq_len
+    records = []
+    for v in variants:
+        bytes_per_s = step_bytes / statistics.median(v.times)
+        flops_per_s = bytes_per_s * v.flops_per_byte
+        records.append({
+            "recipe": recipe.name,
+            "model": v.name,
+            "mode": v.mode,
+            "device": str(device),
+            "dtype": "bfloat16" if dtype else "float32",
+            "params": sum(p.numel() for p in v.model.parameters()),
+            "batch_size": budget.batch_size,
+            "seq_len": recipe.model.seq_len,
+            "steps": steps,
+            "threads": torch.get_num_threads(),
+            "step_s": v.times,
+            "bytes_per_s": bytes_per_s,
+            "flops_per_byte": v.flops_per_byte,
+            "flops_per_s": flops_per_s,
+            "mfu": flops_per_s / peaks["bfloat16"],
+            "mfu_fp32": flops_per_s / peaks["float32"],
+            "peak_bf16_flops": peaks["bfloat16"],
+            "peak_fp32_flops": peaks["float32"],
+            "peak_mem_bytes": v.peak,
+        })
+    return records
 
 
 def bench_train(
     recipes: list[str | Path],
     json_out: str | Path | None = None,
-    modes: tuple[str, ...] = ("eager", "compiled"),
+    modes: tuple[str, ...] = MODES,
     steps: int = 10,
     warmup: int = 2,
     overrides: list[str] | tuple[str, ...] = (),
     device: str = "auto",
+    reference: bool = True,
 ) -> list[dict]:
-    """One record per (recipe, mode); written as a JSON list to ``json_out`` when given."""
+    """Records of every (recipe, mode) and of each recipe's reference; written as a JSON list to
+    ``json_out`` when given (after each recipe)."""
     loaded = [load_recipe(r, overrides) for r in recipes]
     threads = {r.training.threads for r in loaded if r.training.threads}
     if len(threads) > 1:
@@ -137,24 +306,40 @@ def bench_train(
     peaks = {name: matmul_peak(dev, dt) for name, dt in (("bfloat16", torch.bfloat16), ("float32", torch.float32))}
     records = []
     for recipe in loaded:
-        for mode in modes:
-            records.append(bench_recipe(recipe, mode, steps, warmup, dev, peaks))
-            if json_out is not None:
-                Path(json_out).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+        torch._dynamo.reset()  # each recipe's graphs start from an empty cache
+        records += bench_recipe(recipe, modes, steps, warmup, dev, peaks, reference)
+        if json_out is not None:
+            Path(json_out).write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     return records
 
 
 def format_table(records: list[dict]) -> str:
-    lines = [f"{'recipe':<14}{'mode':<10}{'params':>10}{'bytes/s':>12}{'MFLOP/byte':>12}{'GFLOP/s':>10}"
-             f"{'MFU bf16':>10}{'MFU fp32':>10}{'peak MiB':>10}"]
+    """One line per record; ``vs ref``: achieved FLOP/s over the reference's in the same run (compiled
+    modes against the compiled reference; for a one-stage recipe the same FLOPs per byte, so the
+    bytes/s ratio), ``vs whole``: bytes/s over the same model compiled whole."""
+    lines = [f"{'recipe':<14}{'model':<11}{'mode':<10}{'params':>11}{'bytes/s':>11}{'MFLOP/byte':>11}"
+             f"{'GFLOP/s':>9}{'MFU fp32':>9}{'vs ref':>8}{'vs whole':>9}{'peak MiB':>9}"]
     for r in records:
+        same = [o for o in records if o["recipe"] == r["recipe"] and o["seq_len"] == r["seq_len"]]
+        ref = {o["mode"]: o["flops_per_s"] for o in same if o["model"] == "reference"}
+        whole = {o["model"]: o["bytes_per_s"] for o in same if o["mode"] == "whole"}
+        versus_ref = ref.get("eager" if r["mode"] == "eager" else "whole")
+        versus_whole = whole.get(r["model"]) if r["mode"] == "compiled" else None
         lines.append(
-            f"{r['recipe']:<14}{r['mode']:<10}{r['params']:>10,}{r['bytes_per_s']:>12,.0f}"
-            f"{r['flops_per_byte'] / 1e6:>12.2f}{r['flops_per_s'] / 1e9:>10.2f}{r['mfu']:>10.1%}"
-            f"{r['mfu_fp32']:>10.1%}{r['peak_mem_bytes'] / 2**20:>10.0f}"
+            f"{r['recipe'] or '-':<14}{r['model'] or 'recipe':<11}{r['mode']:<10}{r['params']:>11,}"
+            f"{r['bytes_per_s']:>11,.0f}{r['flops_per_byte'] / 1e6:>11.2f}{r['flops_per_s'] / 1e9:>9.2f}"
+            f"{r['mfu_fp32']:>9.1%}{_ratio(r, 'flops_per_s', versus_ref):>8}"
+            f"{_ratio(r, 'bytes_per_s', versus_whole):>9}"
+            f"{r['peak_mem_bytes'] / 2**20:>9.0f}"
         )
     if records:
         r = records[0]
         lines.append(f"matmul peak on {r['device']}: bf16 {r['peak_bf16_flops'] / 1e9:.1f} GFLOP/s, "
-                     f"fp32 {r['peak_fp32_flops'] / 1e9:.1f} GFLOP/s")
+                     f"fp32 {r['peak_fp32_flops'] / 1e9:.1f} GFLOP/s; bytes/s from the median step")
     return "\n".join(lines)
+
+
+def _ratio(record: dict, key: str, other: float | None) -> str:
+    if other is None or record["model"] == "reference":
+        return "-"
+    return f"{record[key] / other:.2f}x"

@@ -18,6 +18,9 @@ class StageInfo:
     byte_pos: torch.Tensor  # long: the byte each position stands for (its boundary byte)
     valid: torch.Tensor  # bool: False for padding
     doc: torch.Tensor  # long: document id, PAD_DOC for padding
+    # what the mixers of this stage build once per batch and share (masks, rotary tables), filled
+    # by the first stack run on it (Stack.forward) so the encoder and the decoder share it
+    shared: dict | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def length(self) -> int:

@@ -1,13 +1,14 @@
 """Causal self-attention block: pre-RMSNorm, RoPE, SwiGLU MLP, optional sliding window.
 
 Query i attends to keys j with j <= i, i - j < window (when window > 0) and the same
-document. FlexAttention (block-sparse) serves compiled blocks on CUDA; elsewhere scaled-dot-product
-attention with a dense boolean mask gives the same numbers. Off CUDA, ``backend = "flex"`` runs
-eager FlexAttention only where it is right and can run: compiled FlexAttention on the CPU gives
-wrong outputs with rotary q and k (torch 2.13, docs/architecture.md), and eager FlexAttention on
-the CPU has no backward, so a compiled block or a call under autograd uses SDPA. Step by step, a KV cache holds
-the keys (a ring buffer of exactly ``window`` slots for a sliding window) and the same
-:func:`allowed_keys` rule picks the keys each query sees.
+document (:func:`allowed_keys`). The block runs one exact path per device and stage, chosen by
+:meth:`AttentionBlock.path` (:mod:`unetlm.mixers.attention_paths`), none with a dense L x L mask:
+FlexAttention under a block mask on CUDA; on the CPU causal attention one document at a time
+(the flash kernel's ``is_causal``) or, for a window shorter than the stage, block by block. Off
+CUDA, ``backend = "flex"`` runs eager FlexAttention for inference only (it has no backward on
+the CPU). Prefill of rows that hold one document each uses SDPA's ``is_causal`` on any device.
+Step by step, a KV cache holds the keys (a ring buffer of exactly ``window`` slots for a sliding
+window) and the same :func:`allowed_keys` rule picks the keys each query sees.
 """
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ from unetlm.core.step import StepInfo
 from unetlm.mixers.base import Mixer
 from unetlm.mixers.mlp import SwiGLU, swiglu_hidden
 from unetlm.core.layout import StageInfo
+from unetlm.mixers.attention_paths import (
+    allowed_keys, banded_attention, block_mask_bytes, build_banded_mask, document_attention, document_starts,
+    flex_attention, flex_block_mask,
+)
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.validators import non_negative, positive
 
@@ -46,11 +51,17 @@ class AttentionConfig:
             raise RecipeError(f"{path}.head_dim = {self.head_dim} is invalid: rotary embeddings need an even head_dim")
 
     def check_device(self, path: str, device_type: str, training: bool) -> None:
-        """FlexAttention's backward runs on CUDA only: training elsewhere needs 'auto' or 'sdpa'."""
+        """FlexAttention's backward runs on CUDA only; attention within packed documents without a
+        window has an exact SDPA path on the CPU only (anything else would need a dense mask)."""
         if self.backend == "flex" and training and device_type != "cuda":
             raise RecipeError(
                 f"{path}.backend = 'flex' is invalid on {device_type}: FlexAttention trains on CUDA only; "
                 f"use 'auto' (flex on CUDA, sdpa elsewhere) or 'sdpa'"
+            )
+        if self.backend == "sdpa" and self.window == 0 and device_type != "cpu":
+            raise RecipeError(
+                f"{path}.backend = 'sdpa' is invalid on {device_type} without a window: SDPA keeps packed "
+                f"documents apart without a dense mask on the CPU only; use 'auto' or 'flex'"
             )
 
     def n_heads(self, dim: int) -> int:
@@ -71,14 +82,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
-
-
-def allowed_keys(q_pos: torch.Tensor, k_pos: torch.Tensor, q_doc, k_doc, window: int) -> torch.Tensor:
-    """The one definition of who may see whom, used by both backends (and by generation)."""
-    ok = (k_pos <= q_pos) & (q_doc == k_doc)
-    if window > 0:
-        ok = ok & (q_pos - k_pos < window)
-    return ok
 
 
 def mean_context(length: int, window: int) -> float:
@@ -104,53 +107,65 @@ class AttentionBlock(Mixer):
         self.mlp_norm = nn.RMSNorm(dim, eps=1e-6)
         self.mlp = SwiGLU(dim, config.mlp_hidden(dim))
 
-    def _backend(self, device: torch.device) -> str:
-        """"auto": FlexAttention for a block compiled on CUDA, SDPA otherwise (eager flex would
-        materialise every score). "flex" off CUDA: eager FlexAttention without autograd only."""
+    def path(self, device: torch.device, length: int) -> Literal["flex", "banded", "documents"]:
+        """How this block attends over a stage of ``length`` positions on ``device``: "flex"
+        (FlexAttention, a block mask), "banded" (SDPA block by block, a window shorter than the
+        stage) or "documents" (SDPA's causal kernel one document at a time, the CPU's)."""
         choice = self.config.backend
         if choice == "auto":
-            return "flex" if device.type == "cuda" and self.compiled else "sdpa"
-        if choice == "sdpa" or device.type == "cuda":
-            return choice
-        eager_inference = not (self.compiled or torch.compiler.is_compiling()) and not torch.is_grad_enabled()
-        return "flex" if eager_inference else "sdpa"
+            choice = "flex" if device.type == "cuda" else "sdpa"
+        if choice == "flex" and device.type != "cuda":  # eager FlexAttention for inference only there
+            eager_inference = not torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            choice = "flex" if eager_inference else "sdpa"
+        if choice == "flex":
+            return "flex"
+        window = self.config.window
+        return "banded" if 0 < window and (window < length or device.type != "cpu") else "documents"
+
+    def mask_bytes(self, rows: int, length: int) -> int:
+        """FlexAttention's block mask (documents and starts need no more than the measured activations)."""
+        return block_mask_bytes(rows, length) if self.path(torch.device("cuda"), length) == "flex" else 0
 
     def _keys(self, info: StageInfo):
-        """memo keys of this block's rotary table and mask (blocks of one shape share them)."""
-        backend = self._backend(info.doc.device)
+        """memo keys of this block's rotary table and of what its path reads (blocks of one shape
+        share them), and the path."""
+        path = self.path(info.doc.device, info.length)
         rope = ("rotary", info.length, self.head_dim, self.config.rope_base)
-        return rope, ("attention-mask", backend, self.config.window), backend
+        shared = ("document-starts",) if path == "documents" else (f"{path}-mask", self.config.window)
+        return rope, shared, path
 
     def _shared(self, info: StageInfo, memo: dict) -> dict:
         """{memo key: value} of what this block reads, taken from ``memo`` or built."""
-        rope, mask, backend = self._keys(info)
+        rope, shared, path = self._keys(info)
         out = {}
         out[rope] = memo[rope] if rope in memo else rotary_tables(
             info.length, self.head_dim, self.config.rope_base, info.doc.device
         )
-        out[mask] = memo[mask] if mask in memo else build_mask(info, self.config.window, backend)
+        out[shared] = memo[shared] if shared in memo else build_shared(info, self.config.window, path)
         return out
 
     def prepare(self, info: StageInfo, memo: dict) -> None:
         memo.update(self._shared(info, memo))
 
     def forward(self, x: torch.Tensor, info: StageInfo, memo: dict) -> torch.Tensor:
-        L = x.shape[1]
-        rope, mask_key, backend = self._keys(info)
+        rope, shared_key, path = self._keys(info)
         shared = self._shared(info, memo)
-        (cos, sin), mask = shared[rope], shared[mask_key]
         q, k, v = rearrange(self.qkv(self.attn_norm(x)), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        cos, sin = shared[rope]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if backend == "flex":
-            from torch.nn.attention.flex_attention import flex_attention
+        return self._finish(x, self._attend(q, k, v, shared[shared_key], path))
 
-            y = flex_attention(q, k, v, block_mask=mask)
-        elif is_banded(L, self.config.window):
-            y = banded_attention(q, k, v, mask, self.config.window)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        x = x + self.out(rearrange(y, "b h l d -> b l (h d)"))
-        return self._mlp(x)
+    def _attend(self, q, k, v, shared, path: str) -> torch.Tensor:
+        """(B, H, L, D) attention outputs by ``path``, reading ``shared`` (a mask or document starts)."""
+        if path == "flex":
+            return flex_attention(q, k, v, shared)
+        if path == "banded":
+            return banded_attention(q, k, v, shared, self.config.window)
+        return document_attention(q, k, v, shared)
+
+    def _finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The residual of the attention outputs (B, H, L, D), then the feed-forward."""
+        return self._mlp(x + self.out(rearrange(attended, "b h l d -> b l (h d)")))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.mlp_norm(x))
@@ -199,11 +214,11 @@ class AttentionBlock(Mixer):
         B, L, _ = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, state.cos[:L], state.sin[:L]), apply_rotary(k, state.cos[:L], state.sin[:L])
-        if self.config.window == 0 and one_document_per_row(info):  # causal is the whole mask: SDPA's fast path
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            y = self._mlp(x + self.out(attended.transpose(1, 2).reshape(B, L, -1)))
+        if not 0 < self.config.window < L and one_document_per_row(info):  # causal is the whole mask
+            y = self._finish(x, F.scaled_dot_product_attention(q, k, v, is_causal=True))  # Flash on CUDA
         else:
-            y = self.forward(x, info, {})
+            path = self.path(x.device, L)
+            y = self._finish(x, self._attend(q, k, v, build_shared(info, self.config.window, path), path))
         slots = state.k.shape[2]
         last = info.valid.sum(1, keepdim=True) - 1  # (B, 1)
         j = torch.arange(slots, device=x.device)
@@ -241,61 +256,10 @@ def one_document_per_row(info: StageInfo) -> bool:
     return bool(((info.doc == first) | ~info.valid).all() and (prefix | ~info.valid).all())
 
 
-def is_banded(length: int, window: int) -> bool:
-    """Whether SDPA runs blockwise: a sliding window at most a third of the sequence (then the
-    two blocks a query reads hold fewer keys than the causal average of the full matrix)."""
-    return 0 < window and 3 * window <= length
-
-
-def _blocks(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, n, window, D), zero-padded to n = ceil(L / window) blocks."""
-    L = x.shape[2]
-    n = -(-L // window)
-    return rearrange(F.pad(x, (0, 0, 0, n * window - L)), "b h (n w) d -> b h n w d", w=window)
-
-
-def _with_previous_block(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, n, W, D) -> (B, H, n, 2W, D): each block preceded by the block before it (zeros for the first)."""
-    previous = F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1]
-    return torch.cat([previous, x], dim=3)
-
-
-def banded_attention(q, k, v, mask: torch.Tensor, window: int) -> torch.Tensor:
-    """SDPA for a sliding window of W keys, block by block: the queries of block i read only the
-    keys of blocks i - 1 and i (2W keys, not L), with ``mask`` from :func:`build_banded_mask`.
-    Equal to full SDPA under the full mask, at a fraction of its work when L >> W."""
-    L = q.shape[2]
-    keys, values = _with_previous_block(_blocks(k, window)), _with_previous_block(_blocks(v, window))
-    y = F.scaled_dot_product_attention(_blocks(q, window), keys, values, attn_mask=mask)
-    return rearrange(y, "b h n w d -> b h (n w) d")[:, :, :L]
-
-
-def build_banded_mask(info: StageInfo, window: int) -> torch.Tensor:
-    """(B, 1, n, W, 2W) bool: query a of block i may see key b of blocks (i - 1, i) by :func:`allowed_keys`;
-    the zero blocks before the first and after the last position belong to no document."""
-    B, L = info.doc.shape
-    n = -(-L // window)
-    doc = F.pad(info.doc, (0, n * window - L), value=-2).view(B, n, window)  # -2: no document
-    doc_keys = torch.cat([F.pad(doc, (0, 0, 1, 0), value=-2)[:, :-1], doc], dim=2)
-    pos = torch.arange(n * window, device=info.doc.device).view(n, window)
-    pos_keys = torch.cat([pos - window, pos], dim=1)
-    ok = allowed_keys(pos[:, :, None], pos_keys[:, None, :], doc[..., :, None], doc_keys[..., None, :], window)
-    return ok.unsqueeze(1)
-
-
-def build_mask(info: StageInfo, window: int, backend: str):
-    L = info.doc.shape[1]
-    if backend == "sdpa" and is_banded(L, window):
+def build_shared(info: StageInfo, window: int, path: str):
+    """What ``path`` reads for a stage call: document starts, or the banded or block mask."""
+    if path == "documents":
+        return document_starts(info.doc)
+    if path == "banded":
         return build_banded_mask(info, window)
-    if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        doc = info.doc
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return allowed_keys(q_idx, kv_idx, doc[b, q_idx], doc[b, kv_idx], window)
-
-        return create_block_mask(mask_mod, doc.shape[0], None, L, L, device=doc.device)
-    pos = torch.arange(L, device=info.doc.device)
-    ok = allowed_keys(pos[:, None], pos[None, :], info.doc[:, :, None], info.doc[:, None, :], window)
-    return ok.unsqueeze(1)  # (B, 1, L, L)
+    return flex_block_mask(info, window)

@@ -2,11 +2,12 @@
 
 A mixer is one residual block ``(B, L, d) -> (B, L, d)``. Output position i may depend only
 on input positions j <= i of the same document (``info.doc``); padding has its own document
-id, so real positions never see it. ``memo`` is shared by all blocks of one stage call, so
-a mask or rotary table is built once per stage, not once per layer: the stack calls every
-block's ``prepare(info, memo)`` before the first block runs, outside activation
-checkpointing and compiled regions, and ``forward`` only reads ``memo`` (a recomputed block
-then runs the same graph as the original).
+id and comes after a row's documents, so real positions never see it (its own outputs are
+unspecified, finite). ``memo`` (``info.shared``) is shared by all blocks of a
+stage and batch, so a mask or rotary table is built once per stage, not once per layer: the
+stack calls every block's ``prepare(info, memo)`` before the first block runs, outside
+activation checkpointing, and ``forward`` only reads ``memo`` (a recomputed block then runs the
+same graph as the original).
 
 Step protocol (cached generation, one document per row; see :mod:`unetlm.core.step`):
 ``init_state(batch, max_len, device, dtype)``; ``step(x (B, d), state, info: StepInfo) ->
@@ -36,10 +37,14 @@ class Mixer(nn.Module):
         super().__init__()
         self.config = config
         self.dim = dim
-        self.compiled = False  # set when the block is compiled on its own (unetlm.train.parallelize)
 
     def prepare(self, info: StageInfo, memo: dict) -> None:
         """Add what ``forward`` reads from ``memo`` for this stage call (keys already there are kept)."""
+
+    def mask_bytes(self, rows: int, length: int) -> int:
+        """Bytes of what :meth:`prepare` builds on CUDA for a stage of ``rows`` x ``length`` positions
+        and keeps until the backward (the planner counts it once per stage)."""
+        return 0
 
     def forward(self, x: torch.Tensor, info: StageInfo, memo: dict) -> torch.Tensor:
         """Reads ``memo`` as filled by :meth:`prepare` (building what is missing); never writes it."""

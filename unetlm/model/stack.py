@@ -1,9 +1,10 @@
 """A stack of mixer blocks run at one stage.
 
-What the blocks share (masks, rotary tables) is built once per call, before the first block,
-by each block's ``prepare``; the blocks only read it. A block wrapped for activation
-checkpointing or compiled on its own (:mod:`unetlm.train.parallelize`) therefore runs one and
-the same graph in its forward, its recomputation and every later call.
+What the blocks share (masks, rotary tables) is built once per stage and batch, before the
+first block, by each block's ``prepare``, into ``info.shared`` (so the encoder and the decoder of a
+stage share it); the blocks only read it. A block wrapped for activation checkpointing or
+compiled (:mod:`unetlm.train.parallelize`) therefore runs one and the same graph in its forward,
+its recomputation and every later call.
 
 The stack follows the blocks' step protocol (:mod:`unetlm.core.step`) with a list of their states.
 """
@@ -28,7 +29,9 @@ class Stack(nn.Module):
         return [getattr(block, "_checkpoint_wrapped_module", block) for block in self.blocks]
 
     def forward(self, h: torch.Tensor, info: StageInfo) -> torch.Tensor:
-        memo: dict = {}
+        if info.shared is None:
+            info.shared = {}
+        memo = info.shared
         for mixer in self.mixers():
             mixer.prepare(info, memo)
         for block in self.blocks:

@@ -143,28 +143,23 @@ class UNet(nn.Module):
         if masks is None:
             masks = self.split(tokens, doc)
 
-        info = byte_stage(doc, tokens != PAD)
-        h = self.embed(tokens, doc)
+        h, info = self.enter(tokens, doc)
         skips, links, chunkings = [], [], []
-        for s, (encoder, pool) in enumerate(zip(self.encoders, self.poolers)):
+        for s, encoder in enumerate(self.encoders):
             h = _run(cache, ("encoder", s), encoder, h, info)
             skips.append(h)
-            link, chunking = self._link(s, h, info, masks, cache)
+            h, link, chunking = self.down(s, h, info, masks, cache)
             links.append(link)
             chunkings.append(chunking)
-            h = _run(cache, ("pooler", s), pool, h, link)
             info = link.coarse
         h = _run(cache, ("middle",), self.middle, h, info)
         for s in reversed(range(len(links))):
-            up = self._upsample(s, h, links[s], chunkings[s], skips[s], cache)
-            h = _run(cache, ("decoder", s), self.decoders[s], skips[s] + up, links[s].fine)
-        logits = self.head(self.norm(h))
+            h = self.up(s, h, links[s], chunkings[s], skips[s], cache)
+            h = _run(cache, ("decoder", s), self.decoders[s], h, links[s].fine)
+        logits, loss = self.finish(h, targets)
         if cache is not None:
             cache["links"] = links
 
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD)
         learned = [(s, ch) for s, ch in enumerate(chunkings) if ch is not None]
         ratio_losses = [self.learned[s].ratio_loss(ch, links[s].fine) for s, ch in learned]
         ratio_losses = [r for r in ratio_losses if r is not None]
@@ -174,17 +169,27 @@ class UNet(nn.Module):
         positions = [link.coarse.valid.sum(1) for link in links]
         return ModelOutput(logits, loss, [link.truncated for link in links], aux, per_chunk, positions)
 
-    def _link(self, s: int, h: torch.Tensor, info: StageInfo, masks: list[torch.Tensor], cache: dict | None):
-        """Transition s -> (Link, Chunking or None): from a byte mask, or learned from h (B, Lf, d)."""
+    # The parts of the forward between the mixer stacks; unetlm.train.parallelize compiles each
+    # (with the blocks) as a region of its own.
+
+    def enter(self, tokens: torch.Tensor, doc: torch.Tensor) -> tuple[torch.Tensor, StageInfo]:
+        """The byte stage's input (B, T, d) and its positions."""
+        return self.embed(tokens, doc), byte_stage(doc, tokens != PAD)
+
+    def down(self, s: int, h: torch.Tensor, info: StageInfo, masks: list[torch.Tensor], cache: dict | None):
+        """Transition s down: the encoder output h (B, Lf, d) -> (pooled (B, Lc, d'), Link, Chunking or
+        None); the link from the byte masks, or learned from h."""
         splitter = self.learned[s]
         if splitter is None:
-            return layout.link(info, masks[s], self.lengths[s + 1]), None
-        chunking = _run(cache, ("splitter", s), splitter, h, info)
-        return layout.link_from_fine(info, chunking.boundary, self.lengths[s + 1]), chunking
+            link, chunking = layout.link(info, masks[s], self.lengths[s + 1]), None
+        else:
+            chunking = _run(cache, ("splitter", s), splitter, h, info)
+            link = layout.link_from_fine(info, chunking.boundary, self.lengths[s + 1])
+        return _run(cache, ("pooler", s), self.poolers[s], h, link), link, chunking
 
-    def _upsample(self, s: int, h: torch.Tensor, link: Link, chunking, skip: torch.Tensor, cache: dict | None):
-        """Coarse outputs h of transition s -> fine vectors; learned chunks are smoothed first and
-        carry the learned splitter's confidence."""
+    def up(self, s: int, h: torch.Tensor, link: Link, chunking, skip: torch.Tensor, cache: dict | None):
+        """Transition s up: the coarse outputs h -> the fine decoder's input, skip + upsampled; learned
+        chunks are smoothed first and carry the learned splitter's confidence."""
         splitter = self.learned[s]
         if splitter is not None:
             if cache is None:
@@ -192,7 +197,14 @@ class UNet(nn.Module):
             else:
                 h, cache[("splitter", s)] = splitter.smooth_prefill(h, cache[("splitter", s)], link, chunking)
         up = _run(cache, ("upsampler", s), self.upsamplers[s], h, link, fine=skip)
-        return up if splitter is None else up * splitter.confidence(chunking).to(up.dtype)
+        return skip + (up if splitter is None else up * splitter.confidence(chunking).to(up.dtype))
+
+    def finish(self, h: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits, mean cross-entropy against ``targets`` or None) of the byte stage's output h."""
+        logits = self.head(self.norm(h))
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=PAD)
 
     def generate(self, prompts: list[bytes], max_bytes: int, **options):
         """Continue each prompt; see :func:`unetlm.model.generate.generate` for the options."""

@@ -1,11 +1,14 @@
 """Parallelism applied to a built model from outside it, in one place and one order.
 
-:func:`parallelize` takes a freshly built (unsharded) model and, per mixer block:
+:func:`parallelize` takes a freshly built (unsharded) model and:
 
-1. activation checkpointing: the block is wrapped so that its activations are recomputed in
-   the backward pass (``torch.utils.checkpoint``, non-reentrant);
-2. compile: the (wrapped) block is compiled on its own, with static shapes, so every stage
-   has one graph per block kind and mode (training, evaluation);
+1. activation checkpointing: each mixer block is wrapped so that its activations are recomputed
+   in the backward pass (``torch.utils.checkpoint``, non-reentrant);
+2. compile (:func:`compile_regions`), with static shapes, region by region: every block, every
+   stage transition (link and pool; upsample and skip), the embedding, and the head with the
+   loss. No region holds an FSDP2 unit's hooks, so none is broken by them. Each region has room
+   for a graph per mode (training, evaluation) and batch shape; needing more is an error, never
+   a silent fall back to eager;
 3. FSDP2 (several processes): ``fully_shard`` per block, then the hash-embedding tables, the
    byte embedding and the head as units of their own, then the root (poolers, upsamplers,
    norms). With bfloat16 training the units gather bfloat16 parameters and reduce gradients
@@ -18,10 +21,13 @@ share before calling them, so a wrapped, compiled or sharded block behaves like 
 """
 from __future__ import annotations
 
+import functools
+
 import attrs
 import torch
 from torch import nn
 
+from unetlm.core.errors import RunError
 from unetlm.model.stack import Stack
 from unetlm.recipe.schema import TrainingSpec
 from unetlm.train.errors import TrainingError
@@ -33,7 +39,7 @@ class ParallelPlan:
     """How :func:`parallelize` treats a model; :func:`plan_parallelism` derives it from the recipe."""
 
     checkpointing: bool  # recompute each block in the backward pass
-    compile: bool  # torch.compile each block
+    compile: bool  # torch.compile the model in the regions of compile_regions
     shard: bool  # FSDP2 units (several processes)
     param_dtype: torch.dtype | None  # FSDP2 gathers parameters in this dtype (None: as stored, float32)
     shard_size: int  # ranks a parameter is sharded over; fewer than the world size: HSDP
@@ -48,7 +54,7 @@ class ParallelPlan:
         if self.checkpointing:
             parts.append("activation checkpointing")
         if self.compile:
-            parts.append("compiled blocks")
+            parts.append("compiled blocks and transitions")
         return ", ".join(parts) or "eager, unsharded"
 
     @property
@@ -90,12 +96,70 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
             stack.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each mixer block (after checkpointing, so the recomputation is compiled too)."""
-    for stack in mixer_stacks(model):
-        for block, mixer in zip(stack.blocks, stack.mixers()):
-            mixer.compiled = True  # e.g. attention picks FlexAttention on CUDA only when compiled
-            block.compile(dynamic=False)
+# ---- compile regions ----
+
+GRAPHS_PER_REGION = 4  # training and evaluation, each at the micro-batch and at a shorter last one
+
+
+def compile_regions(model: nn.Module, sharded: bool) -> list[str]:
+    """torch.compile ``model`` region by region, with static shapes, and make a call that needs
+    more graphs than the regions allow an error (:func:`limit_graphs`). Returns the regions' names.
+
+    Regions: every mixer block (blocks of one stage share their graphs); the stage transitions
+    ``model.down`` (link and pool) and ``model.up`` (upsample and add the skip); ``model.enter``
+    (embedding) and ``model.finish`` (norm, head and loss). Under FSDP2 a region never holds a
+    unit's hooks (they break a graph): an embedding that is a unit of its own is a region as a
+    module (eager when it holds hashed-table units), and a head that is one runs eagerly with the
+    loss. Called after activation checkpointing (the recomputation is compiled too)
+    and before FSDP2 (its hooks stay outside every region)."""
+    units = {id(u.module) for u in shard_units(model)} - {id(model)} if sharded else set()
+
+    def holds_unit(module: nn.Module, itself: bool = True) -> bool:
+        return any(id(m) in units for m in module.modules() if itself or m is not module)
+
+    modules = [block for stack in mixer_stacks(model) for block in stack.blocks]
+    methods = ["down", "up"] if model.poolers else []
+    if not holds_unit(model.embed):
+        methods.append("enter")
+    elif not holds_unit(model.embed, itself=False):
+        modules.append(model.embed)
+    if not holds_unit(model.head):
+        methods.append("finish")
+    limit = limit_graphs(GRAPHS_PER_REGION * (len(modules) + len(model.poolers)))
+    for module in modules:
+        module.compile(dynamic=False)
+    for method in methods:
+        setattr(model, method, torch.compile(getattr(model, method), dynamic=False))
+    model.forward = _stop_past_the_limit(model.forward, limit)
+    names = {id(m): name for name, m in model.named_modules()}
+    return [names[id(m)] for m in modules] + [f"{method}()" for method in methods]
+
+
+def _stop_past_the_limit(forward, limit: int):
+    """``forward`` reporting a region that needed more than ``limit`` graphs as one RunError."""
+
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        try:
+            return forward(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+            raise RunError(
+                f"a compiled region needed more graphs than the {limit} it may hold (dynamo's warning above names it and the "
+                f"shape or mode that changed); stopping rather than running it eagerly from here on"
+            ) from exc
+
+    return run
+
+
+def limit_graphs(graphs: int) -> int:
+    """Let dynamo keep at least ``graphs`` graphs per compiled code (the blocks of every stage share
+    their forward; a transition's graphs, one per stage, its method) and fail when a call needs
+    more, rather than run that code eagerly from then on. Returns the limit."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, graphs)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, graphs)
+    config.fail_on_recompile_limit_hit = True
+    return config.recompile_limit
 
 
 def device_mesh(plan: ParallelPlan, world: World):
@@ -161,7 +225,7 @@ def parallelize(model: nn.Module, plan: ParallelPlan, world: World) -> nn.Module
     if plan.checkpointing:
         apply_activation_checkpointing(model)
     if plan.compile:
-        compile_blocks(model)
+        compile_regions(model, plan.shard)
     if plan.shard:
         shard(model, plan, world)
     return model

@@ -250,12 +250,16 @@ def plan_recipe(recipe, hardware: Hardware) -> Plan:
 
 def plan_model(recipe, meta_model, budget, hardware: Hardware, autocast: bool) -> Plan:
     """The plan of ``recipe`` (its ``meta_model``, any device) for the resolved ``budget``, its
-    activations measured under bfloat16 autocast or in float32."""
+    activations measured under bfloat16 autocast or in float32, plus the stages' block masks."""
+    from unetlm.model.summary import mask_bytes
     from unetlm.train.scaling import split_batch
 
     spec, seq_len = recipe.training, recipe.model.seq_len
     split_batch(budget.batch_size, hardware.gpus)  # before the measurement: a batch that cannot split
     activations = measure_activations(recipe.model, autocast)
+    masks = mask_bytes(meta_model, rows=1)  # built once per stage and batch, kept until the backward
+    activations = attrs.evolve(activations, per_sequence=activations.per_sequence + masks,
+                               per_sequence_checkpointed=activations.per_sequence_checkpointed + masks)
     return choose_plan(
         hardware, parameter_layout(meta_model), activations, budget.batch_size, seq_len,
         budget.flops_per_byte * seq_len * budget.bytes_per_token, spec.micro_batch_size, spec.activation_checkpointing,
