@@ -263,10 +263,10 @@ def five_stage_recipe_dict(data_glob: str, **training) -> dict:
 
 @pytest.mark.slow
 def test_five_stage_training_compiled_never_falls_back_to_eager(corpus, tmp_path):
-    """Compiled regions (checkpointed blocks, transitions, embedding, head and loss) of a 5-stage model
-    trained and evaluated after every step: one graph per region shape and mode, none added by later
-    steps or evaluations, no graph breaks, a recompile limit that fails rather than falls back to
-    eager, and the eager run's losses."""
+    """A 5-stage model compiled whole (checkpointed blocks, transitions, embedding, head and loss),
+    trained and evaluated after every step: one graph per mode, none added by later steps or
+    evaluations, no graph breaks, a recompile limit that fails rather than falls back to eager, and
+    the eager run's losses."""
     from torch._dynamo.utils import counters
 
     with torch._dynamo.config.patch(debug_backend_override=">=0:aot_eager"):  # no C++ compile
@@ -276,8 +276,7 @@ def test_five_stage_training_compiled_never_falls_back_to_eager(corpus, tmp_path
         result = loop.train(recipe_from_dict(data), tmp_path, progress=False, sample=False)
         assert math.isfinite(result["loss"]) and math.isfinite(result["val_bpb"])
         assert torch._dynamo.config.fail_on_recompile_limit_hit
-        # training and evaluation: blocks at 5 stage shapes, 4 transitions down and 4 up, enter and finish
-        assert counters["stats"]["unique_graphs"] == 2 * (5 + 4 + 4 + 2), dict(counters["stats"])
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # training and evaluation
         assert not counters["graph_break"], dict(counters["graph_break"])
         records = read_metrics(tmp_path / "metrics.jsonl")
         assert [r["step"] for r in records if "val_bpb" in r] == [1, 2, 3]  # evaluated after every step

@@ -414,14 +414,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     bench = sub.add_parser("bench", help="measure speed").add_subparsers(dest="bench_command", required=True)
-    p = bench.add_parser("train", help="training bytes/s and MFU, eager and compiled, against a plain transformer")
+    p = bench.add_parser("train", help="training bytes/s and MFU, eager and compiled, beside a plain transformer")
     p.add_argument("recipes", nargs="+", metavar="RECIPE")
     _add_overrides(p)
     p.add_argument("--json", required=True, help="file to write the list of records to")
     p.add_argument("--steps", type=int, default=10, help="timed steps per recipe and mode (after warmup)")
-    p.add_argument("--skip", action="append", default=[], choices=["eager", "compiled", "whole", "reference"],
-                   help="leave out a mode (compiled: as training compiles; whole: one torch.compile of the model) "
-                        "or the reference transformer")
+    p.add_argument("--skip", action="append", default=[], choices=["eager", "compiled", "regions", "reference"],
+                   help="leave out a mode (compiled: the whole forward, as one process trains; regions: as an FSDP2 "
+                        "run compiles) or the reference transformer")
     p.set_defaults(func=cmd_bench_train)
 
     p = bench.add_parser("generate", help="generation bytes/s and peak memory, cached against recompute")

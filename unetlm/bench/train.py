@@ -1,13 +1,16 @@
 """``unetlm bench train``: training bytes/s and model FLOP utilisation, against a plain reference.
 
-Each recipe runs in up to three modes: ``eager``; ``compiled``, compiled the way training compiles
-it (:func:`unetlm.train.parallelize.compile_regions`: blocks, transitions, embedding, head and
-loss); ``whole``, the same model under one ``torch.compile`` of the whole model. Beside it, the
+Each recipe runs in up to three modes (:func:`unetlm.train.parallelize.compile_regions`):
+``eager``; ``compiled``, one ``torch.compile`` of the whole forward, as one training process
+compiles it; ``regions``, compiled as an FSDP2 run compiles it (blocks, transitions, embedding,
+head and loss as regions of their own, the embedding and the head being units), in one process
+and unsharded, to compare the two layouts. Beside it, the
 same run measures :class:`Reference`, a plain causal transformer written here (SDPA with
 ``is_causal``, no document or window masks) with the shapes of the recipe's byte stage: eager,
 and compiled whole when a compiled mode runs. The timed steps alternate between the variants
-(one step of each in turn), so a noisy machine slows them alike; each record carries every step
-time, and bytes/s comes from the median.
+(one step of each in turn, each round starting one variant later), so a machine whose speed
+drifts slows them alike; each record carries every step time (``step_s``), bytes/s comes from the
+median step, and the table's ratios are medians of the rounds' paired ratios.
 
 MFU = (training FLOPs per byte x bytes/s) / matmul peak, the peak measured in the same run on the
 same device (square matmuls, best of several trials), in bfloat16 (``mfu``) and float32
@@ -45,7 +48,7 @@ from unetlm.train.parallelize import compile_regions
 from unetlm.train.scaling import resolve_budget
 
 BENCH_DATA_BYTES = 400_000
-MODES = ("eager", "compiled", "whole")
+MODES = ("eager", "compiled", "regions")
 
 
 def _sync(device: torch.device) -> None:
@@ -172,7 +175,7 @@ class Variant:
     """One model of the run and how a step trains it."""
 
     name: str  # the recipe's name, or "reference"
-    mode: str  # eager, compiled or whole
+    mode: str  # eager, compiled or regions (the reference: eager or compiled)
     model: nn.Module
     optimizer: torch.optim.Optimizer
     flops_per_byte: float
@@ -198,18 +201,16 @@ def recipe_variants(recipe, modes, device: torch.device, dtype, lr: float, refer
         model = build_model(recipe).to(device)
         flops = summarize(model).train_flops_per_byte
         optimizer = make_optimizer(model, spec, lr)
-        if mode == "compiled":
-            compile_regions(model, sharded=False)
-        elif mode == "whole":
-            model.compile(dynamic=False)
+        if mode != "eager":
+            compile_regions(model, sharded=mode == "regions")
         variants.append(Variant(recipe.name, mode, model, optimizer, flops,
                                 lambda b, m=model: forward_loss(m, b, dtype).objective))
     if reference:
         shape = ReferenceShape.of(variants[0].model)
-        for mode in ("eager", "whole") if any(m != "eager" for m in modes) else ("eager",):
+        for mode in ("eager", "compiled") if any(m != "eager" for m in modes) else ("eager",):
             torch.manual_seed(spec.seed)
             model = Reference(shape).to(device)
-            if mode == "whole":
+            if mode == "compiled":
                 model.compile(dynamic=False)
             variants.append(Variant("reference", mode, model, make_optimizer(model, spec, lr),
                                     shape.train_flops_per_byte(), lambda b, m=model: _reference_loss(m, b, dtype)))
@@ -222,12 +223,13 @@ def _reference_loss(model: Reference, batch, dtype) -> torch.Tensor:
 
 
 def time_alternating(variants: list[Variant], batches: list, warmup: int, clip: float, device) -> None:
-    """Warm each variant up (compilation happens there), then time one step of each in turn."""
+    """Warm each variant up (compilation happens there), then time one step of each in turn, each
+    round starting one variant later than the one before."""
     for variant in variants:
         for batch in batches[:warmup]:
             variant.step(batch, clip)
-    for batch in batches[warmup:]:
-        for variant in variants:
+    for i, batch in enumerate(batches[warmup:]):
+        for variant in variants[i % len(variants) :] + variants[: i % len(variants)]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
@@ -314,23 +316,27 @@ def bench_train(
 
 
 def format_table(records: list[dict]) -> str:
-    """One line per record; ``vs ref``: achieved FLOP/s over the reference's in the same run (compiled
-    modes against the compiled reference; for a one-stage recipe the same FLOPs per byte, so the
-    bytes/s ratio), ``vs whole``: bytes/s over the same model compiled whole."""
+    """One line per record. ``vs ref``: achieved FLOP/s over the reference's (compiled modes against
+    the compiled reference; for a one-stage recipe the same FLOPs per byte, so the bytes/s ratio);
+    ``vs compiled``: the regions' bytes/s over the same model compiled whole. Both are medians of
+    the ratios of steps timed one after the other (:func:`paired_ratio`), which a machine whose
+    speed drifts through the run affects least."""
     lines = [f"{'recipe':<14}{'model':<11}{'mode':<10}{'params':>11}{'bytes/s':>11}{'MFLOP/byte':>11}"
-             f"{'GFLOP/s':>9}{'MFU fp32':>9}{'vs ref':>8}{'vs whole':>9}{'peak MiB':>9}"]
+             f"{'GFLOP/s':>9}{'MFU fp32':>9}{'vs ref':>8}{'vs compiled':>12}{'peak MiB':>9}"]
     for r in records:
         same = [o for o in records if o["recipe"] == r["recipe"] and o["seq_len"] == r["seq_len"]]
-        ref = {o["mode"]: o["flops_per_s"] for o in same if o["model"] == "reference"}
-        whole = {o["model"]: o["bytes_per_s"] for o in same if o["mode"] == "whole"}
-        versus_ref = ref.get("eager" if r["mode"] == "eager" else "whole")
-        versus_whole = whole.get(r["model"]) if r["mode"] == "compiled" else None
+        ref = {o["mode"]: o for o in same if o["model"] == "reference"}
+        whole = {o["model"]: o for o in same if o["mode"] == "compiled"}
+        versus_ref = versus_whole = "-"
+        if r["model"] != "reference":
+            other = ref.get("eager" if r["mode"] == "eager" else "compiled")
+            versus_ref = f"{paired_ratio(r, other, flops=True):.2f}x" if other else "-"
+            other = whole.get(r["model"]) if r["mode"] == "regions" else None
+            versus_whole = f"{paired_ratio(r, other):.2f}x" if other else "-"
         lines.append(
             f"{r['recipe'] or '-':<14}{r['model'] or 'recipe':<11}{r['mode']:<10}{r['params']:>11,}"
             f"{r['bytes_per_s']:>11,.0f}{r['flops_per_byte'] / 1e6:>11.2f}{r['flops_per_s'] / 1e9:>9.2f}"
-            f"{r['mfu_fp32']:>9.1%}{_ratio(r, 'flops_per_s', versus_ref):>8}"
-            f"{_ratio(r, 'bytes_per_s', versus_whole):>9}"
-            f"{r['peak_mem_bytes'] / 2**20:>9.0f}"
+            f"{r['mfu_fp32']:>9.1%}{versus_ref:>8}{versus_whole:>12}{r['peak_mem_bytes'] / 2**20:>9.0f}"
         )
     if records:
         r = records[0]
@@ -339,7 +345,8 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _ratio(record: dict, key: str, other: float | None) -> str:
-    if other is None or record["model"] == "reference":
-        return "-"
-    return f"{record[key] / other:.2f}x"
+def paired_ratio(record: dict, other: dict, flops: bool = False) -> float:
+    """The median over timed rounds of ``record``'s speed over ``other``'s in the same round (bytes
+    per second, or with ``flops`` FLOPs per second)."""
+    scale = record["flops_per_byte"] / other["flops_per_byte"] if flops else 1.0
+    return statistics.median(scale * b / a for a, b in zip(record["step_s"], other["step_s"]))

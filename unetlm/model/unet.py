@@ -169,8 +169,8 @@ class UNet(nn.Module):
         positions = [link.coarse.valid.sum(1) for link in links]
         return ModelOutput(logits, loss, [link.truncated for link in links], aux, per_chunk, positions)
 
-    # The parts of the forward between the mixer stacks; unetlm.train.parallelize compiles each
-    # (with the blocks) as a region of its own.
+    # The parts of the forward between the mixer stacks; under FSDP2 unetlm.train.parallelize
+    # compiles each (with the blocks) as a region of its own.
 
     def enter(self, tokens: torch.Tensor, doc: torch.Tensor) -> tuple[torch.Tensor, StageInfo]:
         """The byte stage's input (B, T, d) and its positions."""

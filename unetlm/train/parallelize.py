@@ -4,11 +4,12 @@
 
 1. activation checkpointing: each mixer block is wrapped so that its activations are recomputed
    in the backward pass (``torch.utils.checkpoint``, non-reentrant);
-2. compile (:func:`compile_regions`), with static shapes, region by region: every block, every
-   stage transition (link and pool; upsample and skip), the embedding, and the head with the
-   loss. No region holds an FSDP2 unit's hooks, so none is broken by them. Each region has room
-   for a graph per mode (training, evaluation) and batch shape; needing more is an error, never
-   a silent fall back to eager;
+2. compile (:func:`compile_regions`), with static shapes: in one process the whole forward
+   (embedding, every stage and transition, head and loss); under FSDP2, whose hooks would break
+   that graph at every unit, region by region: every block, every stage transition (link and
+   pool; upsample and skip), the embedding and the head with the loss where they are no unit.
+   Each region has room for a graph per mode (training, evaluation) and batch shape; needing
+   more is an error, never a silent fall back to eager;
 3. FSDP2 (several processes): ``fully_shard`` per block, then the hash-embedding tables, the
    byte embedding and the head as units of their own, then the root (poolers, upsamplers,
    norms). With bfloat16 training the units gather bfloat16 parameters and reduce gradients
@@ -39,7 +40,7 @@ class ParallelPlan:
     """How :func:`parallelize` treats a model; :func:`plan_parallelism` derives it from the recipe."""
 
     checkpointing: bool  # recompute each block in the backward pass
-    compile: bool  # torch.compile the model in the regions of compile_regions
+    compile: bool  # torch.compile the model (compile_regions)
     shard: bool  # FSDP2 units (several processes)
     param_dtype: torch.dtype | None  # FSDP2 gathers parameters in this dtype (None: as stored, float32)
     shard_size: int  # ranks a parameter is sharded over; fewer than the world size: HSDP
@@ -54,7 +55,7 @@ class ParallelPlan:
         if self.checkpointing:
             parts.append("activation checkpointing")
         if self.compile:
-            parts.append("compiled blocks and transitions")
+            parts.append("compiled blocks and transitions" if self.shard else "compiled model")
         return ", ".join(parts) or "eager, unsharded"
 
     @property
@@ -102,17 +103,23 @@ GRAPHS_PER_REGION = 4  # training and evaluation, each at the micro-batch and at
 
 
 def compile_regions(model: nn.Module, sharded: bool) -> list[str]:
-    """torch.compile ``model`` region by region, with static shapes, and make a call that needs
-    more graphs than the regions allow an error (:func:`limit_graphs`). Returns the regions' names.
+    """torch.compile ``model`` with static shapes, in one region or (under FSDP2) several, and make
+    a call that needs more graphs than a region may hold an error (:func:`limit_graphs`). Returns
+    the regions' names. Called after activation checkpointing (the recomputation is compiled too)
+    and before FSDP2 (its hooks stay outside every region).
 
-    Regions: every mixer block (blocks of one stage share their graphs); the stage transitions
-    ``model.down`` (link and pool) and ``model.up`` (upsample and add the skip); ``model.enter``
-    (embedding) and ``model.finish`` (norm, head and loss). Under FSDP2 a region never holds a
-    unit's hooks (they break a graph): an embedding that is a unit of its own is a region as a
-    module (eager when it holds hashed-table units), and a head that is one runs eagerly with the
-    loss. Called after activation checkpointing (the recomputation is compiled too)
-    and before FSDP2 (its hooks stay outside every region)."""
-    units = {id(u.module) for u in shard_units(model)} - {id(model)} if sharded else set()
+    In one process the whole forward is one region: embedding, every stage and transition, head
+    and loss. Under FSDP2 a region may not hold a unit's hooks (dynamo breaks the graph at each),
+    so the regions are every mixer block (the blocks of a stage share their graphs), the stage
+    transitions ``model.down`` (link and pool) and ``model.up`` (upsample and add the skip),
+    ``model.enter`` (embedding) and ``model.finish`` (norm, head and loss); an embedding that is a
+    unit of its own is a region as a module (eager when it holds hashed-table units), and a head
+    that is one runs eagerly with the loss."""
+    if not sharded:
+        limit = limit_graphs(GRAPHS_PER_REGION)
+        model.forward = _stop_past_the_limit(torch.compile(model.forward, dynamic=False), limit)
+        return ["model"]
+    units = {id(u.module) for u in shard_units(model)} - {id(model)}
 
     def holds_unit(module: nn.Module, itself: bool = True) -> bool:
         return any(id(m) in units for m in module.modules() if itself or m is not module)
