@@ -13,6 +13,9 @@ import torch
 
 import unetlm
 from test_train import losses, saved, tiny_recipe, tiny_recipe_dict, weights, write_corpus
+from unetlm.checkpoint import store
+from unetlm.checkpoint.manifest import read_manifest
+from unetlm.checkpoint.sharded import check_directory
 from unetlm.recipe import dump_recipe
 from unetlm.train import loop
 
@@ -62,8 +65,12 @@ def test_sharded_compiled_run_resumed_on_two_and_on_one_equals_uninterrupted(run
     a, b, c = weights(runs / "eager"), weights(runs / "two"), weights(runs / "two-then-one")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-4) and torch.allclose(a[key], c[key], atol=1e-4), key
-    shards = sorted(p.name for p in (runs / "two" / "checkpoint").glob("*.distcp"))
+    last = store.step_dir(runs / "two", 4)
+    shards = sorted(p.name for p in last.glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own
+    # each rank hashed its own shards (in the background save); the manifest gathers them all
+    assert sorted(read_manifest(last)["files"]) == [".metadata", *shards] and read_manifest(last)["step"] == 4
+    check_directory(last, verify=True)
 
 
 def test_recipe_error_is_reported_once(tmp_path):

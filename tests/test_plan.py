@@ -125,9 +125,9 @@ def test_plan_command_prints_the_plan_and_refuses_what_cannot_fit(capsys):
     out = capsys.readouterr().out
     for needle in ("FSDP2 over 2", "optimizer state", "activations per sequence", "communication per step", "MFU"):
         assert needle in out
-    assert main(["plan", "recipes/tiny/au2.toml", "--gpus", "1", "--gpu-memory", "1MiB"]) == 1
+    assert main(["plan", "recipes/tiny/au2.toml", "--gpus", "1", "--gpu-memory", "1GiB", "--set", "training.batch_size=512"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("unetlm: error: au2 on 1 x 1MiB: 8 sequences per GPU") and "Change:" in err
+    assert err.startswith("unetlm: error: au2 on 1 x 1GiB: 512 sequences per GPU") and "Change:" in err
     assert err.count("\n") == 1
     assert main(["plan", "recipes/tiny/au2.toml", "--gpus", "1", "--gpu-memory", "lots"]) == 2
     assert main(["plan", "recipes/tiny/au2.toml", "--gpus", "3"]) == 2

@@ -9,9 +9,9 @@ import torch
 
 from unetlm.api import build_model, load_checkpoint
 from unetlm.recipe import RecipeError, recipe_from_dict
-from unetlm.train import checkpoint as ckpt_module
+from unetlm.checkpoint import sharded, store
+from unetlm.checkpoint.sharded import read_train_state
 from unetlm.train import loop
-from unetlm.train.checkpoint import CHECKPOINT, PREVIOUS, TEMPORARY, find_checkpoint, read_train_state
 from unetlm.train.metrics import read_metrics
 from unetlm.train.scaling import fitted_batch_bytes, fitted_lr, resolve_budget, round_batch
 
@@ -63,8 +63,8 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def saved(run_dir) -> dict:
-    """The train record of a run's checkpoint."""
-    return read_train_state(find_checkpoint(run_dir))
+    """The train record of a run's newest valid checkpoint."""
+    return store.latest(run_dir, read_train_state)[1]
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
@@ -80,13 +80,13 @@ def full_run(corpus, tmp_path_factory):
 
 def test_run_writes_its_files(full_run):
     out, result = full_run
-    assert (out / "recipe.toml").is_file() and (out / CHECKPOINT / ".metadata").is_file()
+    assert (out / "recipe.toml").is_file() and [s for s, _ in store.committed(out)] == [3, 6]  # keep_checkpoints = 2
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
     assert math.isfinite(result["val_bpb"]) and result["sample"].startswith("The ")
     state = saved(out)
     assert state["step"] == 6 and state["world_size"] == 1
     assert {"scheduler", "rng", "recipe", "tokenizer"} <= set(state)
-    stored = ckpt_module.read_metadata(out / CHECKPOINT).state_dict_metadata
+    stored = sharded.check_directory(store.step_dir(out, 6), verify=True).state_dict_metadata
     assert {key.split(".")[0] for key in stored} == {"model", "optimizer", "train"}
     model, _ = load_checkpoint(out)
     assert sum(p.numel() for p in model.parameters()) > 0
@@ -153,6 +153,26 @@ def test_resume_auto_starts_fresh_then_continues(full_run, corpus, tmp_path, mon
         loop.train(tiny_recipe(corpus, sample_bytes=8, lr=1e-3), tmp_path, resume="auto", progress=False)
 
 
+def test_resume_falls_back_past_a_damaged_checkpoint(full_run, corpus, tmp_path, monkeypatch, capsys):
+    """A cut newest checkpoint: a warning naming it, the run continues from the one before and ends
+    as the uninterrupted run; the abandoned folder goes at the next commit."""
+    out, _ = full_run
+    recipe = tiny_recipe(corpus, sample_bytes=8)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 4)
+        loop.train(recipe, tmp_path, progress=False)
+    assert [s for s, _ in store.committed(tmp_path)] == [3, 4]
+    shard = store.step_dir(tmp_path, 4) / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    loop.train(recipe, tmp_path, resume=True, progress=False, verify=True)
+    warning = capsys.readouterr().err.splitlines()[0]
+    assert warning.startswith("unetlm: warning: ") and "step-0000004 is damaged: __0_0.distcp has 100 bytes" in warning
+    assert "falling back to" in warning and warning.endswith("step-0000003")
+    assert_same_run(out, tmp_path, tol=1e-6)
+    assert [s for s, _ in store.committed(tmp_path)] == [3, 6]
+
+
 def test_resume_with_force_and_more_steps(corpus, tmp_path):
     loop.train(tiny_recipe(corpus, steps=3), tmp_path, progress=False)
     result = loop.train(tiny_recipe(corpus, steps=4, lr=1e-3), tmp_path, resume=True, force=True, progress=False)
@@ -187,19 +207,16 @@ def test_crash_mid_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypatch)
         (storage_writer.fs.concat_path(storage_writer.path, "__0_0.distcp")).write_bytes(b"partial shard")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_module.dcp, "save", crashing_save)
+    monkeypatch.setattr(sharded.dcp, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):
         loop.train(tiny_recipe(corpus, steps=6), tmp_path, resume=True, progress=False)
     monkeypatch.undo()
     assert saved(tmp_path)["step"] == 3
     assert all(torch.equal(before[k], v) for k, v in weights(tmp_path).items())
-    # killed between the two renames of a save: the previous checkpoint is still found, and resumes
-    (tmp_path / CHECKPOINT).rename(tmp_path / PREVIOUS)
-    assert find_checkpoint(tmp_path) == tmp_path / PREVIOUS and saved(tmp_path)["step"] == 3
+    assert (tmp_path / "checkpoints" / "step-0000006.tmp").is_dir()  # the failed save's leftover, ignored
     result = loop.train(tiny_recipe(corpus, steps=6), tmp_path, resume=True, progress=False, sample=False)
     assert result["step"] == 6 and saved(tmp_path)["step"] == 6
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == [CHECKPOINT]
-    assert not (tmp_path / TEMPORARY).exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
 
 
 def test_budget_fits_and_units():

@@ -4,6 +4,7 @@ from unetlm.plugins import hookimpl
 
 @hookimpl
 def unetlm_register(registry):
+    registry.set_trained_models("unetlm.checkpoint.trained:TrainedModels")  # entropy splitters' byte models
     add = registry.add
     add("splitter", "regex", "unetlm.splitters.regex:RegexSplitter",
         "boundaries from a byte regex per stage, or the AU-Net presets word/word2/word4")

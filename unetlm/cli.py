@@ -11,6 +11,52 @@ DEFAULT_RECIPE = "recipes/tiny/au2.toml"
 AUTO_NOTE = "99.9th percentile of boundaries per window, rounded up to a multiple of 16"
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line with a ``--help`` hint (exit status 2), like
+    every other bad input; subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        raise _usage(message, self.prog)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # named with the (sub)command they were given to
+            command = filter(None, (getattr(parsed, key, None) for key in ("command", "bench_command")))
+            raise _usage(f"unrecognized arguments: {' '.join(extras)}", " ".join([self.prog, *command]))
+        return parsed
+
+
+def _usage(message: str, prog: str):
+    from unetlm.core.errors import UsageError
+
+    return UsageError(f"{message} (see {prog} --help)")
+
+
+def _step(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a step >= 1")
+    return value
+
+
+def _byte_count(text: str) -> int:
+    try:
+        value = int(float(text))
+    except (ValueError, OverflowError):
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a number of bytes >= 1, such as 32e6")
+    return value
+
+
+def _add_verify(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--verify", action="store_true",
+                   help=f"check the sha256 of every file of {what} against its manifest before reading it")
+
+
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -28,16 +74,23 @@ def cmd_list(args) -> int:
         entries = reg.entries(kind)
         width = max((len(e.name) for e in entries), default=0)
         for e in entries:
-            print(f"  {e.name:<{width}}  {e.description}  [{e.origin}]")
+            conflict = reg.blocked(kind, e.name)  # what a recipe naming it gets: this error
+            shown = f"unusable: {conflict}" if conflict else f"{e.description}  [{e.origin}]"
+            print(f"  {e.name:<{width}}  {shown}")
     for failure in load_failures:
         print(f"(not loaded) {failure}")
     return 0
 
 
 def cmd_prepare(args) -> int:
+    from unetlm.core.errors import UsageError
     from unetlm.data.errors import PreparedDataError
     from unetlm.recipe import load_recipe
 
+    out = Path(args.out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out {args.out}: {existing} is a file, not a directory for the prepared data")
     try:
         return _prepare(args, load_recipe(args.recipe, args.overrides))
     except PreparedDataError as exc:  # a damaged, stale or partial directory, or a full disk
@@ -59,7 +112,7 @@ def _prepare(args, recipe) -> int:
     started = time.perf_counter()
     try:
         out = prepare(recipe, Path(args.out), workers=args.workers, shard=(index, count), skip_bad=args.skip_bad,
-                      progress=not args.quiet, shard_bytes=int(float(args.shard_bytes)))
+                      progress=not args.quiet, shard_bytes=args.shard_bytes)
     except ValueError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
@@ -145,12 +198,13 @@ def cmd_train(args) -> int:
     overrides = list(args.overrides) + (["training.compile=false"] if args.no_compile else [])
     recipe = load_recipe(args.recipe, overrides)
     out = Path(args.out) if args.out else Path("runs") / (recipe.name or Path(args.recipe).stem)
-    result = train(recipe, out, resume=args.resume, force=args.force, progress=not args.quiet, stop_at=args.stop_at)
+    result = train(recipe, out, resume=args.resume, force=args.force, progress=not args.quiet, stop_at=args.stop_at,
+                   verify=args.verify)
     if os.environ.get("RANK", "0") != "0":
         return 0
     if "val_bpb" in result:
         print(f"validation bits per byte: {result['val_bpb']:.4f}")
-    print(f"run directory: {out} (checkpoint/, metrics.jsonl, recipe.toml)")
+    print(f"run directory: {out} (checkpoints/, metrics.jsonl, recipe.toml)")
     if "sample" in result:
         print("sample:")
         print(result["sample"])
@@ -186,10 +240,10 @@ def cmd_plan(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from unetlm.train.weights import export
+    from unetlm.checkpoint.export import export
 
-    out = export(args.run_dir, args.out)
-    print(f"wrote {out} (model.safetensors, recipe.toml{', tokenizer.json' if (out / 'tokenizer.json').is_file() else ''})")
+    out = export(args.run_dir, args.out, verify=args.verify)
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
 
@@ -230,7 +284,7 @@ def cmd_bench_data(args) -> int:
     from unetlm.bench.data import bench_data, format_record
 
     workers = tuple(int(w) for w in args.workers.split(","))
-    record = bench_data(args.recipe, int(float(args.corpus_bytes)), args.json, workers=workers, steps=args.steps,
+    record = bench_data(args.recipe, args.corpus_bytes, args.json, workers=workers, steps=args.steps,
                         work_dir=args.work_dir, overrides=args.overrides)
     print(format_record(record))
     return 0
@@ -255,7 +309,7 @@ def cmd_generate(args) -> int:
     from unetlm.model.generate import check_ready, check_sampling, generate
 
     check_sampling(args.max_bytes, args.temperature, args.top_k, args.top_p, flag=_flag)
-    model, _ = load_checkpoint(args.checkpoint)
+    model, _ = load_checkpoint(args.checkpoint, verify=args.verify)
     check_ready(model)
     missing = [] if args.recompute else missing_step_api(model)
     if missing:
@@ -311,7 +365,7 @@ def cmd_eval(args) -> int:
         args.checkpoint, bpb_files=args.bpb, choice_files=args.choice, cute_words=args.cute_words,
         cute_text=args.cute_text, cute_tasks=args.cute_tasks, cute_items=args.cute_items, shots=args.shots,
         stride=args.stride, batch_size=args.batch_size, resamples=args.resamples, seed=args.seed,
-        device=args.device,
+        device=args.device, verify=args.verify,
     )
     print(format_table(result))
     for row in result["bpb"]:
@@ -353,7 +407,7 @@ def cmd_harness(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unetlm", description="Tokenizer-free hierarchical byte language models.")
+    parser = Parser(prog="unetlm", description="Tokenizer-free hierarchical byte language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="print every registered component")
@@ -374,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare only job I's share of N independent jobs (default: RANK/WORLD_SIZE under "
                         "torchrun, else 0/1: everything)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) jsonl lines that are not JSON objects")
-    p.add_argument("--shard-bytes", default="32e6", help="input bytes per shard (default 32e6); fixed for a DATA_DIR")
+    p.add_argument("--shard-bytes", type=_byte_count, default="32e6",
+                   help="input bytes per shard (default 32e6); fixed for a DATA_DIR")
     p.add_argument("--verify", action="store_true",
                    help="once the data is complete, check every file's sha256 against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -390,8 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="resume even if the recipe changed")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="stop after STEP with a checkpoint (e.g. the end of a cluster job); --resume continues")
+    p.add_argument("--stop-at", type=_step, default=None, metavar="STEP",
+                   help="stop after STEP (>= 1) with a checkpoint (e.g. the end of a cluster job); --resume continues")
+    _add_verify(p, "the checkpoint resumed from")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="per-GPU memory, micro-batch, communication and step time of a recipe")
@@ -405,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="consolidate a run's sharded checkpoint into model.safetensors + recipe.toml")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or an exported directory, or a .pt file)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (must not exist or be empty)")
+    _add_verify(p, "the checkpoint")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="plot loss and validation bits/byte of runs against bytes and FLOPs")
@@ -434,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bench.add_parser("data", help="prepare throughput, loader bytes/s and training peak memory on a large corpus")
     p.add_argument("recipe")
-    p.add_argument("--corpus-bytes", default="2e8", help="document bytes of the corpus written to disk (default 2e8)")
+    p.add_argument("--corpus-bytes", type=_byte_count, default="2e8",
+                   help="document bytes of the corpus written to disk (default 2e8)")
     p.add_argument("--json", required=True, help="file to write the record to")
     p.add_argument("--workers", default="1,2", help="comma-separated prepare worker counts (default 1,2)")
     p.add_argument("--steps", type=int, default=5, help="training steps on the prepared data (default 5)")
@@ -454,6 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop a row when it produces this string (repeatable)")
     p.add_argument("--recompute", action="store_true", help="recompute the whole prefix per byte instead of caching")
+    _add_verify(p, "the checkpoint")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("patches", help="print how a checkpoint's splitter (or an entropy model) patches a text")
@@ -480,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the CUTE items and the bootstrap")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    _add_verify(p, "the checkpoint")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="train recipes for one FLOP budget on the same data and compare them")
@@ -528,12 +588,8 @@ def exit_status(exc: BaseException) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from unetlm.splitters.entropy_models import use_entropy_models
-    from unetlm.train.trained_models import TrainedModels
-
-    use_entropy_models(TrainedModels())  # entropy splitters load their model through training's loader
     try:
+        args = build_parser().parse_args(argv)  # a bad option is a UsageError, reported below
         return args.func(args)
     except Exception as exc:
         status = exit_status(exc)

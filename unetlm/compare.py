@@ -24,6 +24,8 @@ import attrs
 import torch
 
 from unetlm.api import build_model, load_checkpoint
+from unetlm.checkpoint.sharded import read_train_state
+from unetlm.checkpoint.store import latest
 from unetlm.data.packing import held_out_text, text_prefix, training_text
 from unetlm.data.sources import load_documents
 from unetlm.eval.bpb import text_bpb
@@ -32,7 +34,6 @@ from unetlm.model.summary import summarize
 from unetlm.core.tokens import BOS
 from unetlm.recipe import Recipe, load_recipe
 from unetlm.recipe.schema import DataSpec
-from unetlm.train.checkpoint import find_checkpoint, read_train_state
 from unetlm.train.errors import TrainingError
 
 # SpaceByte (Slagle, 2024), Table 1: PG-19 bits per byte at 1e19 training FLOPs.
@@ -109,9 +110,9 @@ def probe_causality(model, tokens: list[int], at: int) -> bool:
 
 
 def saved_step(run_dir: Path) -> int | None:
-    """The step of the run's checkpoint; None if it has none."""
-    directory = find_checkpoint(run_dir)
-    return None if directory is None else read_train_state(directory)["step"]
+    """The step of the run's newest valid checkpoint; None if it has none."""
+    found = latest(run_dir, read_train_state)
+    return None if found is None else found[1]["step"]
 
 
 def finished(run_dir: Path, steps: int) -> bool:

@@ -95,7 +95,7 @@ class RowPlan:
 
     @classmethod
     def load(cls, path) -> "RowPlan":
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             return cls(z["starts"], z["ends"], z["cause"])
 
 

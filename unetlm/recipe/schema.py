@@ -274,6 +274,8 @@ class TrainingSpec:
     # FSDP2: ranks each parameter is sharded over (a node's GPUs); replicated across such groups (HSDP). 0: all ranks
     shard_size: int = attrs.field(default=0, validator=non_negative)
     tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard
+    # checkpoints kept in RUN_DIR/checkpoints/ (the oldest go once a newer one is committed)
+    keep_checkpoints: int = attrs.field(default=2, validator=positive)
 
 
 @attrs.define

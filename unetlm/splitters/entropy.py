@@ -221,7 +221,10 @@ class EntropySplitter(Splitter):
             return self._compute(data)
         path = Path(self.config.cache_dir) / f"{self._cache_key(data)}.npy"
         if path.is_file():
-            return np.load(path)
+            try:
+                return np.load(path, allow_pickle=False)
+            except (OSError, ValueError):  # a damaged or foreign file: computed again below
+                pass
         values = self._compute(data)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

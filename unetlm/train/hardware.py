@@ -59,10 +59,11 @@ def hardware_for(device: torch.device, processes: int) -> Hardware:
 
 
 def parse_memory(text: str) -> int:
-    """``"80GiB"``, ``"80GB"``, ``"141 GB"`` or ``"80"`` (GiB) -> bytes."""
-    units = {"gib": GIB, "gb": 10**9, "tib": 2**40, "tb": 10**12, "mib": 2**20, "mb": 10**6, "": GIB}
+    """``"80GiB"``, ``"80GB"``, ``"141 GB"`` or ``"80"`` (GiB) -> bytes; at least 1 GiB (a GPU's memory)."""
+    units = {"gib": GIB, "gb": 10**9, "tib": 2**40, "tb": 10**12, "mib": 2**20, "mb": 10**6, "kib": 2**10,
+             "kb": 10**3, "b": 1, "": GIB}
     t = text.strip().lower().replace(" ", "")
-    number = t.rstrip("abgimt")
+    number = t.rstrip("abgikmt")
     unit = t[len(number):]
     if unit not in units or not number:
         raise ValueError(f"--gpu-memory {text!r} is invalid: expected a size such as 80GiB or 141GB")
@@ -70,6 +71,6 @@ def parse_memory(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"--gpu-memory {text!r} is invalid: expected a size such as 80GiB or 141GB") from None
-    if value <= 0:
-        raise ValueError(f"--gpu-memory {text!r} is invalid: expected a positive size")
+    if not GIB <= value * units[unit] < 2**60:  # NaN and inf included
+        raise ValueError(f"--gpu-memory {text!r} is invalid: expected a GPU's memory, at least 1GiB (e.g. 80GiB)")
     return int(value * units[unit])

@@ -16,6 +16,7 @@ from pathlib import Path
 import attrs
 import torch
 
+from unetlm.checkpoint.trained import load_trained
 from unetlm.model.build import build_model
 from unetlm.core.tokens import PAD
 from unetlm.data.loader import step_batches
@@ -27,7 +28,6 @@ from unetlm.model.summary import summarize
 from unetlm.recipe import Recipe, dump_recipe
 from unetlm.recipe.schema import TrainingSpec, check_device
 from unetlm.train import parallel
-from unetlm.splitters.entropy_models import installed_entropy_models, use_entropy_models
 from unetlm.train.checkpointer import Checkpointer
 from unetlm.train.errors import TrainingError
 from unetlm.train.metrics import MetricsWriter, bits_per_byte, open_tensorboard
@@ -37,8 +37,6 @@ from unetlm.train.parallelize import ParallelPlan, parallelize, plan_parallelism
 from unetlm.train.plan import plan_run
 from unetlm.train.progress import Progress
 from unetlm.train.scaling import Budget, resolve_budget
-from unetlm.train.trained_models import TrainedModels
-from unetlm.train.weights import load_trained
 
 
 def recipe_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -167,7 +165,8 @@ def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool | 
                 f"not resume from (it resumes from sharded {path}/); start a new run with another --out"
             )
         raise TrainingError(f"--resume: no checkpoint at {path}")
-    diffs = [d for d in recipe_differences(saved["recipe"], recipe.to_dict()) if not d.startswith("training.steps")]
+    free = ("training.steps", "training.keep_checkpoints")  # may change on resume
+    diffs = [d for d in recipe_differences(saved["recipe"], recipe.to_dict()) if not d.startswith(free)]
     if diffs and not force:
         raise TrainingError(
             "the recipe differs from the checkpoint's; pass --force to resume anyway:\n  " + "\n  ".join(diffs)
@@ -183,19 +182,19 @@ def train(
     progress: bool = True,
     sample: bool = True,
     stop_at: int | None = None,
+    verify: bool = False,
 ) -> dict:
-    """Train ``recipe`` into ``out_dir`` (checkpoint/, metrics.jsonl, recipe.toml); returns the last
+    """Train ``recipe`` into ``out_dir`` (checkpoints/, metrics.jsonl, recipe.toml); returns the last
     step's metrics. ``stop_at``: stop (with a checkpoint) after that step; ``--resume`` continues.
-    ``resume``: True, False or ``"auto"`` (see :func:`check_resume`).
+    ``resume``: True, False or ``"auto"`` (see :func:`check_resume`). ``verify``: check the sha256 of
+    every file of the checkpoint resumed from.
 
     Run as one process, or under ``torchrun`` (every rank calls this; rank 0 writes the logs,
     every rank its checkpoint shards).
     """
-    if installed_entropy_models() is None:  # entropy splitters read their byte model through training's loader
-        use_entropy_models(TrainedModels())
     world = parallel.init_world(recipe.training.device)
     try:
-        trainer = Trainer.setup(recipe, Path(out_dir), world, resume, force, progress)
+        trainer = Trainer.setup(recipe, Path(out_dir), world, resume, force, progress, verify)
         try:
             last = trainer.run(stop_at)
         finally:
@@ -228,11 +227,12 @@ class Trainer:
     logger: "RunLogger"
 
     @classmethod
-    def setup(cls, recipe: Recipe, out: Path, world: World, resume: bool | str, force: bool, progress: bool) -> "Trainer":
+    def setup(cls, recipe: Recipe, out: Path, world: World, resume: bool | str, force: bool, progress: bool,
+              verify: bool = False) -> "Trainer":
         recipe = with_auto_lengths(recipe)  # max_len = "auto" sized from the data
         spec = recipe.training
         background = world.device.type == "cuda" if spec.async_checkpoint == "auto" else spec.async_checkpoint
-        checkpointer = Checkpointer(out, world, async_save=background)
+        checkpointer = Checkpointer(out, world, async_save=background, verify=verify)
         saved = check_resume(checkpointer.saved(), checkpointer.path, recipe, resume, force)
         if spec.threads:
             torch.set_num_threads(spec.threads)

@@ -23,7 +23,6 @@ from unetlm.data.prepared.format import (
 )
 from unetlm.data.prepared.plan import BadLines, ShardInput, hf_shards, plan_shards, shard_documents, source_identity
 from unetlm.data.prepared.write import write_shard
-from unetlm.splitters.entropy_models import installed_entropy_models, use_entropy_models
 
 SHARD_BYTES = 32_000_000  # input bytes per planned shard
 
@@ -168,9 +167,7 @@ def _make_tokenizer(tokenizer_json):
 _WORKER: dict = {}
 
 
-def _init_worker(out, spec, components, tokenizer_json, header, skip_bad, entropy_models=None) -> None:
-    if entropy_models is not None:  # a fresh process: the parent's checkpoint loader
-        use_entropy_models(entropy_models)
+def _init_worker(out, spec, components, tokenizer_json, header, skip_bad) -> None:
     _WORKER.update(
         out=out, spec=spec, splitters=[c.build_class()(c.config) for c in components],
         tokenizer=_make_tokenizer(tokenizer_json), header=header, skip_bad=skip_bad,
@@ -209,7 +206,7 @@ class _Runner:
 
     def __init__(self, out, plan, spec, components, tokenizer_json, header, skip_bad, workers, progress) -> None:
         self.out, self.plan, self.spec, self.workers = out, plan, spec, workers
-        self.init = (out, spec, components, tokenizer_json, header, skip_bad, installed_entropy_models())
+        self.init = (out, spec, components, tokenizer_json, header, skip_bad)
         self.progress = progress
         self.bad = BadLines()
         self.doc_bytes: dict[int, int] = {}  # shard -> document bytes, for the max_bytes cut
