@@ -4,7 +4,6 @@ stored values and single files are read as plain data, and the other files (row 
 entropies, tokenizers, recipes) are data only."""
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import shutil
