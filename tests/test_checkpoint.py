@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import unetlm
-from test_train import tiny_recipe
+from test_train import tiny_recipe, write_corpus
 from unetlm.train import checkpoint as fmt
 from unetlm.train.checkpointer import Checkpointer
 from unetlm.train.errors import CheckpointError
@@ -89,8 +89,9 @@ def test_resuming_an_old_single_file_checkpoint_says_so(tmp_path):
     from unetlm.train import loop
 
     (tmp_path / "checkpoint.pt").write_bytes(b"old")
+    corpus = write_corpus(tmp_path / "corpus", docs=2)  # the data is prepared before the run directory is read
     with pytest.raises(loop.TrainingError, match="single-file checkpoint of an older unetlm"):
-        loop.train(tiny_recipe("unused"), tmp_path, resume=True, progress=False)
+        loop.train(tiny_recipe(corpus), tmp_path, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("content", [b"hello\n", b"", bytes(range(256)) * 4])
