@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")
     p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="stop after STEP with a checkpoint (e.g. the end of a cluster job); the same command continues")
+                   help="stop after STEP with a checkpoint (e.g. the end of a cluster job); run without it to continue")
     p.epilog = ("exit status: 0 finished (or --stop-at reached); 75 interrupted by SIGTERM, SIGUSR1 or SIGINT after "
                 "saving a checkpoint (run the same command again); 1 the run cannot go on; 2 bad input")
     p.set_defaults(func=cmd_train)
