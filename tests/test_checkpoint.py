@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import unetlm
-from test_train import tiny_recipe
+from test_train import tiny_recipe, write_corpus
 from unetlm.checkpoint import store
 from unetlm.checkpoint.errors import CheckpointError
 from unetlm.checkpoint.manifest import MANIFEST, file_record, read_manifest
@@ -33,7 +33,8 @@ TESTS = Path(__file__).resolve().parent
 def make_run(path: Path, steps=(1,), keep: int = 2, async_save: bool = True, **training):
     """A one-process run directory with a checkpoint at each of ``steps`` (weights perturbed
     between them) and its ``recipe.toml``; returns the model as last saved."""
-    recipe = tiny_recipe("unused", keep_checkpoints=keep, **training)
+    corpus = write_corpus(path.parent / f"{path.name}-corpus", docs=2)  # train --resume prepares it first
+    recipe = tiny_recipe(corpus, keep_checkpoints=keep, **training)
     torch.manual_seed(0)
     model = unetlm.build_model(recipe)
     optimizer = make_optimizer(model, recipe.training, 1e-3)
@@ -222,8 +223,9 @@ def test_resuming_an_old_single_file_checkpoint_says_so(tmp_path):
     from unetlm.train import loop
 
     (tmp_path / "checkpoint.pt").write_bytes(b"old")
+    corpus = write_corpus(tmp_path / "corpus", docs=2)  # the data is prepared before the run directory is read
     with pytest.raises(loop.TrainingError, match="single-file checkpoint of an older unetlm"):
-        loop.train(tiny_recipe("unused"), tmp_path, resume=True, progress=False)
+        loop.train(tiny_recipe(corpus), tmp_path, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("content", [b"hello\n", b"", bytes(range(256)) * 4])

@@ -83,8 +83,10 @@ def test_train_then_generate(tmp_path, capsys, monkeypatch):
         assert raw.getvalue() == from_run
     assert main(["export", str(run), "--out", str(tmp_path / "shared")]) == 2  # never overwrites
     assert "is not an empty directory" in capsys.readouterr().err
-    assert main(args) == 2  # a second run into the same directory is refused, with a reason
-    assert "pass --resume" in capsys.readouterr().err
+    assert main(args) == 0  # the same command again: the run is finished, nothing to do
+    assert "already trained to step 4; nothing to do" in capsys.readouterr().out
+    assert main([*args, "--resume", "no"]) == 2  # a fresh run into a directory with a checkpoint is refused
+    assert "--resume no" in capsys.readouterr().err
 
 
 def _untrained_bpe(_path, **_kw):

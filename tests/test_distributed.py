@@ -1,11 +1,15 @@
 """Two CPU processes under torchrun (gloo): FSDP2 + compiled, checkpointed blocks + micro-batches
-train like one eager process, and their sharded checkpoint resumes on two processes and on one."""
+train like one eager process, and their sharded checkpoint resumes on two processes and on one;
+SIGTERM to one rank mid-run saves the current step on both, and the same command finishes the run."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from unetlm.checkpoint import store
 from unetlm.checkpoint.manifest import read_manifest
 from unetlm.checkpoint.sharded import check_directory
 from unetlm.recipe import dump_recipe
+from unetlm.train.metrics import read_metrics
 from unetlm.train import loop
 
 # dynamo and AOTAutograd as in real training, without inductor's slow C++ code generation
@@ -25,13 +30,33 @@ PARALLEL = dict(threads=1, steps=4, eval_every=2, checkpoint_every=2)
 COMPILED = dict(PARALLEL, compile=True, activation_checkpointing=True, micro_batch_size=1, async_checkpoint=True)
 
 
-def torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
+def torchrun_command(args: list[str]) -> tuple[list[str], dict]:
     root = str(Path(unetlm.__file__).resolve().parents[1])  # the processes import the unetlm under test
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_OVERRIDE_BACKENDS": BACKEND,
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "unetlm.cli", *args]
+    return command, env
+
+
+def torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
+    command, env = torchrun_command(args)
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def worker_pid(agent: int, rank: int) -> int | None:
+    """The pid of torchrun worker ``rank`` started by the agent process ``agent`` (Linux /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == agent and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +107,41 @@ def test_recipe_error_is_reported_once(tmp_path):
     done = torchrun(["train", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "run")], tmp_path)
     assert done.returncode != 0
     assert done.stderr.count("training.lr = 'fast' is invalid") == 1
+
+
+def test_sigterm_to_one_rank_saves_the_current_step_and_the_same_command_finishes(runs):
+    """SIGTERM to rank 1 alone: both ranks agree at the next step boundary, save that step (no
+    checkpoint is otherwise due before the end) and exit 75; the same command again finishes a
+    run equal to the uninterrupted one, each step once in metrics.jsonl."""
+    recipe_file = runs / "preempt.toml"
+    recipe_file.write_text(dump_recipe(tiny_recipe(str(runs / "corpus" / "*.txt"), **(PARALLEL | {"checkpoint_every": 100}))),
+                           encoding="utf-8")
+    out = runs / "preempted"
+    command, env = torchrun_command(["train", str(recipe_file), "--out", str(out), "--quiet"])
+    agent = subprocess.Popen(command, cwd=runs, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, rank1, signalled = time.monotonic() + 300, None, None
+        while signalled is None and agent.poll() is None and time.monotonic() < deadline:
+            rank1 = rank1 or worker_pid(agent.pid, 1)
+            if rank1 and (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
+                os.kill(rank1, signal.SIGTERM)  # after step 1: mid-run
+                signalled = time.monotonic()
+            time.sleep(0.02)
+        output, _ = agent.communicate(timeout=300)
+    finally:
+        agent.kill()
+    assert signalled is not None, output[-3000:]
+    assert time.monotonic() - signalled < 25, "the ranks did not stop within a step and a save"
+    assert agent.returncode != 0 and re.search(r"exitcode\s*:\s*75", output), output[-3000:]
+    stopped = saved(out)["step"]
+    assert 1 <= stopped < 4 and max(losses(out)) == stopped  # the step it stopped at, saved and recorded
+    assert not (out / "checkpoint.tmp").exists()
+    again = torchrun(["train", str(recipe_file), "--out", str(out), "--quiet"], runs)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == [1, 2, 3, 4]  # the resumed run's records follow the saved step's, none twice
+    want, got = losses(runs / "eager"), losses(out)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-4), step
+    a, b = weights(runs / "eager"), weights(out)
+    assert all(torch.allclose(a[key], b[key], atol=1e-4) for key in a)

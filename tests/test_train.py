@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 
 import pytest
 import torch
 
 from unetlm.api import build_model, load_checkpoint
+from unetlm.core.errors import RunError
 from unetlm.recipe import RecipeError, recipe_from_dict
 from unetlm.checkpoint import sharded, store
 from unetlm.checkpoint.sharded import read_train_state
@@ -92,15 +95,16 @@ def test_run_writes_its_files(full_run):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def interrupt_at(monkeypatch, at_step: int) -> None:
-    """Make the batch iterator raise KeyboardInterrupt (as Ctrl-C would) before step ``at_step``."""
+def interrupt_at(monkeypatch, at_step: int, sig: int = signal.SIGINT) -> None:
+    """Deliver ``sig`` to this process (as Ctrl-C or a scheduler would) while the batch of step
+    ``at_step`` is read: the run finishes that step, saves it and stops."""
     real = loop.step_batches
 
     def patched(data, start, stop, *args):
         def gen():
-            for step, batch in zip(range(start, stop), real(data, start, stop, *args)):
+            for step, batch in zip(range(start + 1, stop + 1), real(data, start, stop, *args)):
                 if step == at_step:
-                    raise KeyboardInterrupt
+                    os.kill(os.getpid(), sig)
                 yield batch
         return gen()
 
@@ -111,9 +115,10 @@ def test_resume_equals_uninterrupted(full_run, corpus, tmp_path, monkeypatch):
     out, _ = full_run
     recipe = tiny_recipe(corpus, sample_bytes=8)
     with monkeypatch.context() as m:
-        interrupt_at(m, 4)  # Ctrl-C after step 4 (no checkpoint is due there: checkpoint_every = 3)
-        loop.train(recipe, tmp_path, progress=False)
-    assert saved(tmp_path)["step"] == 4
+        interrupt_at(m, 4)  # Ctrl-C during step 4 (no checkpoint is due there: checkpoint_every = 3)
+        result = loop.train(recipe, tmp_path, progress=False)
+    assert result["interrupted"] == "SIGINT" and result["step"] == 4
+    assert saved(tmp_path)["step"] == 4 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     loop.train(recipe, tmp_path, resume=True, progress=False)
     assert_same_run(out, tmp_path, tol=1e-6)
 
@@ -134,9 +139,11 @@ def test_resume_refuses_a_different_recipe(full_run, corpus):
     with pytest.raises(loop.TrainingError) as err:
         loop.train(changed, out, resume=True, progress=False)
     assert "training.lr: 0.003 -> 0.001" in str(err.value)
-    assert "training.weight_decay: 0.1 -> 0.0" in str(err.value)
-    with pytest.raises(loop.TrainingError, match="exists"):
-        loop.train(changed, out, progress=False)
+    assert "training.weight_decay: 0.1 -> 0.0" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(loop.TrainingError, match="another recipe"):
+        loop.train(changed, out, progress=False)  # --resume auto, the default
+    with pytest.raises(loop.TrainingError, match=r"holds a checkpoint \(step 6\) and --resume no"):
+        loop.train(changed, out, resume=False, progress=False)
 
 
 def test_resume_auto_starts_fresh_then_continues(full_run, corpus, tmp_path, monkeypatch):
@@ -144,8 +151,8 @@ def test_resume_auto_starts_fresh_then_continues(full_run, corpus, tmp_path, mon
     out, _ = full_run
     recipe = tiny_recipe(corpus, sample_bytes=8)
     with monkeypatch.context() as m:
-        interrupt_at(m, 2)
-        loop.train(recipe, tmp_path, resume="auto", progress=False)
+        interrupt_at(m, 2, signal.SIGUSR1)
+        assert loop.train(recipe, tmp_path, resume="auto", progress=False)["interrupted"] == "SIGUSR1"
     assert saved(tmp_path)["step"] == 2
     loop.train(recipe, tmp_path, resume="auto", progress=False)
     assert_same_run(out, tmp_path, tol=1e-6)
@@ -192,7 +199,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch)
         return out
 
     monkeypatch.setattr(loop, "forward_loss", poisoned)
-    with pytest.raises(loop.TrainingError, match="loss became nan at step 5"):
+    with pytest.raises(RunError, match="loss became nan at step 5"):
         loop.train(tiny_recipe(corpus), tmp_path, progress=False)
     assert saved(tmp_path)["step"] == 3
     assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())

@@ -85,14 +85,17 @@ def cmd_list(args) -> int:
 def cmd_prepare(args) -> int:
     from unetlm.core.errors import UsageError
     from unetlm.data.errors import PreparedDataError
+    from unetlm.data.sources import require_source
     from unetlm.recipe import load_recipe
 
     out = Path(args.out)
     existing = next(p for p in (out, *out.parents) if p.exists())
     if not existing.is_dir():
         raise UsageError(f"--out {args.out}: {existing} is a file, not a directory for the prepared data")
+    recipe = load_recipe(args.recipe, args.overrides)
+    require_source(recipe.data)
     try:
-        return _prepare(args, load_recipe(args.recipe, args.overrides))
+        return _prepare(args, recipe)
     except PreparedDataError as exc:  # a damaged, stale or partial directory, or a full disk
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 1
@@ -191,17 +194,36 @@ def cmd_show(args) -> int:
     return 0
 
 
+RESUME = {"auto": "auto", "yes": True, "no": False}
+
+
 def cmd_train(args) -> int:
     from unetlm.recipe import load_recipe
     from unetlm.train.loop import train
+    from unetlm.train.preemption import INTERRUPTED
 
     overrides = list(args.overrides) + (["training.compile=false"] if args.no_compile else [])
     recipe = load_recipe(args.recipe, overrides)
     out = Path(args.out) if args.out else Path("runs") / (recipe.name or Path(args.recipe).stem)
-    result = train(recipe, out, resume=args.resume, force=args.force, progress=not args.quiet, stop_at=args.stop_at,
-                   verify=args.verify)
-    if os.environ.get("RANK", "0") != "0":
+    main = os.environ.get("RANK", "0") == "0"
+    try:
+        result = train(recipe, out, resume=RESUME[args.resume], force=args.force, progress=not args.quiet,
+                       stop_at=args.stop_at, verify=args.verify)
+    except KeyboardInterrupt:  # before the run's own handlers: while the data cache was prepared
+        if main:
+            print("\ninterrupted while preparing the data; finished shards are kept: run the same command again",
+                  file=sys.stderr)
+        return 130
+    if "interrupted" in result:
+        if main:
+            held = f"{out} holds step {result['step']}" if result["step"] else "no step was trained"
+            print(f"interrupted by {result['interrupted']}: {held}; run the same command again to continue",
+                  file=sys.stderr)
+        return INTERRUPTED
+    if not main:
         return 0
+    if "loss" not in result:
+        print(f"{out} has already trained to step {result['step']}; nothing to do")
     if "val_bpb" in result:
         print(f"validation bits per byte: {result['val_bpb']:.4f}")
     print(f"run directory: {out} (checkpoints/, metrics.jsonl, recipe.toml)")
@@ -439,15 +461,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"recipe file (default {DEFAULT_RECIPE})")
     _add_overrides(p)
     p.add_argument("--out", help="run directory (default runs/RECIPE_NAME)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"], metavar="auto",
-                   help="continue from the run directory's checkpoint; --resume auto: continue if there is one, "
-                        "else start fresh (safe to repeat, e.g. after a requeue)")
+    p.add_argument("--resume", nargs="?", const="yes", default="auto", choices=sorted(RESUME),
+                   help="auto (default): continue the run directory's checkpoint if it has one, else start fresh "
+                        "(the same command is safe to repeat, e.g. after a requeue); yes (or bare --resume): a "
+                        "checkpoint must exist; no: refuse a directory that has one")
     p.add_argument("--force", action="store_true", help="resume even if the recipe changed")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")
     p.add_argument("--stop-at", type=_step, default=None, metavar="STEP",
-                   help="stop after STEP (>= 1) with a checkpoint (e.g. the end of a cluster job); --resume continues")
+                   help="stop after STEP (>= 1) with a checkpoint (e.g. the end of a cluster job); run the same command to continue")
     _add_verify(p, "the checkpoint resumed from")
+    p.epilog = ("exit status: 0 finished (or --stop-at reached); 75 interrupted by SIGTERM, SIGUSR1 or SIGINT after "
+                "saving a checkpoint (run the same command again); 1 the run cannot go on; 2 bad input")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="per-GPU memory, micro-batch, communication and step time of a recipe")

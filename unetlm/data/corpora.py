@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from unetlm.core.locks import FileLock, LocksUnsupported
 from unetlm.core.tokens import BYTES
 from unetlm.data.errors import PreparedDataError
 from unetlm.data.prepared import PreparedCorpus, cache_key, prepare
@@ -26,18 +27,35 @@ def cache_root() -> Path:
 
 
 def prepare_cached(recipe: Recipe, progress: bool = True) -> Path:
-    """The cache directory of ``recipe``'s sources, prepared now unless an earlier run did."""
+    """The cache directory of ``recipe``'s sources, prepared now unless an earlier run did. Behind
+    a file lock beside it: of processes that start at once, one prepares, the others wait for it."""
     out = cache_root() / "prepared" / cache_key(recipe)
-    try:
-        PreparedCorpus.open(out, recipe)
+    if _complete(out, recipe):
         return out
-    except PreparedDataError:  # absent or unfinished: prepare (it skips finished shards)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out.parent / f"{out.name}.lock")
+    try:
+        lock.acquire(wait=True)
+    except LocksUnsupported:  # e.g. a Lustre mount without flock: prepare unguarded
         pass
     try:
-        return prepare(recipe, out, progress=progress)
-    except PreparedDataError:
-        PreparedCorpus.open(out, recipe)  # complete but without text: training says how much it needs
-        return out
+        if _complete(out, recipe):  # another process prepared it while this one waited
+            return out
+        try:
+            return prepare(recipe, out, progress=progress)
+        except PreparedDataError:
+            PreparedCorpus.open(out, recipe)  # complete but without text: training says how much it needs
+            return out
+    finally:
+        lock.release()
+
+
+def _complete(out: Path, recipe: Recipe) -> bool:
+    try:
+        PreparedCorpus.open(out, recipe)
+        return True
+    except PreparedDataError:  # absent or unfinished: prepare (it skips finished shards)
+        return False
 
 
 def open_corpora(

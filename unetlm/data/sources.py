@@ -110,7 +110,18 @@ def hf_documents(spec: DataSpec) -> Iterator[bytes]:
         yield as_bytes(row[spec.text_field], f"{spec.dataset}[{spec.text_field}]")
 
 
+def require_source(spec: DataSpec) -> None:
+    """Refuse ``data.source = "none"`` (a recipe that names no corpus), saying how to prepare one."""
+    if spec.source == "none":
+        raise RecipeError(
+            "data.source = 'none': the recipe names no corpus; prepare one, e.g. unetlm prepare RECIPE --set "
+            "data.source=jsonl --set 'data.paths=[\"DOCS/*.jsonl\"]' --out DATA_DIR, then train with "
+            "--set data.prepared=DATA_DIR"
+        )
+
+
 def iter_documents(spec: DataSpec) -> Iterator[bytes]:
+    require_source(spec)
     if spec.source == "pydocs":
         return pydocs_documents()
     if spec.source == "files":

@@ -6,7 +6,9 @@ split into equal row blocks per rank), the
 micro-batch and activation checkpointing (:func:`unetlm.train.plan.plan_run`), parallelism applied from outside the model
 (:mod:`unetlm.train.parallelize`), optimizer and schedule, and the checkpointer
 (:mod:`unetlm.train.checkpointer`), which resumes the run. ``Trainer.step``: one optimizer step.
-``Trainer.log``: measurements reduced over ranks, evaluation when due, records written.
+``Trainer.log``: the measurements since the last record (:mod:`unetlm.train.runlog`), evaluation
+when due. ``Trainer.run``: the steps, with checkpoints and stops agreed by every rank at each step
+boundary (:mod:`unetlm.train.preemption`).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from unetlm.model.build import build_model
 from unetlm.core.tokens import PAD
 from unetlm.data.loader import step_batches
 from unetlm.data.boundaries import with_auto_lengths
-from unetlm.data.corpora import open_corpora, open_training_data, shared_tokenizer, tokenizer_text
+from unetlm.data.corpora import open_corpora, open_training_data, prepare_cached, shared_tokenizer, tokenizer_text
+from unetlm.data.sources import require_source
 from unetlm.data.windows import TrainingData
 from unetlm.model.generate import generate
 from unetlm.model.summary import summarize
@@ -30,12 +33,16 @@ from unetlm.recipe.schema import TrainingSpec, check_device
 from unetlm.train import parallel
 from unetlm.train.checkpointer import Checkpointer
 from unetlm.train.errors import TrainingError
-from unetlm.train.metrics import MetricsWriter, bits_per_byte, open_tensorboard
+from unetlm.train.guard import FiniteGuard
+from unetlm.train.metrics import bits_per_byte
 from unetlm.train.optim import make_optimizer, make_scheduler
 from unetlm.train.parallel import World, from_rank0
 from unetlm.train.parallelize import ParallelPlan, parallelize, plan_parallelism, set_gradient_sync
 from unetlm.train.plan import plan_run
-from unetlm.train.progress import Progress
+from unetlm.train.preemption import CheckpointSchedule, StopSignals
+from unetlm.train.repeats import repeat_note
+from unetlm.train.runlock import lock_run
+from unetlm.train.runlog import RunLogger
 from unetlm.train.scaling import Budget, resolve_budget
 
 
@@ -147,6 +154,23 @@ def evaluate(model, batches, device, world: World | None = None, dtype: torch.dt
     return float(total[0] / total[1].clamp(min=1))
 
 
+# what a resumed run may change: how it runs and reports, not what it computes (new keys are
+# absent from older checkpoints' recipes and compare as changed)
+RESUMABLE_KEYS = tuple(f"training.{key}" for key in (
+    "steps", "eval_every", "eval_batches", "checkpoint_every", "checkpoint_every_minutes", "async_checkpoint",
+    "log_every", "tensorboard", "wandb", "sample_prompt", "sample_bytes", "threads", "compile",
+    "micro_batch_size", "activation_checkpointing", "shard_size", "dist_timeout_minutes", "keep_checkpoints",
+)) + ("data.workers",)
+SHOWN_DIFFERENCES = 4
+
+
+def describe_differences(diffs: list[str], width: int = 60) -> str:
+    """``key: old -> new`` items joined on one line: the first few, each cut to ``width`` characters."""
+    shown = [d if len(d) <= width else d[: width - 3] + "..." for d in diffs[:SHOWN_DIFFERENCES]]
+    more = len(diffs) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more" if more else "")
+
+
 def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool | str, force: bool) -> dict | None:
     """The saved train record to resume from (None: a fresh run); an error when the request and
     the run directory disagree. ``resume``: True (a checkpoint must exist), False (none may exist)
@@ -155,7 +179,8 @@ def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool | 
         resume = saved is not None
     if not resume:
         if saved is not None:
-            raise TrainingError(f"{path} exists; pass --resume to continue it or choose another --out")
+            raise TrainingError(f"{path} holds a checkpoint (step {saved.get('step')}) and --resume no was given; "
+                                f"continue it (--resume auto) or choose another --out")
         return None
     if saved is None:
         legacy = path.parent / "checkpoint.pt"
@@ -165,11 +190,11 @@ def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool | 
                 f"not resume from (it resumes from sharded {path}/); start a new run with another --out"
             )
         raise TrainingError(f"--resume: no checkpoint at {path}")
-    free = ("training.steps", "training.keep_checkpoints")  # may change on resume
-    diffs = [d for d in recipe_differences(saved["recipe"], recipe.to_dict()) if not d.startswith(free)]
+    diffs = [d for d in recipe_differences(saved["recipe"], recipe.to_dict()) if not d.startswith(RESUMABLE_KEYS)]
     if diffs and not force:
         raise TrainingError(
-            "the recipe differs from the checkpoint's; pass --force to resume anyway:\n  " + "\n  ".join(diffs)
+            f"{path.parent} holds a checkpoint of another recipe ({describe_differences(diffs)}); train its own "
+            f"recipe ({path.parent / 'recipe.toml'}), choose another --out, or pass --force to continue with this one"
         )
     return saved
 
@@ -177,7 +202,7 @@ def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool | 
 def train(
     recipe: Recipe,
     out_dir: str | Path,
-    resume: bool | str = False,
+    resume: bool | str = "auto",
     force: bool = False,
     progress: bool = True,
     sample: bool = True,
@@ -185,22 +210,35 @@ def train(
     verify: bool = False,
 ) -> dict:
     """Train ``recipe`` into ``out_dir`` (checkpoints/, metrics.jsonl, recipe.toml); returns the last
-    step's metrics. ``stop_at``: stop (with a checkpoint) after that step; ``--resume`` continues.
-    ``resume``: True, False or ``"auto"`` (see :func:`check_resume`). ``verify``: check the sha256 of
-    every file of the checkpoint resumed from.
+    record, with ``"interrupted"`` (the signal's name) when a signal stopped the run after saving.
+    ``stop_at``: stop (with a checkpoint) after that step. ``resume``: ``"auto"`` (continue the
+    directory's checkpoint if there is one, else start fresh), True or False (see :func:`check_resume`).
+    ``verify``: check the sha256 of every file of the checkpoint resumed from.
 
     Run as one process, or under ``torchrun`` (every rank calls this; rank 0 writes the logs,
-    every rank its checkpoint shards).
+    every rank its checkpoint shards). The data cache is prepared before the process group forms,
+    by whichever process takes its file lock first; rank 0 holds the run directory's lock.
     """
-    world = parallel.init_world(recipe.training.device)
+    out = Path(out_dir)
+    rank, _, _ = parallel.launch_rank()  # several processes without torchrun are refused here
+    if not recipe.data.prepared_dirs:
+        require_source(recipe.data)
+        prepare_cached(recipe, progress and rank == 0)
+    world = parallel.init_world(recipe.training.device, recipe.training.dist_timeout_minutes)
     try:
-        trainer = Trainer.setup(recipe, Path(out_dir), world, resume, force, progress, verify)
-        try:
-            last = trainer.run(stop_at)
-        finally:
-            trainer.close()
-        if sample and recipe.training.sample_bytes > 0 and world.main and last.get("step") == recipe.training.steps:
-            last["sample"] = sample_text(recipe, Path(out_dir))
+        with StopSignals() as signals:
+            lock = lock_run(out, world)
+            try:
+                trainer = Trainer.setup(recipe, out, world, resume, force, progress, verify)
+                try:
+                    last = trainer.run(stop_at, signals)
+                finally:
+                    trainer.close()
+            finally:
+                lock.release()
+        finished = "loss" in last and last["step"] == recipe.training.steps
+        if sample and recipe.training.sample_bytes > 0 and world.main and finished:
+            last["sample"] = sample_text(recipe, out)
         return last
     finally:
         parallel.close_world(world)
@@ -224,7 +262,11 @@ class Trainer:
     dtype: torch.dtype | None
     micro_rows: int
     start_step: int
-    logger: "RunLogger"
+    logger: RunLogger
+    guard: FiniteGuard = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.guard = FiniteGuard(self.optimizer, self.world.device, self.checkpointer.path)
 
     @classmethod
     def setup(cls, recipe: Recipe, out: Path, world: World, resume: bool | str, force: bool, progress: bool,
@@ -285,57 +327,70 @@ class Trainer:
         lengths = self.logger.lengths
         output = forward_backward(self.model, batch, self.micro_rows, self.dtype, lengths, self.plan)
         output.loss = parallel.mean_over_ranks(output.loss, self.world)
-        if not torch.isfinite(output.loss):
-            raise TrainingError(
-                f"loss became {float(output.loss)} at step {number}; stopping. The last good "
-                f"checkpoint ({self.checkpointer.path}) is kept; lower training.lr or training.grad_clip and --resume."
-            )
         clip = self.recipe.training.grad_clip or float("inf")
         output.grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        if not torch.isfinite(output.grad_norm):
-            raise TrainingError(
-                f"gradient norm became {float(output.grad_norm)} at step {number}; stopping. The last "
-                f"good checkpoint ({self.checkpointer.path}) is kept; lower training.lr and --resume."
-            )
+        self.guard.observe(number, output.loss, output.grad_norm)  # a non-finite step is skipped on the device
         self.optimizer.step()
         self.scheduler.step()
         return output
 
     def log(self, step: int, output: StepOutput) -> dict:
-        """Reduce the step's measurements over ranks, evaluate when due; rank 0 writes and shows them."""
+        """Reduce the measurements since the last record over ranks, evaluate when due; rank 0 writes and shows them."""
         spec = self.recipe.training
         record = self.logger.record(step, output, self.optimizer) | self.data.step_metrics(step - 1)
+        self.guard.check()
         if any(record["truncated"][: self.data.transitions]):
             raise TrainingError(
                 f"step {step}: the model dropped boundaries {record['truncated']} (per stage transition) on training "
                 f"rows planned to fit every max_len; the data's boundary masks do not match the model's splitters"
             )
         if step % spec.eval_every == 0 or step == spec.steps:
-            val = evaluate(self.model, self.valid, self.world.device, self.world, self.dtype, self.micro_rows)
+            with self.logger.paused():
+                val = evaluate(self.model, self.valid, self.world.device, self.world, self.dtype, self.micro_rows)
             record["val_loss"], record["val_bpb"] = val, bits_per_byte(val)
         self.logger.emit(record)
         return record
 
-    def run(self, stop_at: int | None = None) -> dict:
-        """Steps from the start step to ``training.steps`` (or ``stop_at``), checkpointing as due and on Ctrl-C."""
+    def save(self, step: int, schedule: CheckpointSchedule) -> None:
+        """A checkpoint at ``step``, never of a step after a non-finite one."""
+        self.guard.check()
+        with self.logger.paused():
+            self.checkpointer.save(step)
+        schedule.saved(step)
+
+    def run(self, stop_at: int | None = None, signals: StopSignals | None = None) -> dict:
+        """Steps from the start step to ``training.steps`` (or ``stop_at``), checkpointing as due
+        (:class:`~unetlm.train.preemption.CheckpointSchedule`); a stop signal saves the current step
+        and ends the run: the last record then holds ``"interrupted"``, the signal's name."""
         spec = self.recipe.training
         stop = spec.steps if stop_at is None else min(stop_at, spec.steps)
-        step, last = self.start_step, {}
+        step, last, output = self.start_step, {"step": self.start_step}, None
+        schedule = CheckpointSchedule(spec, self.world, signals or StopSignals(), self.start_step)
+        if step < stop:
+            note = repeat_note(self.data, spec.steps)
+            if note:
+                self.logger.warn(note)
         batches = step_batches(self.data, step, stop, self.world.rank, self.world.size, self.recipe.data.workers)
+        pinned = self.world.device.type == "cuda"  # copies that do not wait for the device's queued work
         self.model.train()
-        try:
-            while step < stop:
-                output = self.step(step + 1, next(batches).to(self.world.device))
-                step += 1
+        self.logger.start()
+        while True:
+            boundary = schedule.at(step, stop)  # every rank, every step: stop and save agreed
+            due = step % spec.log_every == 0 or step % spec.eval_every == 0 or step == stop
+            if output is not None and (due or boundary.save):
                 last = self.log(step, output)
-                if step % spec.checkpoint_every == 0 or step == stop:
-                    self.checkpointer.save(step)
-        except KeyboardInterrupt:
-            self.logger.close()
-            self.checkpointer.save(step)
-            if self.world.main:
-                print(f"\ninterrupted: saved step {step} to {self.checkpointer.path}; continue with --resume", flush=True)
-        return last
+            if boundary.save:
+                self.save(step, schedule)
+            if boundary.stop and step < stop:
+                return last | {"step": step, "interrupted": boundary.signal}
+            if boundary.stop or step >= stop:
+                return last
+            started = time.perf_counter()
+            batch = next(batches)
+            self.logger.waited(time.perf_counter() - started)
+            output = self.step(step + 1, batch.to(self.world.device, non_blocking=pinned))
+            self.logger.accumulate(output)
+            step += 1
 
     def close(self) -> None:
         self.logger.close()
@@ -347,82 +402,6 @@ def write_run_files(out: Path, recipe: Recipe, tokenizer) -> None:
     (out / "recipe.toml").write_text(dump_recipe(recipe), encoding="utf-8")
     if tokenizer is not None:
         (out / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
-
-
-@attrs.define
-class RunLogger:
-    """Per-step records: reduced over ranks, written (rank 0) to metrics.jsonl, TensorBoard and the bar."""
-
-    world: World
-    lengths: torch.Tensor  # (vocab,) bytes per token id, on the device
-    bytes_per_step: float
-    flops_per_byte: float
-    start_step: int
-    bar: Progress
-    metrics: MetricsWriter | None
-    board: object | None
-    started: float = attrs.field(factory=time.perf_counter)
-
-    @classmethod
-    def open(cls, recipe: Recipe, out: Path, world: World, tokenizer, budget: Budget, flops_per_byte: float,
-             start_step: int, progress: bool) -> "RunLogger":
-        spec = recipe.training
-        return cls(
-            world,
-            torch.as_tensor(tokenizer.lengths, device=world.device),
-            budget.batch_size * recipe.model.seq_len * tokenizer.bytes_per_token,
-            flops_per_byte,
-            start_step,
-            Progress(spec.steps, start_step, enabled=progress and world.main),
-            MetricsWriter(out / "metrics.jsonl") if world.main else None,
-            open_tensorboard(out / "tensorboard") if (spec.tensorboard and world.main) else None,
-        )
-
-    def write(self, text: str) -> None:
-        for line in text.splitlines():
-            self.bar.write(line)
-
-    def record(self, step: int, output: StepOutput, optimizer) -> dict:
-        world = self.world
-        nats, n_bytes = parallel.sum_over_ranks(output.nats_bytes, world).tolist()
-        elapsed = time.perf_counter() - self.started
-        group = optimizer.param_groups[0]
-        record = {
-            "step": step,
-            "loss": output.loss.item(),
-            "bpb": bits_per_byte(nats / max(n_bytes, 1.0)),
-            "lr": group["lr"] / group.get("lr_multiplier", 1.0),
-            "grad_norm": float(output.grad_norm),
-            "bytes": step * self.bytes_per_step,
-            "flops": step * self.bytes_per_step * self.flops_per_byte,
-            "bytes_per_s": (step - self.start_step) * self.bytes_per_step / max(elapsed, 1e-9),
-            "truncated": [int(parallel.sum_over_ranks(t, world)) for t in output.truncated],
-        }
-        if output.aux_loss is not None:  # learned splitters: ratio loss and achieved bytes per chunk
-            record["aux_loss"] = float(parallel.mean_over_ranks(output.aux_loss.detach(), world))
-            record["bytes_per_chunk"] = [float(parallel.mean_over_ranks(b, world)) for b in output.bytes_per_chunk]
-        return record
-
-    def emit(self, record: dict) -> None:
-        step = record["step"]
-        if self.metrics is not None:
-            self.metrics.write(record)
-        if self.board is not None:
-            for key in ("loss", "bpb", "lr", "grad_norm", "bytes_per_s", "val_bpb"):
-                if key in record:
-                    self.board.add_scalar(f"train/{key}", record[key], step)
-        if any(record["truncated"]):  # stages of learned splitters cannot be planned from the data
-            self.bar.write(f"step {step}: truncated boundaries per stage transition: {record['truncated']} (raise max_len)")
-        shown = {"loss": record["loss"], "bpb": record["bpb"], "bytes/s": f"{record['bytes_per_s']:,.0f}"}
-        if "val_bpb" in record:
-            shown["val_bpb"] = record["val_bpb"]
-        self.bar.update(step, **shown)
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.board is not None:
-            self.board.close()
-            self.board = None
 
 
 def run_tokenizer(corpora, state: dict | None):

@@ -11,6 +11,7 @@ class Progress:
         self.enabled = enabled
         self.start_time = time.perf_counter()
         self.start_step = start
+        self.printed = start  # the step of the last plain log line
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -23,7 +24,8 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix(text, refresh=False)
             self.bar.update(step - self.bar.n)
-        elif self.enabled and (step % self.log_every == 0 or step == self.total):
+        elif self.enabled and (step - self.printed >= self.log_every or step == self.total):
+            self.printed = step
             elapsed = time.perf_counter() - self.start_time
             rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
             eta = (self.total - step) / rate if rate > 0 else float("nan")
