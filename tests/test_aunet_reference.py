@@ -55,7 +55,8 @@ def test_lingua_rule_reads_ahead_and_the_smallest_case():
             return not np.array_equal(reference_boundaries(x + y, group)[: len(x)], reference_boundaries(x, group))
 
         small = st.text(alphabet=" \t\n.,a1", max_size=8)
-        x, y = find(st.tuples(small, small), unstable, settings=settings(max_examples=500, derandomize=True, database=None))
+        shrink = settings(max_examples=500, derandomize=True, database=None)
+        x, y = find(st.tuples(small, small), unstable, settings=shrink)
         assert (x, y) == (" ", "\n"), name
         assert not preset_boundaries(b" \n", f"lingua-{name}")[0]
     # within text, at stages 2 and deeper: the space after an odd word before a newline

@@ -89,8 +89,9 @@ def lingua_boundaries(data: bytes, group: int) -> np.ndarray:
     in_run = words - np.where(last_break >= 0, words[np.maximum(last_break, 0)], 0)
     kept = white[word_end & (in_run % group == 0)]
     opens = white[(cls[white] == NEWLINE) & (before <= NUMBER)]  # after START, a LETTER or a NUMBER
-    for forced in (kept, opens, first_of_threes(np.flatnonzero(cls == NUMBER)), first_of_threes(np.flatnonzero(cls == OTHER))):
-        out[last[forced]] = True
+    numbers, others = first_of_threes(np.flatnonzero(cls == NUMBER)), first_of_threes(np.flatnonzero(cls == OTHER))
+    for marked in (kept, opens, numbers, others):
+        out[last[marked]] = True
     return out
 
 
