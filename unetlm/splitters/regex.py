@@ -111,7 +111,8 @@ class RegexConfig:
         for key in ("every", "window"):
             value = getattr(self, key)
             if self.preset is not None and value is not None:
-                hint = " (every 2nd or 4th word: preset 'word2' or 'word4')" if key == "every" else ""
+                family = "lingua-word" if self.preset in LINGUA_PRESET_GROUP else "word"
+                hint = f" (every 2nd or 4th word: preset '{family}2' or '{family}4')" if key == "every" else ""
                 raise RecipeError(
                     f"{path}.{key} = {value!r} is invalid: {key} applies to 'pattern' only, not to "
                     f"preset {self.preset!r}{hint}"
