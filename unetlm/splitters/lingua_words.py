@@ -1,4 +1,4 @@
-"""The word rule of lingua's AU-Net (``apps/aunet/data/regex_cutting.py``, strategies ``wordN``), made causal.
+"""lingua's AU-Net word rule (``apps/aunet/data/regex_cutting.py``, strategies ``wordN``), causal.
 
 Characters (UTF-8) fall into letters (``\\p{L}``), numbers (``\\p{N}``), spaces (``\\s``
 but not \\r, \\n), newlines (\\r, \\n) and others (punctuation, symbols, marks); a decision
@@ -11,12 +11,15 @@ four words) a boundary is:
   boundaries do not restart the count);
 - the first character of each group of up to three numbers, and of up to three others,
   counted from the start of their stretch;
-- a newline right after a letter or a number, or first in the document (a newline right
-  after an other character belongs to it, as do the whitespace characters after it).
+- a newline right after a letter or a number, or first in the document: the start of a
+  whitespace run that holds a newline (lingua's ``\\s*[\\r\\n]``). Newlines right after an
+  other character are part of that character's match, and later newlines of a run part of
+  the run's, so neither is marked.
 
-lingua also marks the first space of a whitespace run that reaches a newline later (its
-``\\s*[\\r\\n]``): that decision reads ahead, so this rule leaves it out. Smallest case: in
-" " the space is no boundary; in " \\n" lingua makes it one. Elsewhere the two agree exactly.
+lingua also marks a whitespace run that starts with a space and reaches a newline later, at
+that first space: that decision reads ahead, so this rule leaves it out. Smallest case: in
+" " the space is no boundary; in " \\n" lingua makes it one. Elsewhere the two agree exactly
+(on valid UTF-8).
 
 Bytes of an incomplete UTF-8 character decide nothing; once a sequence proves invalid, each of
 its bytes counts as one letter (as Python's decoder splits it, ``surrogateescape``).
