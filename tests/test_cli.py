@@ -30,7 +30,7 @@ def test_show_reports_stages_params_and_flops(capsys):
     assert "dim = 96" in out
     assert "total parameters:" in out and "training FLOPs per byte" in out
     lines = [line for line in out.splitlines() if line.startswith(("0 ", "1 "))]
-    assert len(lines) == 2 and "regex(preset=word" in lines[1]
+    assert len(lines) == 2 and "regex(preset=lingua-word" in lines[1]
 
 
 @pytest.mark.parametrize(

@@ -209,7 +209,7 @@ def test_stale_splitters_tokenizer_and_damaged_shards_are_refused(tmp_path, caps
     with pytest.raises(PreparedDataError) as info:
         PreparedCorpus.open(out, stale)
     message = str(info.value)
-    both = r"stage 2 splitter \{name = 'regex'[^}]*preset = 'word2'[^}]*\}, but the recipe's stage 2 splitter is " \
+    both = r"stage 2 splitter \{name = 'regex'[^}]*preset = 'lingua-word2'[^}]*\}, but the recipe's stage 2 splitter is " \
         r"\{name = 'regex'[^}]*preset = 'word4'[^}]*\}"
     assert re.search(both, message), message
     assert message.endswith(f"re-prepare with: unetlm prepare RECIPE --out {out}")

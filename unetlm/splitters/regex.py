@@ -1,12 +1,18 @@
-"""Regex boundaries, and the AU-Net presets ``word``, ``word2``, ``word4``.
+"""Regex boundaries, and the word presets ``word``, ``word2``, ``word4`` and ``lingua-word``,
+``lingua-word2``, ``lingua-word4``.
 
-Presets: bytes fall into classes (whitespace, newline, ASCII digit, ASCII punctuation, other =
-letters and every non-ASCII byte). A *word* boundary is the first whitespace byte after a
-non-whitespace byte; a *forced* boundary is every newline, the first byte of each punctuation
-run and the first byte of each group of 1-3 digits. Preset ``wordN`` keeps every N-th word
-boundary counted since the last kept or forced one, and every forced one. Each decision reads
-only bytes at or before it, so the presets are exactly stable (``a  \\nb`` promotes nothing),
-and word4 is nested in word2, which is nested in word.
+Presets ``lingua-wordN`` follow the splitting of lingua's AU-Net, which the AU-Net recipes use
+(Unicode character classes; words grouped within runs of single-spaced words; see
+:mod:`unetlm.splitters.lingua_words`).
+
+Presets ``word``, ``word2``, ``word4``: bytes fall into classes (whitespace, newline, ASCII
+digit, ASCII punctuation, other = letters and every non-ASCII byte). A *word* boundary is the
+first whitespace byte after a non-whitespace byte; a *forced* boundary is every newline, the
+first byte of each punctuation run and the first byte of each group of 1-3 digits. Preset
+``wordN`` keeps every N-th word boundary counted since the last kept or forced one, and every
+forced one. Each decision reads only bytes at or before it, so the presets are exactly stable
+(``a  \\nb`` promotes nothing), and word4 is nested in word2, which is nested in word (the
+``lingua-wordN`` presets likewise).
 
 Patterns: a boundary at byte t when the pattern matches a span of ``data`` that *ends* at t
 (the regex engine is given the bytes up to t only, at most ``window`` of them: lookbehinds,
@@ -14,9 +20,10 @@ Patterns: a boundary at byte t when the pattern matches a span of ``data`` that 
 keeps every n-th such boundary. ``every`` and ``window`` belong to patterns: given with a
 preset they are a recipe error (the presets group words themselves: ``word2``, ``word4``).
 
-Incremental states (:meth:`RegexSplitter.start`): a preset keeps the previous byte class and
-two counters (O(1) per byte); a pattern keeps at most 2 * ``window`` recent bytes and runs one
-end-anchored search over the last ``window`` of them (O(window) per byte, never the history).
+Incremental states (:meth:`RegexSplitter.start`): a preset keeps the previous class and a few
+counters (O(1) per byte; ``lingua-wordN`` also the bytes of an unfinished UTF-8 character); a
+pattern keeps at most 2 * ``window`` recent bytes and runs one end-anchored search over the
+last ``window`` of them (O(window) per byte, never the history).
 """
 from __future__ import annotations
 
@@ -29,8 +36,10 @@ import regex
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.validators import positive
 from unetlm.splitters.base import Splitter
+from unetlm.splitters.lingua_words import LinguaWordState, lingua_boundaries
 
 PRESET_GROUP = {"word": 1, "word2": 2, "word4": 4}
+LINGUA_PRESET_GROUP = {"lingua-word": 1, "lingua-word2": 2, "lingua-word4": 4}
 
 OTHER, SPACE, NEWLINE, DIGIT, PUNCT = 0, 1, 2, 3, 4
 _CLASS = np.zeros(256, dtype=np.int8)
@@ -81,14 +90,15 @@ PATTERN_EVERY, PATTERN_WINDOW = 1, 64  # a pattern's defaults for ``every`` and 
 
 @attrs.define
 class RegexConfig:
-    preset: Literal["word", "word2", "word4"] | None = None
+    preset: Literal["word", "word2", "word4", "lingua-word", "lingua-word2", "lingua-word4"] | None = None
     pattern: str | None = None
     every: int | None = attrs.field(default=None, validator=positive)  # pattern only (default 1)
     window: int | None = attrs.field(default=None, validator=positive)  # pattern only (default 64)
 
     def __attrs_post_init__(self) -> None:
         if (self.preset is None) == (self.pattern is None):
-            raise RecipeError("exactly one of 'preset' (word, word2, word4) or 'pattern' must be given")
+            presets = ", ".join([*PRESET_GROUP, *LINGUA_PRESET_GROUP])
+            raise RecipeError(f"exactly one of 'preset' ({presets}) or 'pattern' must be given")
         if self.pattern is not None:
             try:
                 regex.compile(self.pattern.encode("utf-8"))
@@ -101,7 +111,8 @@ class RegexConfig:
         for key in ("every", "window"):
             value = getattr(self, key)
             if self.preset is not None and value is not None:
-                hint = " (every 2nd or 4th word: preset 'word2' or 'word4')" if key == "every" else ""
+                family = "lingua-word" if self.preset in LINGUA_PRESET_GROUP else "word"
+                hint = f" (every 2nd or 4th word: preset '{family}2' or '{family}4')" if key == "every" else ""
                 raise RecipeError(
                     f"{path}.{key} = {value!r} is invalid: {key} applies to 'pattern' only, not to "
                     f"preset {self.preset!r}{hint}"
@@ -122,6 +133,9 @@ class RegexSplitter(Splitter):
         {"preset": "word"},
         {"preset": "word2"},
         {"preset": "word4"},
+        {"preset": "lingua-word"},
+        {"preset": "lingua-word2"},
+        {"preset": "lingua-word4"},
         {"pattern": r"[.!?]\s", "every": 1},
         {"pattern": r"\S(?=\s)|\s", "every": 2},
     ]
@@ -132,6 +146,8 @@ class RegexSplitter(Splitter):
             self._compiled = regex.compile(b"(?:" + config.pattern.encode("utf-8") + rb")\Z")
 
     def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
+        if self.config.preset in LINGUA_PRESET_GROUP:
+            return lingua_boundaries(data, LINGUA_PRESET_GROUP[self.config.preset]) & parent
         if self.config.preset is not None:
             word, forced = word_events(data)
             return keep_every(word, forced, PRESET_GROUP[self.config.preset]) & parent
@@ -146,7 +162,9 @@ class RegexSplitter(Splitter):
             return hits
         return keep_every(hits, np.zeros_like(hits), self.config.pattern_every)
 
-    def start(self) -> PresetState | PatternState:
+    def start(self) -> PresetState | LinguaWordState | PatternState:
+        if self.config.preset in LINGUA_PRESET_GROUP:
+            return LinguaWordState(LINGUA_PRESET_GROUP[self.config.preset])
         if self.config.preset is not None:
             return PresetState(PRESET_GROUP[self.config.preset])
         return PatternState(self._compiled, self.config.pattern_window, self.config.pattern_every)
