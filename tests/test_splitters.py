@@ -166,6 +166,21 @@ def test_chunked_evaluation_equals_the_whole_document(name, options, case, sizes
     assert np.array_equal(got, split_document(chain, data))
 
 
+@pytest.mark.parametrize("name, options", SPLITTERS)
+def test_identity_names_options_and_code(name, options):
+    """What keys prepared data: the deciding options and the code (class, version, source digest)."""
+    import json
+
+    splitter = make_splitter(name, options)
+    identity = splitter.identity()
+    json.dumps(identity)  # stored in plan.json and manifests
+    code, cls = identity["code"], type(splitter)
+    assert isinstance(code["version"], int) and len(code["source_sha256"]) == 64
+    assert code["class"] == f"{cls.__module__}:{cls.__qualname__}"
+    if name == "entropy":  # the model by its content; where the work runs is no part of it
+        assert set(identity["options"]["checkpoint"]) == {"sha256"} and "device" not in identity["options"]
+
+
 def test_generic_scans_cover_every_way_a_splitter_gives_its_rule():
     """A splitter with a bounded context is re-run on an overlap, one with a state is stepped, any
     other is held whole, and all agree with the whole document."""

@@ -85,6 +85,18 @@ def _prepare(args, recipe) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from unetlm.data.cache import clear, entries, format_entries, prepared_root
+
+    if args.cache_command == "list":
+        print(format_entries(entries()))
+        return 0
+    removed = clear(args.keys)
+    print(f"removed {len(removed)} prepared-data folders ({sum(e.size for e in removed) / 1e6:,.1f} MB) "
+          f"from {prepared_root()}")
+    return 0
+
+
 def cmd_show(args) -> int:
     import torch
 
@@ -95,9 +107,10 @@ def cmd_show(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     stats = None
     if args.data:
-        from unetlm.data.boundaries import recipe_splitters, sample_masks, stage_stats, with_auto_lengths
+        from unetlm.data.boundaries import SAMPLE_BYTES, recipe_splitters, sample_masks, stage_stats, with_auto_lengths
 
-        documents = [Path(args.data).read_bytes()]
+        with open(args.data, "rb") as f:
+            documents = [f.read(SAMPLE_BYTES)]  # the statistics read the head of the data
         if len(documents[0]) + 1 < recipe.model.seq_len:
             print(f"unetlm: error: --data {args.data} holds {len(documents[0])} bytes, fewer than one window of "
                   f"model.seq_len = {recipe.model.seq_len}", file=sys.stderr)
@@ -379,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="once the data is complete, check every file's sha256 against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+
+    cache = sub.add_parser("cache", help="list or clear the prepared data that training caches")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    p = cache_sub.add_parser("list", help="each cached preparation: key, size, last use, state, splitters, sources")
+    p.set_defaults(func=cmd_cache)
+    p = cache_sub.add_parser("clear", help="remove cached preparations (all, or those named)")
+    p.add_argument("keys", nargs="*", metavar="KEY", help="keys (or their first characters) from unetlm cache list")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("train", help="train a recipe")
     p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"recipe file (default {DEFAULT_RECIPE})")

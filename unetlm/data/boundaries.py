@@ -93,10 +93,11 @@ def with_auto_lengths(recipe: Recipe, documents: Iterable[bytes] | None = None) 
         corpus = PreparedCorpus.open(recipe.data.prepared_dirs[0].path, recipe)
         masks = corpus.read_masks(0, min(corpus.num_tokens, SAMPLE_BYTES))
     else:
-        from unetlm.data.sources import iter_documents
+        from unetlm.data.sources import documents as joined, head, iter_pieces
 
-        masks = sample_masks(iter_documents(recipe.data) if documents is None else documents,
-                             recipe_splitters(recipe.model))
+        if documents is None:  # the sample's head only, however long its documents
+            documents = joined(head(iter_pieces(recipe.data), SAMPLE_BYTES))
+        masks = sample_masks(documents, recipe_splitters(recipe.model))
     _, lengths = auto_lengths(recipe.model, window_counts(masks, recipe.model.seq_len))
     table = recipe.to_dict()
     for t, n in enumerate(lengths):

@@ -3,8 +3,9 @@
 ``data.prepared`` names directories written by ``unetlm prepare`` (a mixture when several, each
 with its weight). Without it, the recipe's sources are prepared once into
 ``$UNETLM_CACHE/prepared/KEY`` (default ``~/.cache/unetlm``), ``KEY`` = :func:`cache_key` of the
-sources, splitters and tokenizer, and reused by later runs. Either way a rank holds the document
-index and the row plan in RAM, never the corpus. A row plan is cached beside its data as
+sources, splitters (options and code) and tokenizer, and reused by later runs; with ``progress``
+a line says which directory is read and whether it was reused or prepared now. Either way a rank
+holds the document index and the row plan in RAM, never the corpus. A row plan is cached beside its data as
 ``rows/{key}-T{tokens}-L{seq_len}-M{max_lens}-V{valid_fraction}-{train,valid}.npz``.
 """
 from __future__ import annotations
@@ -28,16 +29,28 @@ def cache_root() -> Path:
 def prepare_cached(recipe: Recipe, progress: bool = True) -> Path:
     """The cache directory of ``recipe``'s sources, prepared now unless an earlier run did."""
     out = cache_root() / "prepared" / cache_key(recipe)
+    say = print if progress else lambda _line: None
     try:
         PreparedCorpus.open(out, recipe)
+        say(f"prepared data: reusing {out} (prepared earlier from the same sources, splitters and tokenizer)")
+        _touch(out)
         return out
-    except PreparedDataError:  # absent or unfinished: prepare (it skips finished shards)
+    except PreparedDataError:  # absent or unfinished: prepare (it skips finished units)
         pass
+    say(f"prepared data: preparing {out} (new: no earlier run prepared these sources, splitters and tokenizer)")
     try:
         return prepare(recipe, out, progress=progress)
     except PreparedDataError:
         PreparedCorpus.open(out, recipe)  # complete but without text: training says how much it needs
         return out
+
+
+def _touch(path: Path) -> None:
+    """Record that a cached preparation was used now (``unetlm cache list`` shows it)."""
+    try:
+        path.touch()
+    except OSError:
+        pass  # a read-only cache: the time is simply not recorded
 
 
 def open_corpora(
@@ -49,6 +62,8 @@ def open_corpora(
     if not parts:
         path = on_main(lambda: str(prepare_cached(recipe, progress)))
         return [(PreparedCorpus.open(path, recipe), 1.0)]
+    if progress:
+        print(f"prepared data: reading {', '.join(part.path for part in parts)} (data.prepared)")
     return [(PreparedCorpus.open(part.path, recipe), part.weight) for part in parts]
 
 

@@ -66,14 +66,14 @@ def events_after(data: bytes, prev: int, digits: int) -> tuple[np.ndarray, np.nd
     before[0], before[1:] = prev, cls[:-1]
     word = (cls == SPACE) & (before != SPACE) & (before != NEWLINE)
     forced = (cls == NEWLINE) | ((cls == PUNCT) & (before != PUNCT))
-    is_digit = cls == DIGIT
+    at = np.flatnonzero(cls == DIGIT)  # digits are few: their runs are walked on their positions alone
     run_start = -digits  # where the digit run that ``data`` may continue began
-    if is_digit.any():
-        idx = np.arange(len(cls))
-        start_idx = np.maximum.accumulate(np.where(is_digit & (before != DIGIT), idx, -digits))
-        forced |= is_digit & ((idx - start_idx) % 3 == 0)
-        run_start = int(start_idx[-1])
-    return word, forced, int(cls[-1]), (len(cls) - run_start if is_digit[-1] else 0)
+    if len(at):
+        starts = np.maximum.accumulate(np.where(before[at] != DIGIT, at, -digits))
+        forced[at[(at - starts) % 3 == 0]] = True
+        run_start = int(starts[-1])
+    ends_in_digits = len(at) and at[-1] == len(cls) - 1
+    return word, forced, int(cls[-1]), (len(cls) - run_start if ends_in_digits else 0)
 
 
 def keep_every(word: np.ndarray, forced: np.ndarray, group: int, count: int = 0) -> tuple[np.ndarray, int]:

@@ -1,49 +1,53 @@
-"""Which input each shard reads: a deterministic cut of the recipe's sources into shards.
+"""Which input each unit reads: a deterministic cut of the recipe's sources into units of input.
 
-The plan depends on the sources only (paths, sizes, ``shard_bytes``), never on how many jobs
-or workers prepare them, so ``--shard I/N`` jobs agree on it without talking to each other.
-Shards are, in stream order: ``files``: runs of whole files of about ``shard_bytes``;
-``jsonl``: byte ranges of a file, each holding the lines that *start* in it; ``parquet``:
-runs of row groups; ``pydocs``: one shard. ``hf`` streams have no plan: rows are cut into
-shards of :data:`HF_ROWS` while streaming (see :func:`hf_shards`).
+A unit is what one worker reads in stream order, whole documents only, and writes as one or more
+shards (a document longer than a shard spans several). The cut depends on the sources only
+(paths, sizes, ``shard_bytes``), never on how many jobs or workers prepare them, so ``--shard I/N``
+jobs agree on it without talking to each other, and a document is always read, split and
+tokenized from its start by one worker, whatever the jobs: the stream is that of one run.
+Units are, in stream order: ``files``: runs of whole files of about ``shard_bytes`` (a larger
+file is a unit of its own, or closes a run); ``jsonl``: byte ranges of a file, each holding the
+lines that *start* in it (a compressed file, which cannot be entered in the middle: one unit);
+``parquet``: runs of row groups; ``pydocs``: one unit. ``hf`` streams have no cut: rows are
+grouped into units of :data:`HF_ROWS` while streaming (see :func:`hf_units`).
 """
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
 
+from unetlm.data.jsonl import BadLines
 from unetlm.data.sources import (
-    expand_paths, hf_documents, jsonl_document, open_parquet, parquet_rows, pydocs_documents,
+    compression, expand_paths, file_pieces, hf_documents, jsonl_file_pieces, open_parquet, parquet_rows,
+    pydocs_documents, whole_pieces,
 )
-from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.schema import DataSpec
 
-HF_ROWS = 4096  # rows of a streamed dataset per shard
+HF_ROWS = 4096  # rows of a streamed dataset per unit
 
 
 @attrs.define
-class ShardInput:
-    """One shard's input. ``start``/``stop``: a byte range (jsonl) or row groups (parquet)."""
+class Unit:
+    """One unit's input. ``start``/``stop``: a byte range (jsonl) or row groups (parquet);
+    ``stats``: (size, mtime_ns) of each path when the units were cut."""
 
     kind: str
     paths: list[str]
     start: int = 0
     stop: int = 0
-    size: int = 0  # input bytes, for progress
+    size: int = 0  # input bytes (of the files as they lie on disk), for progress
+    stats: list[list[int]] = attrs.field(factory=list)
 
     def describe(self) -> dict:
         return attrs.asdict(self)
 
 
-@attrs.define
-class BadLines:
-    """Lines that were skipped (``--skip-bad``): their count and the first one's place."""
-
-    count: int = 0
-    first: str = ""
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def source_identity(spec: DataSpec) -> dict:
@@ -52,7 +56,7 @@ def source_identity(spec: DataSpec) -> dict:
     if spec.source in ("jsonl", "parquet", "hf"):
         out["text_field"] = spec.text_field
     if spec.source in ("files", "jsonl", "parquet"):
-        out["files"] = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_paths(spec.paths)]
+        out["files"] = [[str(p.resolve()), *_stat(p)] for p in expand_paths(spec.paths)]
     elif spec.source == "pydocs":
         out["python"] = sys.version
     else:
@@ -60,29 +64,34 @@ def source_identity(spec: DataSpec) -> dict:
     return out
 
 
-def plan_shards(spec: DataSpec, shard_bytes: int) -> list[ShardInput] | None:
-    """The shards of ``spec`` in stream order (None for a streamed ``hf`` source)."""
+def assign_units(spec: DataSpec, shard_bytes: int) -> list[Unit] | None:
+    """The units of ``spec`` in stream order (None for a streamed ``hf`` source)."""
     if spec.source == "pydocs":
-        return [ShardInput("pydocs", [], size=sum(len(d) for d in pydocs_documents()))]
+        return [Unit("pydocs", [], size=sum(len(d) for d in pydocs_documents()))]
     if spec.source == "hf":
         return None
     paths = expand_paths(spec.paths)
     if spec.source == "files":
-        return _group_files(paths, shard_bytes)
+        stats = [_stat(p) for p in paths]
+        return [Unit("files", [str(p) for p in paths[a:b]], size=sum(s[0] for s in stats[a:b]), stats=stats[a:b])
+                for a, b in _runs([s[0] for s in stats], shard_bytes)]
     if spec.source == "jsonl":
         out = []
         for path in paths:
-            size = path.stat().st_size
-            starts = range(0, max(size, 1), shard_bytes)
-            out += [ShardInput("jsonl", [str(path)], a, min(a + shard_bytes, size), min(shard_bytes, size - a))
-                    for a in starts]
+            stat = _stat(path)
+            size = stat[0]
+            if compression(path):  # a compressed stream is read from its start: one unit
+                out.append(Unit("jsonl", [str(path)], 0, size, size, [stat]))
+                continue
+            out += [Unit("jsonl", [str(path)], a, min(a + shard_bytes, size), min(shard_bytes, size - a), [stat])
+                    for a in range(0, max(size, 1), shard_bytes)]
         return out
     out = []
     for path in paths:
         meta = open_parquet(path, spec.text_field).metadata
         sizes = [meta.row_group(g).total_byte_size for g in range(meta.num_row_groups)]
         for a, b in _runs(sizes, shard_bytes):
-            out.append(ShardInput("parquet", [str(path)], a, b, sum(sizes[a:b])))
+            out.append(Unit("parquet", [str(path)], a, b, sum(sizes[a:b]), [_stat(path)]))
     return out
 
 
@@ -99,66 +108,33 @@ def _runs(sizes: list[int], target: int) -> list[tuple[int, int]]:
     return runs
 
 
-def _group_files(paths: list[Path], shard_bytes: int) -> list[ShardInput]:
-    sizes = [p.stat().st_size for p in paths]
-    runs = _runs(sizes, shard_bytes)
-    return [ShardInput("files", [str(p) for p in paths[a:b]], size=sum(sizes[a:b])) for a, b in runs]
+def _counted(pieces, on_input: Callable[[int], None] | None):
+    """``pieces`` reporting their bytes as input read (sources not read from files)."""
+    for data, end in pieces:
+        if on_input is not None:
+            on_input(len(data))
+        yield data, end
 
 
-def shard_documents(shard: ShardInput, spec: DataSpec, skip_bad: bool, bad: BadLines) -> Iterator[bytes]:
-    """The documents of one planned shard, in stream order."""
-    if shard.kind == "pydocs":
-        return pydocs_documents()
-    if shard.kind == "files":
-        return (Path(p).read_bytes() for p in shard.paths)
-    if shard.kind == "jsonl":
-        return _jsonl_range(Path(shard.paths[0]), shard.start, shard.stop, spec.text_field, skip_bad, bad)
-    table = open_parquet(Path(shard.paths[0]), spec.text_field)
-    return parquet_rows(table, spec.text_field, shard.paths[0], list(range(shard.start, shard.stop)))
+def unit_pieces(unit: Unit, spec: DataSpec, skip_bad: bool, bad: BadLines,
+                on_input: Callable[[int], None] | None = None) -> Iterator[tuple[bytes, bool]]:
+    """The document pieces of one unit, in stream order; ``on_input(n)``: ``n`` more input bytes read."""
+    if unit.kind == "pydocs":
+        return _counted(whole_pieces(pydocs_documents()), on_input)
+    if unit.kind == "files":
+        return (p for path, stat in zip(unit.paths, unit.stats) for p in file_pieces(path, tuple(stat), on_input))
+    if unit.kind == "jsonl":
+        stop = None if compression(unit.paths[0]) else unit.stop  # a compressed file's unit is all of it
+        return jsonl_file_pieces(unit.paths[0], spec.text_field, unit.start, stop, tuple(unit.stats[0]), skip_bad,
+                                 bad, on_input)
+    table = open_parquet(Path(unit.paths[0]), spec.text_field)
+    rows = parquet_rows(table, spec.text_field, unit.paths[0], list(range(unit.start, unit.stop)))
+    return _counted(whole_pieces(rows), on_input)
 
 
-def _jsonl_range(path: Path, start: int, stop: int, field: str, skip_bad: bool, bad: BadLines) -> Iterator[bytes]:
-    """Documents of the lines of ``path`` that start at a byte offset in [start, stop)."""
-    with path.open("rb") as f:
-        pos = start
-        if start > 0:
-            f.seek(start - 1)
-            if f.read(1) != b"\n":  # the line under ``start`` began in the previous shard
-                pos += len(f.readline())
-        while pos < stop:
-            line = f.readline()
-            if not line:
-                break
-            if line.strip():
-                try:
-                    data = jsonl_document(line, field, "@")  # messages start with the place: filled in below
-                except RecipeError as exc:
-                    message = f"{path}:{_line_number(path, pos)}{str(exc)[1:]}"
-                    if not skip_bad:
-                        raise RecipeError(f"{message} (pass --skip-bad to skip such lines)") from None
-                    bad.count += 1
-                    bad.first = bad.first or message
-                else:
-                    yield data
-            pos += len(line)
-
-
-def _line_number(path: Path, offset: int) -> int:
-    """1-based number of the line that starts at byte ``offset``."""
-    count = 0
-    with path.open("rb") as f:
-        while offset > 0:
-            chunk = f.read(min(offset, 1 << 20))
-            if not chunk:
-                break
-            count += chunk.count(b"\n")
-            offset -= len(chunk)
-    return count + 1
-
-
-def hf_shards(spec: DataSpec) -> Iterator[list[bytes]]:
-    """A streamed dataset's rows in shards of :data:`HF_ROWS`, up to the document that crosses
-    ``max_bytes`` (so every job that streams it sees the same shards)."""
+def hf_units(spec: DataSpec) -> Iterator[list[bytes]]:
+    """A streamed dataset's rows in units of :data:`HF_ROWS`, up to the document that crosses
+    ``max_bytes`` (so every job that streams it sees the same units)."""
     rows, total = [], 0
     for data in hf_documents(spec):
         rows.append(data)

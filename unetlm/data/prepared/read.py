@@ -16,9 +16,9 @@ import numpy as np
 from unetlm.core.tokens import BOS, BYTES
 from unetlm.data.packing import TokenStream
 from unetlm.data.prepared.format import (
-    DOCS, PLAN, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, file_digest, mask_file, open_shard,
-    read_json,
-    reprepare_hint, shard_dir, show, splitter_identities, token_file,
+    DOCS, PLAN, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, code_change, file_digest,
+    mask_file, open_shard, read_json, reprepare_hint, shard_dir, show, show_splitter, splitter_identities,
+    stale_hint, token_file,
 )
 
 _OPEN_SHARDS = 16  # memory maps kept open per corpus
@@ -27,8 +27,8 @@ _OPEN_SHARDS = 16  # memory maps kept open per corpus
 @attrs.define
 class _Shard:
     folder: Path
-    token_start: int  # global token offset of the shard's first BOS
-    doc_start: int  # global id of its first document
+    token_start: int  # global token offset of the shard's first token
+    doc_start: int  # global id of its first BOS's document (a shard may start inside the one before)
     num_tokens: int  # tokens used (fewer than written when max_bytes cuts the shard)
     dtype: str
     files: list[dict]
@@ -67,7 +67,7 @@ class PreparedCorpus:
         check_version(plan, plan_path, path)
         if recipe is not None:
             check_recipe(plan, recipe, path)
-        if plan["num_shards"] is None:
+        if plan["num_units"] is None:
             raise PreparationIncomplete(
                 f"{path}: prepare has not finished streaming the source; rerun the same unetlm prepare command"
             )
@@ -191,7 +191,8 @@ def _memmap(path: Path, dtype):
 
 
 def check_recipe(plan: dict, recipe, path: Path) -> None:
-    """Refuse ``recipe`` if its byte-level splitters or tokenizer are not those ``plan`` was prepared with."""
+    """Refuse ``recipe`` if its byte-level splitters (options or code) or tokenizer are not those
+    ``plan`` was prepared with."""
     old, new = plan["tokenizer"], recipe.model.tokenizer
     same = (old is None and new is None) or (
         old is not None and new is not None and (old["name"], old["vocab_size"]) == (new.name, new.vocab_size)
@@ -200,17 +201,24 @@ def check_recipe(plan: dict, recipe, path: Path) -> None:
         shown = None if new is None else {"name": new.name, "vocab_size": new.vocab_size}
         raise PreparedDataError(
             f"{path} was prepared with tokenizer {show(old) if old else 'bytes'}, but the recipe's tokenizer is "
-            f"{show(shown) if shown else 'bytes'}; {reprepare_hint(path)}"
+            f"{show(shown) if shown else 'bytes'}; {stale_hint(path)}"
         )
     have, want = plan["splitters"], splitter_identities(recipe)
     for s in range(max(len(have), len(want))):
         old = have[s] if s < len(have) else None
         new = want[s] if s < len(want) else None
-        if old != new:
+        if old == new:
+            continue
+        change = None if old is None or new is None else code_change(old, new)
+        if change:
             raise PreparedDataError(
-                f"{path} was prepared with stage {s + 1} splitter {show(old)}, but the recipe's stage {s + 1} "
-                f"splitter is {show(new)}; {reprepare_hint(path)}"
+                f"{path} was prepared with another version of stage {s + 1} splitter {show_splitter(new)} "
+                f"({change}); its boundaries may differ: {stale_hint(path)}"
             )
+        raise PreparedDataError(
+            f"{path} was prepared with stage {s + 1} splitter {show_splitter(old)}, but the recipe's stage {s + 1} "
+            f"splitter is {show_splitter(new)}; {stale_hint(path)}"
+        )
 
 
 def _tokenizer(path: Path, plan: dict):
@@ -224,31 +232,45 @@ def _tokenizer(path: Path, plan: dict):
     return BpeTokenizer.from_json(file.read_text(encoding="utf-8"))
 
 
+def _parts(path: Path, plan: dict):
+    """(folder, manifest) of every shard of the stream in order: each unit's parts up to its last."""
+    for unit in range(plan["num_units"]):
+        part = 0
+        while True:
+            folder = shard_dir(path, unit, part)
+            manifest = open_shard(folder, plan, path)
+            yield folder, manifest
+            if manifest["last"]:
+                break
+            part += 1
+
+
 def _index(path: Path, plan: dict):
     """Shards, document starts (tokens and stream bytes), tokens and bytes of the stream, up to the
-    document that crosses ``max_bytes``; checks every file of every shard used."""
+    end of the document that crosses ``max_bytes``; checks every file of every shard used."""
     max_bytes = plan["max_bytes"]
     shards, starts, byte_starts = [], [], []
-    tokens = n_bytes = docs = content = 0
-    for i in range(plan["num_shards"]):
-        folder = shard_dir(path, i)
-        manifest = open_shard(folder, plan, path)
+    tokens = n_bytes = docs = 0
+    for folder, manifest in _parts(path, plan):
         index = np.fromfile(folder / DOCS, dtype=np.int64).reshape(-1, 2)
-        used = len(index)
+        used, cut = len(index), False
         if max_bytes:
-            ends = np.append(index[1:, 1], manifest["num_bytes"])  # stream bytes after each document
-            lengths = ends - index[:, 1] - 1
-            crossing = np.flatnonzero(content + np.cumsum(lengths) >= max_bytes)
-            if len(crossing):
-                used = int(crossing[0]) + 1
-            content += int(lengths[:used].sum())
+            # a document ends at each BOS after the stream's first, and at the shard's end unless it
+            # continues: (stream bytes there, BOS before it, BOS of this shard kept when cut there)
+            ends = [(int(b), docs + k, k) for k, b in enumerate(index[:, 1]) if docs + k > 0]
+            if not manifest["continues"] and docs + len(index) > 0:
+                ends.append((manifest["num_bytes"], docs + len(index), len(index)))
+            for end_byte, before, kept in ends:
+                if n_bytes + end_byte - before >= max_bytes:  # content bytes of the documents ended so far
+                    used, cut = kept, True
+                    break
         shard_tokens = manifest["num_tokens"] if used == len(index) else int(index[used, 0])
         shard_bytes = manifest["num_bytes"] if used == len(index) else int(index[used, 1])
         shards.append(_Shard(folder, tokens, docs, shard_tokens, manifest["token_dtype"], manifest["files"]))
         starts.append(index[:used, 0] + tokens)
         byte_starts.append(index[:used, 1] + n_bytes)
         tokens, n_bytes, docs = tokens + shard_tokens, n_bytes + shard_bytes, docs + used
-        if max_bytes and content >= max_bytes:
+        if cut:
             break
     if docs == 0:
         raise PreparedDataError(f"{path} holds no documents (the data sources were empty); nothing to read")
