@@ -23,6 +23,7 @@ from unetlm.data import jsonl as jsonl_module
 from unetlm.data import sources
 from unetlm.data.packing import pack
 from unetlm.data.prepared import PreparedCorpus, PreparedDataError, cache_key, prepare
+from unetlm.data.prepared import read as prepared_read
 from unetlm.data.prepared import write as prepared_write
 from unetlm.data.prepared.format import byte_splitter_components
 from unetlm.data.sources import load_documents
@@ -122,7 +123,8 @@ def test_byte_recipe_reads_as_packing(documents, ranges, shard_bytes, jsonl, rea
 @settings(max_examples=6)
 @given(documents=documents_st, ranges=ranges_st, cut=st.integers(0, 4000))  # a stream byte where the held-out part could start
 def test_bpe_recipe_reads_as_packing(documents, ranges, cut):
-    with tempfile.TemporaryDirectory() as tmp, small_pieces(16):  # long documents are encoded piece by piece
+    with tempfile.TemporaryDirectory() as tmp, small_pieces(16), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepared_read, "_TOKEN_BLOCK", 5)  # long documents are encoded and walked piece by piece
         tmp = Path(tmp)
         recipe = jsonl_recipe(tmp / "d.jsonl", documents, "bpe", ["model.tokenizer.vocab_size=300"])
         prepare(recipe, tmp / "out", shard_bytes=200, progress=False)

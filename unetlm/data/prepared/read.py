@@ -22,6 +22,7 @@ from unetlm.data.prepared.format import (
 )
 
 _OPEN_SHARDS = 16  # memory maps kept open per corpus
+_TOKEN_BLOCK = 1 << 22  # tokens read at a time when walking one document
 
 
 @attrs.define
@@ -157,9 +158,15 @@ class PreparedCorpus:
         if self.doc_byte_starts[d] == n:
             return first
         end = int(self.doc_starts[d + 1]) if d + 1 < self.num_documents else self.num_tokens
-        ids = self.read(first + 1, end).tokens
-        ends = int(self.doc_byte_starts[d]) + 1 + np.cumsum(self.tokenizer.lengths[ids])
-        return first + 1 + int(np.searchsorted(ends, n, "right"))
+        at, pos = first + 1, int(self.doc_byte_starts[d]) + 1  # a token, and the stream byte it starts at
+        while at < end:  # the document's tokens a block at a time, however long it is
+            ids = self.read(at, min(end, at + _TOKEN_BLOCK)).tokens
+            ends = pos + np.cumsum(self.tokenizer.lengths[ids])
+            k = int(np.searchsorted(ends, n, "right"))
+            if k < len(ids):
+                return at + k
+            at, pos = at + len(ids), int(ends[-1])
+        return end
 
     def verify(self) -> None:
         """Check every file's sha256 against its manifest; an error names the first corrupt file."""
