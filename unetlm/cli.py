@@ -244,7 +244,7 @@ def cmd_bench_data(args) -> int:
 
     workers = tuple(int(w) for w in args.workers.split(","))
     record = bench_data(args.recipe, int(float(args.corpus_bytes)), args.json, workers=workers, steps=args.steps,
-                        work_dir=args.work_dir, overrides=args.overrides)
+                        work_dir=args.work_dir, overrides=args.overrides, layouts=tuple(args.layouts.split(",")))
     print(format_record(record))
     return 0
 
@@ -453,13 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, help="file to write the list of records to")
     p.set_defaults(func=cmd_bench_generate)
 
-    p = bench.add_parser("data", help="prepare throughput, loader bytes/s and training peak memory on a large corpus")
+    p = bench.add_parser("data", help="prepare throughput and memory, loader bytes/s and training peak memory on a "
+                                      "large corpus")
     p.add_argument("recipe")
     p.add_argument("--corpus-bytes", default="2e8", help="document bytes of the corpus written to disk (default 2e8)")
     p.add_argument("--json", required=True, help="file to write the record to")
     p.add_argument("--workers", default="1,2", help="comma-separated prepare worker counts (default 1,2)")
     p.add_argument("--steps", type=int, default=5, help="training steps on the prepared data (default 5)")
-    p.add_argument("--work-dir", help="keep the corpus and prepared data here (default: a temporary directory)")
+    p.add_argument("--layouts", default="jsonl",
+                   help="comma-separated corpus layouts: jsonl (a line per document), one-file (one document), "
+                        "1mb-files (documents of 1 MB); training runs on the first (default jsonl)")
+    p.add_argument("--work-dir", help="keep the corpora and prepared data here (default: a temporary directory)")
     _add_overrides(p)
     p.set_defaults(func=cmd_bench_data)
 

@@ -192,7 +192,7 @@ def write_unit(
         masks = document_masks(splitters, group) if splitters else [None] * len(group)
         for data, bits in zip(group, masks):
             room(False)
-            shard.write(True, tokenizer.encode(data), bits, len(data))
+            shard.write(True, Encoder(tokenizer).feed(data, True), bits, len(data))
         group.clear()
 
     try:
