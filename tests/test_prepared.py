@@ -150,7 +150,7 @@ def test_max_bytes_cuts_after_the_crossing_document(tmp_path):
 def test_learned_splitters_have_no_mask(tmp_path):
     recipe = recipe_for("hnet", ["data.max_bytes=3000"])
     corpus = PreparedCorpus.open(prepare(recipe, tmp_path / "out", progress=False), recipe)
-    assert corpus.num_masks == 0 and corpus.plan["splitters"] == []
+    assert corpus.num_masks == 0 and corpus.preparation["splitters"] == []
     check_reads(corpus, reference(recipe, corpus.tokenizer), [(10, 900)])
     with pytest.raises(PreparedDataError, match="stage 1 splitter \\(none\\), but the recipe's stage 1 splitter is {name = 'regex'"):
         PreparedCorpus.open(tmp_path / "out", recipe_for("au2", []))
@@ -188,7 +188,8 @@ def test_jobs_and_workers_give_one_run(tmp_path, monkeypatch, capsys):
     prepare(recipe, tmp_path / "pool", workers=2, shard_bytes=100, progress=False)
     assert read_all(tmp_path / "jobs") == read_all(tmp_path / "one") == read_all(tmp_path / "pool")
     corpus = PreparedCorpus.open(tmp_path / "jobs")
-    assert corpus.plan["num_units"] > 3 and corpus.num_documents == len(load_documents(recipe.data)) < len(documents)
+    assert corpus.preparation["num_units"] > 3
+    assert corpus.num_documents == len(load_documents(recipe.data)) < len(documents)
     units = [folder.name[:5] for folder in (tmp_path / "jobs" / "shards").iterdir()]
     assert max(units.count(u) for u in units) > 3  # the long document spans shards
     check_reads(corpus, reference(recipe, corpus.tokenizer), [(0, 10**6)])
@@ -304,9 +305,9 @@ def test_bad_input_is_one_clean_line(tmp_path, capsys, monkeypatch):
     assert list((tmp_path / "o4" / "shards").iterdir()) == []
     monkeypatch.undo()
 
-    plan = Path(out) / "plan.json"
-    data = json.loads(plan.read_text())
-    plan.write_text(json.dumps(data | {"version": 99}))
+    record = Path(out) / "preparation.json"
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps(data | {"version": 99}))
     code, err = run_cli(capsys, "prepare", recipe, *source, "--out", out, "--quiet")
     assert code == 1 and "format version 99; this unetlm reads version 2" in err
     with pytest.raises(PreparedDataError, match="format version 99"):
@@ -399,12 +400,12 @@ def test_parquet_row_groups_and_streamed_rows_shard_like_one_run(tmp_path, monke
     import sys
     import types
 
-    from unetlm.data.prepared import plan
+    from unetlm.data.prepared import assignment
 
     rows = [f"row {i}: words, more words." * (i % 4) for i in range(20)]
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
         load_dataset=lambda name, subset, split, streaming: iter({"text": r} for r in rows)))
-    monkeypatch.setattr(plan, "HF_ROWS", 3)
+    monkeypatch.setattr(assignment, "HF_ROWS", 3)
     streamed = ["data.source=hf", "data.dataset=some/rows", "data.max_bytes=300"]
     recipes = {"hf": recipe_for("au2", streamed)}
     if importlib.util.find_spec("pyarrow") is not None:
@@ -418,6 +419,6 @@ def test_parquet_row_groups_and_streamed_rows_shard_like_one_run(tmp_path, monke
         for job in (1, 0):
             prepare(recipe, tmp_path / f"{name}-jobs", shard=(job, 2), shard_bytes=1, progress=False)
         one = PreparedCorpus.open(tmp_path / f"{name}-one", recipe)
-        assert one.plan["num_units"] > 2
+        assert one.preparation["num_units"] > 2
         assert read_all(tmp_path / f"{name}-jobs") == read_all(tmp_path / f"{name}-one")
         check_reads(one, reference(recipe, one.tokenizer), [(7, 100)])

@@ -18,7 +18,7 @@ import attrs
 from unetlm.core.errors import UsageError
 from unetlm.data.corpora import cache_root
 from unetlm.data.errors import PreparedDataError
-from unetlm.data.prepared.format import PLAN, VERSION
+from unetlm.data.prepared.format import PREPARATION, VERSION
 from unetlm.data.prepared.read import PreparedCorpus
 
 
@@ -43,15 +43,15 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _describe(plan: dict) -> tuple[str, str]:
-    sources = plan.get("sources", {})
+def _describe(preparation: dict) -> tuple[str, str]:
+    sources = preparation.get("sources", {})
     files = sources.get("files") or []
     what = sources.get("source", "?")
     if files:
         what += f": {files[0][0]}" + (f" (+{len(files) - 1} more)" if len(files) > 1 else "")
     elif sources.get("dataset"):
         what += f": {sources['dataset']}"
-    names = [s.get("name", "?") for s in plan.get("splitters", [])]
+    names = [s.get("name", "?") for s in preparation.get("splitters", [])]
     return what, ", ".join(names) or "(none)"
 
 
@@ -63,17 +63,18 @@ def entries() -> list[Entry]:
         if not path.is_dir():
             continue
         try:
-            plan = json.loads((path / PLAN).read_text(encoding="utf-8"))
+            preparation = json.loads((path / PREPARATION).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            plan = {}
-        sources, splitters = _describe(plan)
-        out.append(Entry(path.name, path, _size(path), path.stat().st_mtime, _state(path, plan), sources, splitters))
+            preparation = {}
+        sources, splitters = _describe(preparation)
+        state = _state(path, preparation)
+        out.append(Entry(path.name, path, _size(path), path.stat().st_mtime, state, sources, splitters))
     return sorted(out, key=lambda e: -e.used)
 
 
-def _state(path: Path, plan: dict) -> str:
-    if plan and plan.get("version") != VERSION:
-        return f"format {plan.get('version')} (no longer read)"
+def _state(path: Path, preparation: dict) -> str:
+    if preparation and preparation.get("version") != VERSION:
+        return f"format {preparation.get('version')} (no longer read)"
     try:
         PreparedCorpus.open(path)
         return "complete"

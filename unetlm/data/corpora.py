@@ -5,7 +5,7 @@ with its weight). Without it, the recipe's sources are prepared once into
 ``$UNETLM_CACHE/prepared/KEY`` (default ``~/.cache/unetlm``), ``KEY`` = :func:`cache_key` of the
 sources, splitters (options and code) and tokenizer, and reused by later runs; with ``progress``
 a line says which directory is read and whether it was reused or prepared now. Either way a rank
-holds the document index and the row plan in RAM, never the corpus. A row plan is cached beside its data as
+holds the document index and the rows in RAM, never the corpus. A corpus's rows are cached beside its data as
 ``rows/{key}-T{tokens}-L{seq_len}-M{max_lens}-V{valid_fraction}-{train,valid}.npz``.
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 from unetlm.core.tokens import BYTES
 from unetlm.data.errors import PreparedDataError
 from unetlm.data.prepared import PreparedCorpus, cache_key, prepare
-from unetlm.data.rows import RowPlan
-from unetlm.data.windows import Source, TrainingData, plan_source
+from unetlm.data.rows import Rows
+from unetlm.data.windows import Source, TrainingData, source_rows
 from unetlm.recipe import Recipe
 
 
@@ -85,29 +85,29 @@ def shared_tokenizer(corpora: Sequence[tuple[PreparedCorpus, float]]):
 
 
 def cached_source(corpus, valid_fraction: float, limits: Sequence[int], seq_len: int, weight: float) -> Source:
-    """:func:`plan_source`, its rows cached in the corpus's directory when it has a writable one."""
+    """:func:`source_rows`, its rows cached in the corpus's directory when it has a writable one."""
     folder = getattr(corpus, "path", None)
     if folder is None:
-        return plan_source(corpus, valid_fraction, limits, seq_len, weight)
-    # the preparation's key and stream length tell a re-prepared directory's plans from old ones
+        return source_rows(corpus, valid_fraction, limits, seq_len, weight)
+    # the preparation's key and stream length tell a re-prepared directory's rows from old ones
     lengths = "-".join(map(str, limits)) or "none"
-    name = f"{corpus.plan['key']}-T{corpus.num_tokens}-L{seq_len}-M{lengths}-V{valid_fraction!r}"
+    name = f"{corpus.preparation['key']}-T{corpus.num_tokens}-L{seq_len}-M{lengths}-V{valid_fraction!r}"
     files = [Path(folder) / "rows" / f"{name}-{split}.npz" for split in ("train", "valid")]
     if all(f.is_file() for f in files):
         try:
-            return Source(corpus, RowPlan.load(files[0]), RowPlan.load(files[1]), weight)
+            return Source(corpus, Rows.load(files[0]), Rows.load(files[1]), weight)
         except (OSError, ValueError, KeyError):
-            pass  # a damaged cache file: plan again
-    source = plan_source(corpus, valid_fraction, limits, seq_len, weight)
+            pass  # a damaged cache file: cut them again
+    source = source_rows(corpus, valid_fraction, limits, seq_len, weight)
     try:
         files[0].parent.mkdir(exist_ok=True)
-        for file, plan in zip(files, (source.train, source.valid)):
+        for file, rows in zip(files, (source.train, source.valid)):
             tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
             with open(tmp, "wb") as f:
-                plan.save(f)
+                rows.save(f)
             os.replace(tmp, file)
     except OSError:
-        pass  # a read-only directory: the plan is simply not cached
+        pass  # a read-only directory: the rows are simply not cached
     return source
 
 
@@ -117,9 +117,9 @@ def open_training_data(
 ) -> TrainingData:
     """Batches of ``corpora`` for a model whose first ``n_splitters`` coarse stages are fed by
     byte-level splitters, with per-stage ``lengths`` (``lengths[0]`` = seq_len): those stages
-    are planned never to overflow."""
+    are cut into rows that never overflow them."""
     limits = [int(n) for n in lengths[1 : 1 + n_splitters]]
-    return TrainingData.build(corpora, limits, seq_len, batch_size, valid_fraction, seed, planner=cached_source)
+    return TrainingData.build(corpora, limits, seq_len, batch_size, valid_fraction, seed, rows_of=cached_source)
 
 
 __all__ = ["cache_root", "open_corpora", "open_training_data", "prepare_cached", "shared_tokenizer", "tokenizer_text"]

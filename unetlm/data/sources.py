@@ -87,7 +87,7 @@ def _corrupt_errors() -> tuple[type, ...]:
 
 class InputFile:
     """A file read as a stream of its content (decompressed by suffix). It must keep the size and
-    modification time it has when opened (and ``expect``, those it had when planned): a change is
+    modification time it has when opened (and ``expect``, those it had when its unit was cut): a change is
     an error naming it. ``on_input(n)`` hears of every ``n`` file bytes consumed (progress)."""
 
     def __init__(self, path: str | Path, expect: tuple[int, int] | None = None,
@@ -100,7 +100,7 @@ class InputFile:
         self.stat = self._stat()
         if expect is not None and tuple(expect) != self.stat:
             self.raw.close()
-            raise SourceError(f"{self.path} changed after the data was planned ({self._change(tuple(expect))}); "
+            raise SourceError(f"{self.path} changed after the data was cut into units ({self._change(tuple(expect))}); "
                               f"prepare again into an empty --out")
         if self.kind == "gzip":
             self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")

@@ -1,7 +1,7 @@
 """The prepared-data format: names of files, the version, what identifies a preparation.
 
-A prepared directory holds ``plan.json`` (what was prepared: sources, the units of input,
-splitters, tokenizer), ``tokenizer.json`` for BPE recipes, and ``shards/UUUUU-PPPP/`` per shard
+A prepared directory holds ``preparation.json`` (what was prepared: sources, the units of
+input, splitters, tokenizer), ``tokenizer.json`` for BPE recipes, and ``shards/UUUUU-PPPP/`` per shard
 (part ``P`` of input unit ``U``) with ``tokens.u8|u16|u32`` (document bytes or token ids, no BOS),
 ``docs.i64`` ((documents, 2): token and stream-byte offset of each document's BOS in the shard),
 ``maskK.bits`` (stage K's boundary mask over the shard's tokens, BOS included, ``np.packbits``)
@@ -21,7 +21,7 @@ from unetlm.splitters.base import SplitterIdentityError
 
 FORMAT = "unetlm-prepared"
 VERSION = 2
-PLAN = "plan.json"
+PREPARATION = "preparation.json"
 TOKENIZER = "tokenizer.json"
 SHARDS = "shards"
 MANIFEST = "manifest.json"
@@ -168,8 +168,8 @@ def check_version(data: dict, path: Path, out) -> None:
         )
 
 
-def open_shard(folder: Path, plan: dict, out) -> dict:
-    """The manifest of a finished shard of ``plan``, after checking that every file it lists has its
+def open_shard(folder: Path, preparation: dict, out) -> dict:
+    """The manifest of a finished shard of ``preparation``, after checking that every file it lists has its
     recorded size. Raises :class:`PreparationIncomplete` when the shard is not written yet."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -179,11 +179,14 @@ def open_shard(folder: Path, plan: dict, out) -> dict:
         )
     manifest = read_json(manifest_path, out)
     check_version(manifest, manifest_path, out)
-    if manifest.get("key") != plan["key"]:
-        raise PreparedDataError(f"{folder} belongs to another preparation than {Path(out) / PLAN}; {reprepare_hint(out)}")
-    if manifest.get("tokenizer_sha256") != plan["tokenizer_sha256"]:
+    if manifest.get("key") != preparation["key"]:
         raise PreparedDataError(
-            f"{folder} was tokenized with another {TOKENIZER} than {Path(out) / PLAN} records; {reprepare_hint(out)}"
+            f"{folder} belongs to another preparation than {Path(out) / PREPARATION}; {reprepare_hint(out)}"
+        )
+    if manifest.get("tokenizer_sha256") != preparation["tokenizer_sha256"]:
+        raise PreparedDataError(
+            f"{folder} was tokenized with another {TOKENIZER} than {Path(out) / PREPARATION} records; "
+            f"{reprepare_hint(out)}"
         )
     rewrite = "rerun the same unetlm prepare command to rewrite that shard"
     for entry in manifest["files"]:

@@ -1,10 +1,10 @@
 """``unetlm prepare``: turn a recipe's sources into shards, across processes and machines.
 
 Job ``I`` of ``N`` (``shard=(I, N)``) prepares the units of input ``I, I + N, I + 2N, ...``
-(:mod:`unetlm.data.prepared.plan`) with ``workers`` processes, each unit as one or more shards;
+(:mod:`unetlm.data.prepared.assignment`) with ``workers`` processes, each unit as one or more shards;
 a unit whose last shard has its manifest is skipped, and one left unfinished is written again
 from its start, so a rerun finishes what an interrupted run left. Every job writes the same
-``plan.json``. Progress (input bytes/s and the time left) counts the bytes every worker has
+``preparation.json``. Progress (input bytes/s and the time left) counts the bytes every worker has
 read. BPE recipes: the tokenizer is ``DATA_DIR/tokenizer.json`` if it exists (put one there to
 share it), otherwise it is learned as training learns it (on the training split, or its first
 ``model.tokenizer.train_bytes`` bytes) — deterministically, so every job learns the same one.
@@ -21,11 +21,11 @@ from pathlib import Path
 from unetlm.core.tokens import BYTES
 from unetlm.data.jsonl import BadLines
 from unetlm.data.prepared.format import (
-    FORMAT, MANIFEST, PLAN, SHARDS, TOKENIZER, VERSION, PreparationIncomplete, PreparedDataError,
+    FORMAT, MANIFEST, PREPARATION, SHARDS, TOKENIZER, VERSION, PreparationIncomplete, PreparedDataError,
     byte_splitter_components, check_version, digest_of, file_digest, read_json, shard_dir, splitter_identities,
     open_shard, tokenizer_identity, unit_shards, write_json_atomic, write_text_atomic,
 )
-from unetlm.data.prepared.plan import Unit, assign_units, hf_units, source_identity, unit_pieces
+from unetlm.data.prepared.assignment import Unit, assign_units, hf_units, source_identity, unit_pieces
 from unetlm.data.prepared.write import write_unit
 from unetlm.data.sources import documents, head, until, whole_pieces
 from unetlm.splitters.entropy_models import installed_entropy_models, use_entropy_models
@@ -75,7 +75,7 @@ def prepare(
     components = byte_splitter_components(recipe)
     units = assign_units(recipe.data, shard_bytes)
     tokenizer_json = _tokenizer(recipe, out, units, skip_bad)
-    plan = identity | {
+    preparation = identity | {
         "key": digest_of(identity)[:24],
         "max_bytes": recipe.data.max_bytes,
         "shard_bytes": shard_bytes,
@@ -84,32 +84,32 @@ def prepare(
         "tokenizer_sha256": None if tokenizer_json is None else file_digest(out / TOKENIZER),
         "num_units": None if units is None else len(units),
     }
-    _check_plan(out, plan)
-    header = {k: plan[k] for k in ("key", "splitters", "splitter_sha256", "tokenizer_sha256")}
-    runner = _Runner(out, plan, recipe.data, components, tokenizer_json, header, skip_bad, workers, progress)
+    _check_preparation(out, preparation)
+    header = {k: preparation[k] for k in ("key", "splitters", "splitter_sha256", "tokenizer_sha256")}
+    runner = _Runner(out, preparation, recipe.data, components, tokenizer_json, header, skip_bad, workers, progress)
     if units is None:
-        plan["num_units"] = runner.run_streamed(hf_units(recipe.data), job, jobs)
+        preparation["num_units"] = runner.run_streamed(hf_units(recipe.data), job, jobs)
     else:
-        write_json_atomic(out / PLAN, plan)
+        write_json_atomic(out / PREPARATION, preparation)
         runner.run_assigned(units, job, jobs, recipe.data.max_bytes)
-    write_json_atomic(out / PLAN, plan)
+    write_json_atomic(out / PREPARATION, preparation)
     if runner.bad.count:
         print(f"skipped {runner.bad.count} bad input lines (the first: {runner.bad.first})")
     _check_not_empty(out)
     return out
 
 
-def _check_plan(out: Path, plan: dict) -> None:
-    path = out / PLAN
+def _check_preparation(out: Path, preparation: dict) -> None:
+    path = out / PREPARATION
     if not path.is_file():
         return
     old = read_json(path, out)
     check_version(old, path, out)
     keep = ("format", "version", "key", "shard_bytes", "tokenizer_sha256")
-    if {k: old.get(k) for k in keep} != {k: plan[k] for k in keep}:
+    if {k: old.get(k) for k in keep} != {k: preparation[k] for k in keep}:
         raise PreparedDataError(
             f"{out} holds a preparation of other data, splitters, tokenizer or format version "
-            f"(plan.json differs); prepare into an empty --out, or delete {out}"
+            f"(preparation.json differs); prepare into an empty --out, or delete {out}"
         )
 
 
@@ -219,13 +219,13 @@ def _run_unit(index: int, unit: Unit | None, rows: list[bytes] | None, budget: i
 class _Runner:
     """Runs units in this process (``workers`` = 1) or in a pool, with a progress bar."""
 
-    def __init__(self, out, plan, spec, components, tokenizer_json, header, skip_bad, workers, progress) -> None:
-        self.out, self.plan, self.spec, self.workers, self.progress = out, plan, spec, workers, progress
+    def __init__(self, out, preparation, spec, components, tokenizer_json, header, skip_bad, workers, progress) -> None:
+        self.out, self.preparation, self.spec, self.workers, self.progress = out, preparation, spec, workers, progress
         # fork starts workers at once; a splitter that runs a model needs a fresh process
         spawn = any(c.build_class().needs_model for c in components) or not sys.platform.startswith("linux")
         self.context = multiprocessing.get_context("spawn" if spawn else "fork")
         self.counter = self.context.Value("q", 0)  # input bytes read by every worker
-        self.init = (out, spec, components, tokenizer_json, header, skip_bad, plan["shard_bytes"], self.counter,
+        self.init = (out, spec, components, tokenizer_json, header, skip_bad, preparation["shard_bytes"], self.counter,
                      installed_entropy_models())
         self.bad = BadLines()
         self.doc_bytes: dict[int, int] = {}  # unit -> document bytes, for the max_bytes cut
@@ -244,7 +244,7 @@ class _Runner:
         out = []
         while True:
             try:
-                manifest = open_shard(shard_dir(self.out, index, len(out)), self.plan, self.out)
+                manifest = open_shard(shard_dir(self.out, index, len(out)), self.preparation, self.out)
             except PreparedDataError:  # missing, unfinished or damaged
                 return None
             out.append(manifest)

@@ -16,7 +16,7 @@ import numpy as np
 from unetlm.core.tokens import BOS, BYTES
 from unetlm.data.packing import TokenStream
 from unetlm.data.prepared.format import (
-    DOCS, PLAN, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, code_change, file_digest,
+    DOCS, PREPARATION, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, code_change, file_digest,
     mask_file, open_shard, read_json, reprepare_hint, shard_dir, show, show_splitter, splitter_identities,
     stale_hint, token_file,
 )
@@ -38,17 +38,17 @@ class _Shard:
 class PreparedCorpus:
     """A prepared directory as one token stream ``BOS doc0 BOS doc1 ...`` with document ids and masks."""
 
-    def __init__(self, path: Path, plan: dict, shards: list[_Shard], doc_starts, doc_byte_starts, num_tokens,
+    def __init__(self, path: Path, preparation: dict, shards: list[_Shard], doc_starts, doc_byte_starts, num_tokens,
                  num_bytes, tokenizer) -> None:
         self.path = path
-        self.plan = plan
+        self.preparation = preparation
         self.shards = shards
         self.doc_starts = doc_starts
         self.doc_byte_starts = doc_byte_starts
         self.num_tokens = num_tokens
         self.num_bytes = num_bytes
         self.num_documents = len(doc_starts)
-        self.num_masks = plan["num_masks"]
+        self.num_masks = preparation["num_masks"]
         self.tokenizer = tokenizer
         self._shard_starts = np.array([s.token_start for s in shards], dtype=np.int64)
         self._maps: OrderedDict = OrderedDict()
@@ -60,20 +60,21 @@ class PreparedCorpus:
         """Open ``path`` (checking format, every shard's files and sizes); with ``recipe``, refuse
         one whose byte-level splitters or tokenizer differ from those the data was prepared with."""
         path = Path(path)
-        plan_path = path / PLAN
-        if not plan_path.is_file():
-            what = "holds no plan.json (not prepared, or prepare has not started)" if path.exists() else "does not exist"
+        record_path = path / PREPARATION
+        if not record_path.is_file():
+            what = f"holds no {PREPARATION} (not prepared, or prepare has not started)" if path.exists() else \
+                "does not exist"
             raise PreparedDataError(f"prepared data {path} {what}; prepare it with: unetlm prepare RECIPE --out {path}")
-        plan = read_json(plan_path, path)
-        check_version(plan, plan_path, path)
+        preparation = read_json(record_path, path)
+        check_version(preparation, record_path, path)
         if recipe is not None:
-            check_recipe(plan, recipe, path)
-        if plan["num_units"] is None:
+            check_recipe(preparation, recipe, path)
+        if preparation["num_units"] is None:
             raise PreparationIncomplete(
                 f"{path}: prepare has not finished streaming the source; rerun the same unetlm prepare command"
             )
-        tokenizer = _tokenizer(path, plan)
-        return cls(path, plan, *_index(path, plan), tokenizer)
+        tokenizer = _tokenizer(path, preparation)
+        return cls(path, preparation, *_index(path, preparation), tokenizer)
 
     def __getstate__(self) -> dict:
         return self.__dict__ | {"_maps": OrderedDict()}  # memory maps are reopened in the new process
@@ -170,9 +171,10 @@ class PreparedCorpus:
 
     def verify(self) -> None:
         """Check every file's sha256 against its manifest; an error names the first corrupt file."""
-        if self.plan.get("tokenizer_sha256") and file_digest(self.path / TOKENIZER) != self.plan["tokenizer_sha256"]:
+        recorded = self.preparation.get("tokenizer_sha256")
+        if recorded and file_digest(self.path / TOKENIZER) != recorded:
             raise PreparedDataError(
-                f"{self.path / TOKENIZER} is corrupt (sha256 differs from plan.json); {reprepare_hint(self.path)}"
+                f"{self.path / TOKENIZER} is corrupt (sha256 differs from {PREPARATION}); {reprepare_hint(self.path)}"
             )
         for shard in self.shards:
             for entry in shard.files:
@@ -197,10 +199,10 @@ def _memmap(path: Path, dtype):
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def check_recipe(plan: dict, recipe, path: Path) -> None:
+def check_recipe(preparation: dict, recipe, path: Path) -> None:
     """Refuse ``recipe`` if its byte-level splitters (options or code) or tokenizer are not those
-    ``plan`` was prepared with."""
-    old, new = plan["tokenizer"], recipe.model.tokenizer
+    the ``preparation`` record names."""
+    old, new = preparation["tokenizer"], recipe.model.tokenizer
     same = (old is None and new is None) or (
         old is not None and new is not None and (old["name"], old["vocab_size"]) == (new.name, new.vocab_size)
     )
@@ -210,7 +212,7 @@ def check_recipe(plan: dict, recipe, path: Path) -> None:
             f"{path} was prepared with tokenizer {show(old) if old else 'bytes'}, but the recipe's tokenizer is "
             f"{show(shown) if shown else 'bytes'}; {stale_hint(path)}"
         )
-    have, want = plan["splitters"], splitter_identities(recipe)
+    have, want = preparation["splitters"], splitter_identities(recipe)
     for s in range(max(len(have), len(want))):
         old = have[s] if s < len(have) else None
         new = want[s] if s < len(want) else None
@@ -228,8 +230,8 @@ def check_recipe(plan: dict, recipe, path: Path) -> None:
         )
 
 
-def _tokenizer(path: Path, plan: dict):
-    if plan["tokenizer"] is None:
+def _tokenizer(path: Path, preparation: dict):
+    if preparation["tokenizer"] is None:
         return BYTES
     from unetlm.data.bpe import BpeTokenizer
 
@@ -239,26 +241,26 @@ def _tokenizer(path: Path, plan: dict):
     return BpeTokenizer.from_json(file.read_text(encoding="utf-8"))
 
 
-def _parts(path: Path, plan: dict):
+def _parts(path: Path, preparation: dict):
     """(folder, manifest) of every shard of the stream in order: each unit's parts up to its last."""
-    for unit in range(plan["num_units"]):
+    for unit in range(preparation["num_units"]):
         part = 0
         while True:
             folder = shard_dir(path, unit, part)
-            manifest = open_shard(folder, plan, path)
+            manifest = open_shard(folder, preparation, path)
             yield folder, manifest
             if manifest["last"]:
                 break
             part += 1
 
 
-def _index(path: Path, plan: dict):
+def _index(path: Path, preparation: dict):
     """Shards, document starts (tokens and stream bytes), tokens and bytes of the stream, up to the
     end of the document that crosses ``max_bytes``; checks every file of every shard used."""
-    max_bytes = plan["max_bytes"]
+    max_bytes = preparation["max_bytes"]
     shards, starts, byte_starts = [], [], []
     tokens = n_bytes = docs = 0
-    for folder, manifest in _parts(path, plan):
+    for folder, manifest in _parts(path, preparation):
         index = np.fromfile(folder / DOCS, dtype=np.int64).reshape(-1, 2)
         used, cut = len(index), False
         if max_bytes:

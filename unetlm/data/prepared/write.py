@@ -172,7 +172,7 @@ def write_unit(
     details: Callable[[], dict] = dict,
 ) -> list[dict]:
     """Write unit ``unit`` of ``out`` from its document pieces as shards of about ``shard_bytes``
-    stream bytes; returns their manifests. ``header`` (the plan's key, the unit's input, ...) and
+    stream bytes; returns their manifests. ``header`` (the preparation's key, the unit's input, ...) and
     ``details()``, called once the pieces are read, are copied into the last manifest (the others
     get ``header``)."""
     dtype = token_dtype(tokenizer.vocab_size)
