@@ -31,7 +31,7 @@ from unetlm.data.jsonl import BadLines, as_bytes, jsonl_pieces, line_numbers
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.schema import DataSpec
 
-READ_BYTES = 1 << 20  # bytes of a document per piece
+READ_BYTES = 1 << 18  # bytes of a document per piece (larger pieces cost more in page faults than they save)
 ZSTD_INPUT = 1 << 16  # compressed bytes per zstd step (bounds what one step decompresses)
 COMPRESSION = {".gz": "gzip", ".xz": "xz", ".zst": "zstd"}
 
