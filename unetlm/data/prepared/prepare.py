@@ -295,7 +295,7 @@ class _Runner:
                 budget = self._budget(i, max_bytes)  # asked when the unit starts: earlier ones may be done by then
                 if budget is not None and budget <= 0:
                     return
-                yield i, units[i], None, budget, units[i].size
+                yield i, units[i], None, budget, units[i].size if budget is None else 0  # a cut unit is not read whole
 
         total = sum(units[i].size for i in todo)
         self._run(tasks(), min(total, max_bytes) if max_bytes and jobs == 1 else total)
