@@ -173,7 +173,7 @@ def test_identity_names_options_and_code(name, options):
 
     splitter = make_splitter(name, options)
     identity = splitter.identity()
-    json.dumps(identity)  # stored in plan.json and manifests
+    json.dumps(identity)  # stored in preparation.json and manifests
     code, cls = identity["code"], type(splitter)
     assert isinstance(code["version"], int) and len(code["source_sha256"]) == 64
     assert code["class"] == f"{cls.__module__}:{cls.__qualname__}"

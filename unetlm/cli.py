@@ -108,8 +108,9 @@ def cmd_show(args) -> int:
     stats = None
     if args.data:
         from unetlm.data.boundaries import SAMPLE_BYTES, recipe_splitters, sample_masks, stage_stats, with_auto_lengths
+        from unetlm.data.sources import InputFile
 
-        with open(args.data, "rb") as f:
+        with InputFile(args.data) as f:  # a compressed file is read decompressed
             documents = [f.read(SAMPLE_BYTES)]  # the statistics read the head of the data
         if len(documents[0]) + 1 < recipe.model.seq_len:
             print(f"unetlm: error: --data {args.data} holds {len(documents[0])} bytes, fewer than one window of "
@@ -145,7 +146,7 @@ def cmd_show(args) -> int:
         print(f"no stage of {args.recipe} is fed by a byte-level splitter: no boundary statistics to report")
     elif stats is not None:
         print(f"boundaries in {args.data} (seq_len windows; auto: the {AUTO_NOTE}):")
-        print("stage  max_len  windows overflowing  auto picks  padding of planned rows")
+        print("stage  max_len  windows overflowing  auto picks  padding of rows")
         for s in stats:
             print(f"{s.stage:<5}  {s.max_len!s:<7}  {s.overflow:<19.2%}  {s.auto:<10}  {s.padding:.2%}")
     return 0
@@ -387,14 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare only job I's share of N independent jobs (default: RANK/WORLD_SIZE under "
                         "torchrun, else 0/1: everything)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) jsonl lines that are not JSON objects")
-    p.add_argument("--shard-bytes", default="32e6", help="input bytes per shard (default 32e6); fixed for a DATA_DIR")
+    p.add_argument("--shard-bytes", default="32e6",
+                   help="input bytes per unit of work and stream bytes per shard (default 32e6); fixed for a DATA_DIR")
     p.add_argument("--verify", action="store_true",
                    help="once the data is complete, check every file's sha256 against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
     cache = sub.add_parser("cache", help="list or clear the prepared data that training caches")
-    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="list|clear", required=True)
     p = cache_sub.add_parser("list", help="each cached preparation: key, size, last use, state, splitters, sources")
     p.set_defaults(func=cmd_cache)
     p = cache_sub.add_parser("clear", help="remove cached preparations (all, or those named)")
