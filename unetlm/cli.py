@@ -141,6 +141,18 @@ def _prepare(args, recipe) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from unetlm.data.cache import clear, entries, format_entries, prepared_root
+
+    if args.cache_command == "list":
+        print(format_entries(entries()))
+        return 0
+    removed = clear(args.keys)
+    print(f"removed {len(removed)} prepared-data folders ({sum(e.size for e in removed) / 1e6:,.1f} MB) "
+          f"from {prepared_root()}")
+    return 0
+
+
 def cmd_show(args) -> int:
     import torch
 
@@ -151,9 +163,11 @@ def cmd_show(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     stats = None
     if args.data:
-        from unetlm.data.boundaries import recipe_splitters, sample_masks, stage_stats, with_auto_lengths
+        from unetlm.data.boundaries import SAMPLE_BYTES, recipe_splitters, sample_masks, stage_stats, with_auto_lengths
+        from unetlm.data.sources import InputFile
 
-        documents = [Path(args.data).read_bytes()]
+        with InputFile(args.data) as f:  # a compressed file is read decompressed
+            documents = [f.read(SAMPLE_BYTES)]  # the statistics read the head of the data
         if len(documents[0]) + 1 < recipe.model.seq_len:
             print(f"unetlm: error: --data {args.data} holds {len(documents[0])} bytes, fewer than one window of "
                   f"model.seq_len = {recipe.model.seq_len}", file=sys.stderr)
@@ -188,7 +202,7 @@ def cmd_show(args) -> int:
         print(f"no stage of {args.recipe} is fed by a byte-level splitter: no boundary statistics to report")
     elif stats is not None:
         print(f"boundaries in {args.data} (seq_len windows; auto: the {AUTO_NOTE}):")
-        print("stage  max_len  windows overflowing  auto picks  padding of planned rows")
+        print("stage  max_len  windows overflowing  auto picks  padding of rows")
         for s in stats:
             print(f"{s.stage:<5}  {s.max_len!s:<7}  {s.overflow:<19.2%}  {s.auto:<10}  {s.padding:.2%}")
     return 0
@@ -307,7 +321,7 @@ def cmd_bench_data(args) -> int:
 
     workers = tuple(int(w) for w in args.workers.split(","))
     record = bench_data(args.recipe, args.corpus_bytes, args.json, workers=workers, steps=args.steps,
-                        work_dir=args.work_dir, overrides=args.overrides)
+                        work_dir=args.work_dir, overrides=args.overrides, layouts=tuple(args.layouts.split(",")))
     print(format_record(record))
     return 0
 
@@ -451,11 +465,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun, else 0/1: everything)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) jsonl lines that are not JSON objects")
     p.add_argument("--shard-bytes", type=_byte_count, default="32e6",
-                   help="input bytes per shard (default 32e6); fixed for a DATA_DIR")
+                   help="input bytes per unit of work and stream bytes per shard (default 32e6); fixed for a DATA_DIR")
     p.add_argument("--verify", action="store_true",
                    help="once the data is complete, check every file's sha256 against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+
+    cache = sub.add_parser("cache", help="list or clear the prepared data that training caches")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="list|clear", required=True)
+    p = cache_sub.add_parser("list", help="each cached preparation: key, size, last use, state, splitters, sources")
+    p.set_defaults(func=cmd_cache)
+    p = cache_sub.add_parser("clear", help="remove cached preparations (all, or those named)")
+    p.add_argument("keys", nargs="*", metavar="KEY", help="keys (or their first characters) from unetlm cache list")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("train", help="train a recipe")
     p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"recipe file (default {DEFAULT_RECIPE})")
@@ -514,14 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, help="file to write the list of records to")
     p.set_defaults(func=cmd_bench_generate)
 
-    p = bench.add_parser("data", help="prepare throughput, loader bytes/s and training peak memory on a large corpus")
+    p = bench.add_parser("data", help="prepare throughput and memory, loader bytes/s and training peak memory on a "
+                                      "large corpus")
     p.add_argument("recipe")
     p.add_argument("--corpus-bytes", type=_byte_count, default="2e8",
                    help="document bytes of the corpus written to disk (default 2e8)")
     p.add_argument("--json", required=True, help="file to write the record to")
     p.add_argument("--workers", default="1,2", help="comma-separated prepare worker counts (default 1,2)")
     p.add_argument("--steps", type=int, default=5, help="training steps on the prepared data (default 5)")
-    p.add_argument("--work-dir", help="keep the corpus and prepared data here (default: a temporary directory)")
+    p.add_argument("--layouts", default="jsonl",
+                   help="comma-separated corpus layouts: jsonl (a line per document), one-file (one document), "
+                        "1mb-files (documents of 1 MB); training runs on the first (default jsonl)")
+    p.add_argument("--work-dir", help="keep the corpora and prepared data here (default: a temporary directory)")
     _add_overrides(p)
     p.set_defaults(func=cmd_bench_data)
 

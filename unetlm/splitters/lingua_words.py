@@ -26,6 +26,7 @@ its bytes counts as one letter (as Python's decoder splits it, ``surrogateescape
 """
 from __future__ import annotations
 
+import codecs
 import functools
 
 import numpy as np
@@ -54,48 +55,83 @@ _ASCII = np.array([char_class(b) for b in range(128)], dtype=np.int8)
 _ASCII_CLASS = _ASCII.tolist()
 
 
-def characters(data: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """(class, index of the last byte) per character of ``data``."""
-    if data.isascii():
-        return _ASCII[np.frombuffer(data, dtype=np.uint8)], np.arange(len(data))
-    text = data.decode("utf-8", "surrogateescape")
-    code = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-    escaped = (code >= 0xDC80) & (code <= 0xDCFF)
-    width = np.where(escaped, 1, 1 + (code >= 0x80) + (code >= 0x800) + (code >= 0x10000))
-    cls = _ASCII[np.minimum(code, 127)]
-    wide = code >= 128
-    distinct, where = np.unique(code[wide], return_inverse=True)
-    cls[wide] = np.array([char_class(int(c)) for c in distinct], dtype=np.int8)[where]
-    return cls, np.cumsum(width) - 1
-
-
-def first_of_threes(positions: np.ndarray) -> np.ndarray:
-    """The 1st, 4th, 7th, ... of each run of consecutive integers in sorted ``positions``."""
+def every_third(positions: np.ndarray, carried: int = 0) -> np.ndarray:
+    """(the 1st, 4th, 7th, ... of each run of consecutive integers in sorted ``positions``, the index
+    of the last one within its run; -1 if none); a run that starts at 0 continues one with
+    ``carried`` members before it."""
     order = np.arange(len(positions))
     starts = np.concatenate([[True], positions[1:] != positions[:-1] + 1]) if len(positions) else order > 0
     run_start = np.maximum.accumulate(np.where(starts, order, 0))
-    return positions[(order - run_start) % 3 == 0]
+    index = order - run_start
+    if carried and len(positions) and positions[0] == 0:
+        index[run_start == 0] += carried
+    return positions[index % 3 == 0], (int(index[-1]) if len(index) else -1)
 
 
 def lingua_boundaries(data: bytes, group: int) -> np.ndarray:
     """Bool array of len(data): the rule above with ``group`` words per kept word boundary."""
-    out = np.zeros(len(data), dtype=bool)
-    if not data:
-        return out
-    cls, last = characters(data)
-    prev = np.concatenate([np.array([START], dtype=np.int8), cls[:-1]])
-    white = np.flatnonzero(cls >= SPACE)  # whitespace characters: word ends and run breaks
-    before = prev[white]
-    word_end = (before < SPACE) & (before != START)
-    words = np.cumsum(word_end)
-    last_break = np.maximum.accumulate(np.where(word_end, -1, np.arange(len(white))))
-    in_run = words - np.where(last_break >= 0, words[np.maximum(last_break, 0)], 0)
-    kept = white[word_end & (in_run % group == 0)]
-    opens = white[(cls[white] == NEWLINE) & (before <= NUMBER)]  # after START, a LETTER or a NUMBER
-    numbers, others = first_of_threes(np.flatnonzero(cls == NUMBER)), first_of_threes(np.flatnonzero(cls == OTHER))
-    for marked in (kept, opens, numbers, others):
-        out[last[marked]] = True
-    return out
+    return LinguaScan(group).feed(data, np.ones(len(data), dtype=bool))
+
+
+class LinguaScan:
+    """The rule over a document's chunks: an incremental UTF-8 decoder (a character cut by a chunk's
+    end waits for its last byte), the previous class, the number and other runs and the words of the
+    current run, carried across chunks."""
+
+    def __init__(self, group: int) -> None:
+        self.group = group
+        self.decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self.pending = 0  # bytes of an unfinished character fed before
+        self.prev, self.numbers, self.others, self.words = START, 0, 0, 0
+
+    def feed(self, data: bytes, parent: np.ndarray) -> np.ndarray:
+        data = bytes(data)
+        out = np.zeros(len(data), dtype=bool)
+        if self.pending == 0 and data.isascii():
+            cls, last = _ASCII[np.frombuffer(data, dtype=np.uint8)], np.arange(len(data))
+        else:
+            cls, last = self._characters(data)
+        if len(cls):
+            for marked in self._decide(cls):
+                marked = last[marked]
+                out[marked[marked >= 0]] = True  # a character begun in an earlier chunk ends in this one
+        return out & np.asarray(parent, dtype=bool)
+
+    def _characters(self, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """(class, index in ``data`` of the last byte) of each character this chunk completes."""
+        text = self.decoder.decode(data)
+        code = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        escaped = (code >= 0xDC80) & (code <= 0xDCFF)
+        width = np.where(escaped, 1, 1 + (code >= 0x80) + (code >= 0x800) + (code >= 0x10000))
+        cls = _ASCII[np.minimum(code, 127)]
+        wide = code >= 128
+        distinct, where = np.unique(code[wide], return_inverse=True)
+        cls[wide] = np.array([char_class(int(c)) for c in distinct], dtype=np.int8)[where]
+        last = np.cumsum(width) - 1 - self.pending
+        self.pending = len(self.decoder.getstate()[0])
+        return cls, last
+
+    def _decide(self, cls: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Indices of the marked characters of ``cls`` (kept word ends, newline openings, numbers,
+        others), continuing the carried state, which is then advanced past ``cls``."""
+        group = self.group
+        prev = np.empty_like(cls)
+        prev[0], prev[1:] = self.prev, cls[:-1]
+        white = np.flatnonzero(cls >= SPACE)  # whitespace characters: word ends and run breaks
+        before = prev[white]
+        word_end = (before < SPACE) & (before != START)
+        words = np.cumsum(word_end)
+        last_break = np.maximum.accumulate(np.where(word_end, -1, np.arange(len(white))))
+        in_run = np.where(last_break >= 0, words - words[np.maximum(last_break, 0)], words + self.words)
+        kept = white[word_end & (in_run % group == 0)]
+        opens = white[(cls[white] == NEWLINE) & (before <= NUMBER)]  # after START, a LETTER or a NUMBER
+        numbers, number_run = every_third(np.flatnonzero(cls == NUMBER), self.numbers + 1 if self.prev == NUMBER else 0)
+        others, other_run = every_third(np.flatnonzero(cls == OTHER), self.others + 1 if self.prev == OTHER else 0)
+        self.prev = int(cls[-1])
+        self.numbers = number_run if self.prev == NUMBER else 0
+        self.others = other_run if self.prev == OTHER else 0
+        self.words = int(in_run[-1]) % group if len(white) else self.words
+        return kept, opens, numbers, others
 
 
 # UTF-8 lead byte -> (continuation bytes, range of the first continuation, the lead's code bits)
