@@ -136,8 +136,8 @@ def test_stored_values_and_single_files_are_read_as_plain_data(tmp_path, capsys)
     assert read_train_state(plain) == {"step": 3}
 
 
-def test_row_plans_and_cached_entropies_refuse_pickled_arrays(tmp_path, monkeypatch):
-    from unetlm.data.rows import RowPlan
+def test_row_caches_and_cached_entropies_refuse_pickled_arrays(tmp_path, monkeypatch):
+    from unetlm.data.rows import Rows
     from unetlm.splitters.entropy import EntropyConfig, EntropySplitter
     from entropy_example import ensure_example_checkpoint
 
@@ -146,7 +146,7 @@ def test_row_plans_and_cached_entropies_refuse_pickled_arrays(tmp_path, monkeypa
     plan = tmp_path / "plan.npz"
     np.savez(plan, starts=crafted, ends=crafted, cause=crafted)
     with pytest.raises(ValueError, match="allow_pickle"):  # the row cache then plans again
-        RowPlan.load(plan)
+        Rows.load(plan)
     splitter = EntropySplitter(EntropyConfig(checkpoint=ensure_example_checkpoint(), cache_dir=str(tmp_path / "h")))
     data = b"cached entropies"
     want = splitter.entropies(data)
