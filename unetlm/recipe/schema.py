@@ -271,9 +271,12 @@ class TrainingSpec:
     # recompute each mixer block in the backward pass; "auto": only where the planner finds that
     # not even one sequence per forward fits without it
     activation_checkpointing: bool | Literal["auto"] = False
-    # FSDP2: ranks each parameter is sharded over (a node's GPUs); replicated across such groups (HSDP). 0: all ranks
-    shard_size: int = attrs.field(default=0, validator=non_negative)
+    # FSDP2: ranks each parameter is sharded over (a node's GPUs); replicated across such groups (HSDP). 0: all
+    # ranks; "auto": the fastest layout that fits, from the planner (unetlm/train/plan.py)
+    shard_size: int | Literal["auto"] = attrs.field(default=0, validator=non_negative_or_auto)
     tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard
+    # dtype of FSDP2's gradient reduce-scatter and all-reduce (several processes); gradients accumulate in float32
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @attrs.define
