@@ -231,3 +231,31 @@ def test_hsdp_shards_within_a_node_and_all_reduces_across_nodes():
     assert hardware.parse_bandwidth("3.35TB/s", "--x") == pytest.approx(3.35e12)
     with pytest.raises(ValueError, match="--inter-node-bandwidth '-5GB/s' is invalid: expected a positive rate"):
         hardware.parse_bandwidth("-5GB/s", "--inter-node-bandwidth")
+
+
+def test_resolution_decides_every_auto_value_as_a_pure_function():
+    """A run resolved for 16 hypothetical GPUs in nodes of 8: every training "auto" decided once, in
+    one place, from the plan; the recipe as written kept for the run directory."""
+    import torch
+
+    from unetlm.train.parallel import World
+    from unetlm.train.resolve import resolve_run
+
+    autos = ['training.micro_batch_size="auto"', 'training.activation_checkpointing="auto"',
+             'training.shard_size="auto"', "training.batch_size=32", 'training.lr="auto"']
+    recipe = load_recipe("recipes/tiny/au2.toml", autos)
+    cluster = hardware.Hardware(16, 2**28, 989e12, gpus_per_node=8)
+    world = World(0, 16, 0, torch.device("cuda"))  # planned for, not run on
+    run = resolve_run(recipe, world, hardware=cluster)
+    assert run == resolve_run(recipe, world, hardware=cluster)  # a pure function of its inputs
+    assert run.given is recipe and recipe.training.shard_size == "auto"
+    spec, p = run.training, run.plan
+    assert "auto" not in (spec.batch_size, spec.lr, spec.micro_batch_size, spec.activation_checkpointing,
+                          spec.shard_size, spec.dtype, spec.compile, spec.async_checkpoint)
+    assert (spec.micro_batch_size, spec.activation_checkpointing, spec.shard_size) == (
+        p.micro_batch, p.checkpointing, p.shard_size)
+    assert (run.split.micro_batch, run.split.accumulation) == (p.micro_batch, p.accumulation)
+    assert run.parallelism.shard and run.parallelism.shard_size == p.shard_size
+    assert run.parallelism.param_dtype == torch.bfloat16 and spec.dtype == "bfloat16" and spec.compile
+    assert spec.lr == run.budget.lr and dict(p.considered)[p.shard_size] == p.step_time
+    assert 'shard_size "auto" chose' in run.describe()

@@ -2,7 +2,7 @@
 
 ``Trainer.setup``: resolve, then build. The run is resolved first (:func:`unetlm.train.resolve.resolve_run`:
 budget, batch split, plan, dtypes, parallelism), then built from that alone: the data
-(:func:`unetlm.data.corpora.open_training_data`: planned rows that no stage overflows, a global batch
+(:func:`unetlm.data.corpora.open_training_data`: rows cut so that no stage overflows, a global batch
 per step as a pure function of (seed, step), split into equal row blocks per rank), the model on the
 meta device, parallelism applied from outside it (:mod:`unetlm.train.parallelize`), each rank's
 shards materialised and initialised (:mod:`unetlm.train.materialize`), optimizer and schedule, and
@@ -295,7 +295,7 @@ class Trainer:
         if any(record["truncated"][: self.data.transitions]):
             raise TrainingError(
                 f"step {step}: the model dropped boundaries {record['truncated']} (per stage transition) on training "
-                f"rows planned to fit every max_len; the data's boundary masks do not match the model's splitters"
+                f"rows cut to fit every max_len; the data's boundary masks do not match the model's splitters"
             )
         if step % spec.eval_every == 0 or step == spec.steps:
             run = self.resolved
@@ -410,7 +410,7 @@ class RunLogger:
             for key in ("loss", "bpb", "lr", "grad_norm", "bytes_per_s", "val_bpb"):
                 if key in record:
                     self.board.add_scalar(f"train/{key}", record[key], step)
-        if any(record["truncated"]):  # stages of learned splitters cannot be planned from the data
+        if any(record["truncated"]):  # stages of learned splitters cannot be sized from the data
             self.bar.write(f"step {step}: truncated boundaries per stage transition: {record['truncated']} (raise max_len)")
         shown = {"loss": record["loss"], "bpb": record["bpb"], "bytes/s": f"{record['bytes_per_s']:,.0f}"}
         if "val_bpb" in record:

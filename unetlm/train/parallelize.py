@@ -24,6 +24,9 @@ from __future__ import annotations
 import attrs
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from unetlm.model.stack import Stack
 from unetlm.train.parallel import World
@@ -70,8 +73,6 @@ def mixer_stacks(model: nn.Module) -> list[Stack]:
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Wrap every mixer block so the backward pass recomputes it (parameter names stay as they were)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
     for stack in mixer_stacks(model):
         for i, block in enumerate(stack.blocks):
             stack.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
@@ -87,8 +88,6 @@ def compile_blocks(model: nn.Module) -> None:
 
 def device_mesh(parallelism: Parallelism, world: World):
     """1-D mesh over all ranks, or for HSDP 2-D ("replicate", "shard") with ``shard_size`` ranks per group."""
-    from torch.distributed.device_mesh import init_device_mesh
-
     if parallelism.replicas == 1:
         return init_device_mesh(world.device.type, (world.size,), mesh_dim_names=("shard",))
     shape = (parallelism.replicas, parallelism.shard_size)
@@ -136,8 +135,6 @@ def unit_parameters(units: list[ShardUnit]) -> list[int]:
 
 def shard(model: nn.Module, parallelism: Parallelism, world: World) -> None:
     """``fully_shard`` each of :func:`shard_units`, with the mesh and mixed-precision policy of ``parallelism``."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     mesh = device_mesh(parallelism, world)
     policy = MixedPrecisionPolicy(param_dtype=parallelism.param_dtype, reduce_dtype=parallelism.reduce_dtype)
     for unit in shard_units(model):
