@@ -3,8 +3,9 @@
 ``python start_worker.py OUT TINY.toml [BIG.toml]``: every rank sets up a run of BIG (built on the
 meta device, sharded, materialised) and records its peak resident memory, then sets up TINY and
 runs one step's forward and backward passes on :func:`padded_batch` (its rows unevenly padded,
-this rank's block of them). Rank 0 writes OUT/start-N.pt (N processes): the initial full weights
-and the full gradients of TINY, the step's loss, and every rank's peak memory after BIG's setup.
+this rank's block of them), as FSDP2 and, on several processes, as HSDP. Rank 0 writes
+OUT/start-N.pt (N processes): per layout the initial full weights, the full gradients and the
+step's loss of TINY, and every rank's peak memory after BIG's setup.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import resource
 import sys
 from pathlib import Path
 
+import attrs
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -66,14 +68,20 @@ def main(out: Path, tiny: Path, big: Path | None = None) -> None:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux reports KiB)
             trainer.close()
             del trainer
-        trainer = Trainer.setup(load_recipe(tiny), out / f"tiny-{world.size}", world, False, False, False)
-        weights, grads, loss = start(trainer)
-        trainer.close()
+        results = {}
+        recipe = load_recipe(tiny)
+        layouts = {"fsdp": recipe}
+        if world.distributed:  # and as HSDP: 2 replicas of 1 shard
+            layouts["hsdp"] = attrs.evolve(recipe, training=attrs.evolve(recipe.training, shard_size=1))
+        for name, layout in layouts.items():
+            trainer = Trainer.setup(layout, out / f"tiny-{name}-{world.size}", world, False, False, False)
+            results[name] = dict(zip(("weights", "grads", "loss"), start(trainer)))
+            trainer.close()
         peaks = [peak] * world.size
         if world.distributed:
             dist.all_gather_object(peaks, peak)
         if world.main:
-            torch.save({"weights": weights, "grads": grads, "loss": loss, "peak_rss": peaks}, out / f"start-{world.size}.pt")
+            torch.save(results | {"peak_rss": peaks}, out / f"start-{world.size}.pt")
     finally:
         parallel.close_world(world)
 

@@ -81,8 +81,8 @@ def test_recipe_error_is_reported_once(tmp_path):
 def test_start_shards_only_with_the_weights_and_gradients_of_one_process(tmp_path):
     """Two processes set up a ~250M-parameter run each below the model's fp32 size (no rank builds the
     whole model), start from the weights one process starts from, and on rows padded unevenly across
-    ranks and micro-batches compute the one-process gradient: the loss is normalised by the step's
-    global target count."""
+    ranks and micro-batches compute the one-process gradient (as FSDP2 and as HSDP): the loss is
+    normalised by the step's global target count."""
     import start_worker
     from test_train import tiny_recipe_dict
 
@@ -105,10 +105,13 @@ def test_start_shards_only_with_the_weights_and_gradients_of_one_process(tmp_pat
     start_worker.main(tmp_path, tiny)  # one process, here
     one, two = (torch.load(tmp_path / f"start-{n}.pt", weights_only=True) for n in (1, 2))
     assert len(two["peak_rss"]) == 2 and all(peak < fp32_bytes for peak in two["peak_rss"]), (two["peak_rss"], fp32_bytes)
-    assert one["weights"].keys() == two["weights"].keys()
-    for key, value in one["weights"].items():
-        assert torch.equal(value, two["weights"][key]), key
-    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) == len(one["weights"])
-    for key, grad in one["grads"].items():
-        assert torch.allclose(grad, two["grads"][key], rtol=1e-4, atol=1e-7), key
-    assert float(two["loss"]) == pytest.approx(float(one["loss"]), rel=1e-6)
+    want = one["fsdp"]
+    for layout in ("fsdp", "hsdp"):  # sharded over both ranks; 2 replicas, all-reduced in the last micro-batch
+        got = two[layout]
+        assert want["weights"].keys() == got["weights"].keys()
+        for key, value in want["weights"].items():
+            assert torch.equal(value, got["weights"][key]), (layout, key)
+        assert want["grads"].keys() == got["grads"].keys() and len(want["grads"]) == len(want["weights"])
+        for key, grad in want["grads"].items():
+            assert torch.allclose(grad, got["grads"][key], rtol=1e-4, atol=1e-7), (layout, key)
+        assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-6)

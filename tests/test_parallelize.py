@@ -76,7 +76,7 @@ def test_planner_units_are_the_units_fully_shard_wraps(one_rank_group):
 
     recipe = with_example_checkpoint(load_recipe("recipes/tiny/blt.toml"))
     model = unetlm.build_model(recipe)
-    layout = unit_sizes(model)
+    sizes = unit_sizes(model)
     world = World(0, 1, 0, CPU)
     parallelize(model, Parallelism(checkpointing=False, compile=False, shard=True), world)
     wrapped = {}
@@ -85,9 +85,9 @@ def test_planner_units_are_the_units_fully_shard_wraps(one_rank_group):
             group = module._get_fsdp_state()._fsdp_param_group
             count = sum(p._orig_size.numel() for p in group.fsdp_params) if group else 0
             wrapped[name] = (count, group is None or group.post_forward_mesh_info is not None)
-    assert {u.name: (u.params, u.resharded) for u in layout.units} == wrapped
+    assert {u.name: (u.params, u.resharded) for u in sizes.units} == wrapped
     tables = [f"embed.hashed.{i}" for i in range(6)]
-    assert set(tables) | {"embed", "head", ""} <= set(wrapped) and layout.units[-1].name == ""
+    assert set(tables) | {"embed", "head", ""} <= set(wrapped) and sizes.units[-1].name == ""
     assert all(wrapped[t] == (4096 * 64, True) for t in tables)  # the tables are not in the root
-    assert layout.held == wrapped[""][0] + wrapped["head"][0] and not wrapped["head"][1]
-    assert layout.total == sum(p.numel() for p in model.parameters())
+    assert sizes.held == wrapped[""][0] + wrapped["head"][0] and not wrapped["head"][1]
+    assert sizes.total == sum(p.numel() for p in model.parameters())

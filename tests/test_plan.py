@@ -69,9 +69,9 @@ def test_train_runs_the_planned_micro_batch_and_checkpointing(tmp_path, monkeypa
         ],
     )
     with torch.device("meta"):
-        layout = plan.unit_sizes(build_model(recipe))
+        units = plan.unit_sizes(build_model(recipe))
     profile = activations.measure_activations(recipe.model, autocast=False)  # a CPU trains in float32 by default
-    static = plan.Plan(hardware.Hardware(1, 1 << 40, None), layout, profile, 8, 512, 1.0, False, 1, 8).static
+    static = plan.Plan(hardware.Hardware(1, 1 << 40, None), units, profile, 8, 512, 1.0, False, 1, 8).static
     # room for 2.5 sequences without checkpointing: the planner must pick 2 (a divisor of 8), no checkpointing
     host = hardware.Hardware(1, int((static + 2.5 * profile.per_row(False)) / hardware.USABLE_FRACTION), None)
     monkeypatch.setattr(hardware, "host_hardware", lambda processes: host)
@@ -91,7 +91,7 @@ def test_train_runs_the_planned_micro_batch_and_checkpointing(tmp_path, monkeypa
     # less room than one sequence without checkpointing: checkpointing on, and what fits with it
     tight = attrs.evolve(host, memory=int((static + 1.5 * profile.per_row(True)) / hardware.USABLE_FRACTION))
     monkeypatch.setattr(hardware, "host_hardware", lambda processes: tight)
-    chosen = plan.choose_plan(tight, layout, profile, 8, 512, 1.0)
+    chosen = plan.choose_plan(tight, units, profile, 8, 512, 1.0)
     assert (chosen.checkpointing, chosen.micro_batch, chosen.accumulation) == (True, 1, 8)
     loop.train(recipe, tmp_path / "run2", progress=False, sample=False)
     assert used == {"micro": 1, "checkpointing": {True}}
@@ -162,11 +162,11 @@ def test_gpu_check_dry_run_writes_its_figures(tmp_path, capsys):
 def test_plan_arithmetic_and_the_refusal_names_what_would_fit():
     gib = 2**30
     blocks = tuple(plan.UnitSize(f"b{i}", 10**7, True) for i in range(98))
-    layout = plan.UnitSizes(blocks + (plan.UnitSize("head", 10**7, False), plan.UnitSize("", 10**7, False)))
-    assert (layout.total, layout.held, layout.in_flight, layout.reducing) == (10**9, 2 * 10**7, 2 * 10**7, 2 * 10**7)
+    units = plan.UnitSizes(blocks + (plan.UnitSize("head", 10**7, False), plan.UnitSize("", 10**7, False)))
+    assert (units.total, units.held, units.in_flight, units.reducing) == (10**9, 2 * 10**7, 2 * 10**7, 2 * 10**7)
     profile = activations.ActivationProfile(gib, 0, gib // 10, 0, gib // 20)
     eight = hardware.Hardware(8, 80 * gib, 1e15)
-    chosen = plan.choose_plan(eight, layout, profile, 64, 1024, 1e13)
+    chosen = plan.choose_plan(eight, units, profile, 64, 1024, 1e13)
     assert (chosen.checkpointing, chosen.micro_batch, chosen.accumulation, chosen.shard_size) == (False, 8, 1, 8)
     assert chosen.optimizer == 8 * 10**9 // 8 and chosen.parameters == chosen.gradients == 4 * 10**9 // 8
     # bf16 gathers for the forward and (head, root held) the backward; fp32 reduce-scatter; no replicas
@@ -182,29 +182,29 @@ def test_plan_arithmetic_and_the_refusal_names_what_would_fit():
     assert timing.exposed == pytest.approx(7 / 8 * (2 * 3 * 10**7 + 4 * 10**7) / nvlink)
     assert timing.optimizer == pytest.approx(10**9 / 8 * plan.OPTIMIZER_BYTES_PER_PARAMETER / 3.35e12)
     assert chosen.mfu == pytest.approx(8 * 1e13 / 1e15 / timing.total) and 0.45 < chosen.mfu < plan.KERNEL_EFFICIENCY
-    fixed = plan.choose_plan(eight, layout, profile, 64, 1024, 1e13, micro_batch=2, checkpointing=True)
+    fixed = plan.choose_plan(eight, units, profile, 64, 1024, 1e13, micro_batch=2, checkpointing=True)
     assert (fixed.micro_batch, fixed.accumulation, fixed.checkpointing) == (2, 4, True)
     assert fixed.buffers == chosen.buffers  # gradients are reduce-scattered per micro-batch, never held whole
     assert fixed.gathered == pytest.approx(4 * chosen.gathered) and fixed.timing().compute == pytest.approx(
         4 / 3 * timing.compute)  # the recomputed forward
     one = hardware.Hardware(1, 10 * gib, None)  # 16 GB of weights and AdamW state: not on 1 GPU
     with pytest.raises(plan.PlanError, match=r"Change: at least 2 GPUs, or a shorter model.seq_len or a smaller"):
-        plan.choose_plan(one, layout, profile, 8, 1024, 1e13)
+        plan.choose_plan(one, units, profile, 8, 1024, 1e13)
     with pytest.raises(plan.PlanError, match=r"Change: at least 2 GPUs, or training.activation_checkpointing = true,"):
-        plan.choose_plan(one, layout, profile, 8, 1024, 1e13, micro_batch=1, checkpointing=False)
+        plan.choose_plan(one, units, profile, 8, 1024, 1e13, micro_batch=1, checkpointing=False)
 
 
 def test_hsdp_shards_within_a_node_and_all_reduces_across_nodes():
     """64 GPUs in nodes of 8: sharding within a node keeps the gathers on NVLink and sends one
     all-reduce of the shard over InfiniBand; "auto" picks the fastest layout that fits."""
     gib = 2**30
-    layout = plan.UnitSizes(tuple(plan.UnitSize(f"b{i}", 5 * 10**7, True) for i in range(99))
+    units = plan.UnitSizes(tuple(plan.UnitSize(f"b{i}", 5 * 10**7, True) for i in range(99))
                             + (plan.UnitSize("", 5 * 10**7, False),))
     profile = activations.ActivationProfile(gib, 0, gib // 10, 0, gib // 20)
     cluster = hardware.Hardware(64, 80 * gib, 1e15)
     options = dict(micro_batch=0, checkpointing=False)
-    flat = plan.choose_plan(cluster, layout, profile, 128, 1024, 1e13, shard_size=0, **options)
-    node = plan.choose_plan(cluster, layout, profile, 128, 1024, 1e13, shard_size=8, **options)
+    flat = plan.choose_plan(cluster, units, profile, 128, 1024, 1e13, shard_size=0, **options)
+    node = plan.choose_plan(cluster, units, profile, 128, 1024, 1e13, shard_size=8, **options)
     assert (flat.replicas, node.replicas) == (1, 8)
     assert flat.timing().shard_link == "InfiniBand"
     t = node.timing()
@@ -212,13 +212,13 @@ def test_hsdp_shards_within_a_node_and_all_reduces_across_nodes():
     assert node.parameters == 8 * flat.parameters and node.local == 5 * 10**9 // 8
     assert node.all_reduced == pytest.approx(2 * 4 * node.local * 7 / 8)  # a ring all-reduce of the fp32 shard
     assert node.mfu > 2 * flat.mfu
-    bf16 = plan.choose_plan(cluster, layout, profile, 128, 1024, 1e13, shard_size=8, reduce_bytes=2, **options)
+    bf16 = plan.choose_plan(cluster, units, profile, 128, 1024, 1e13, shard_size=8, reduce_bytes=2, **options)
     assert bf16.all_reduced == pytest.approx(node.all_reduced / 2) and bf16.step_time < node.step_time
     # several micro-batches under HSDP: the reduce-scattered gradients are summed until the last all-reduce
-    split = plan.choose_plan(cluster, layout, profile, 128, 1024, 1e13, shard_size=8, micro_batch=1,
+    split = plan.choose_plan(cluster, units, profile, 128, 1024, 1e13, shard_size=8, micro_batch=1,
                              checkpointing=False)
     assert split.accumulation == 2 and split.buffers == node.buffers + 4 * node.local
-    auto = plan.choose_plan(cluster, layout, profile, 128, 1024, 1e13, shard_size="auto", **options)
+    auto = plan.choose_plan(cluster, units, profile, 128, 1024, 1e13, shard_size="auto", **options)
     times = dict(auto.considered)
     assert sorted(times) == plan.divisors(64) and times[1] is None  # 80 GB of weights and state on one GPU
     assert auto.shard_size == min((s for s in times if times[s] is not None), key=times.get) == 8
@@ -226,7 +226,7 @@ def test_hsdp_shards_within_a_node_and_all_reduces_across_nodes():
     text = plan.describe(auto, "x")
     assert "HSDP: 8 replicas x 8 shards" in text and 'shard_size "auto" chose 8' in text and "1: does not fit" in text
     with pytest.raises(ValueError, match="training.shard_size = 3 is invalid: it must divide the 64 processes"):
-        plan.choose_plan(cluster, layout, profile, 128, 1024, 1e13, shard_size=3)
+        plan.choose_plan(cluster, units, profile, 128, 1024, 1e13, shard_size=3)
     assert hardware.parse_bandwidth("400Gb/s", "--x") == 50e9 == hardware.parse_bandwidth("50GB/s", "--x")
     assert hardware.parse_bandwidth("3.35TB/s", "--x") == pytest.approx(3.35e12)
     with pytest.raises(ValueError, match="--inter-node-bandwidth '-5GB/s' is invalid: expected a positive rate"):

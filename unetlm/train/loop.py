@@ -223,10 +223,6 @@ class Trainer:
         """The recipe with every training "auto" value decided for this run."""
         return self.resolved.recipe
 
-    @property
-    def budget(self) -> Budget:
-        return self.resolved.budget
-
     @classmethod
     def setup(cls, recipe: Recipe, out: Path, world: World, resume: bool | str, force: bool, progress: bool) -> "Trainer":
         """Resolve the run, then build it: data, the model (meta device, parallelized, each rank's shards
