@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from unetlm.core.tokens import PAD
 from unetlm.data.packing import Batch
 from unetlm.recipe import load_recipe
-from unetlm.train import parallel
+from unetlm.train import distributed
 from unetlm.train.loop import Trainer, forward_backward
 
 VALID = (12, 30, 64, 64, 50, 64, 7, 64)  # non-PAD positions of each row of the global batch
@@ -56,11 +56,11 @@ def start(trainer: Trainer) -> tuple[dict, dict]:
     output = forward_backward(model, mine, run.split.micro_batch, run.dtype, trainer.logger.lengths,
                               run.parallelism, world)
     grads = {name: full(p.grad).clone() for name, p in model.named_parameters() if p.grad is not None}
-    return weights, grads, parallel.sum_over_ranks(output.loss, world)
+    return weights, grads, distributed.sum_over_ranks(output.loss, world)
 
 
 def main(out: Path, tiny: Path, big: Path | None = None) -> None:
-    world = parallel.init_world("cpu")
+    world = distributed.init_world("cpu")
     try:
         peak = None
         if big is not None:
@@ -83,7 +83,7 @@ def main(out: Path, tiny: Path, big: Path | None = None) -> None:
         if world.main:
             torch.save(results | {"peak_rss": peaks}, out / f"start-{world.size}.pt")
     finally:
-        parallel.close_world(world)
+        distributed.close_world(world)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from unetlm.train import checkpoint as fmt
 from unetlm.train.checkpointer import Checkpointer
 from unetlm.train.errors import CheckpointError
 from unetlm.train.optim import make_optimizer, make_scheduler
-from unetlm.train.parallel import World
+from unetlm.train.distributed import World
 
 
 class RunsCode:

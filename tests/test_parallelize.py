@@ -9,7 +9,7 @@ from torch.distributed.fsdp import FSDPModule
 import unetlm
 from test_train import tiny_recipe_dict
 from unetlm.recipe import recipe_from_dict
-from unetlm.train.parallel import World
+from unetlm.train.distributed import World
 from unetlm.train.parallelize import Parallelism, parallelize
 from unetlm.train.resolve import resolve_run
 

@@ -238,7 +238,7 @@ def test_resolution_decides_every_auto_value_as_a_pure_function():
     one place, from the plan; the recipe as written kept for the run directory."""
     import torch
 
-    from unetlm.train.parallel import World
+    from unetlm.train.distributed import World
     from unetlm.train.resolve import resolve_run
 
     autos = ['training.micro_batch_size="auto"', 'training.activation_checkpointing="auto"',

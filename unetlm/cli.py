@@ -163,7 +163,7 @@ def cmd_plan(args) -> int:
     from unetlm.recipe import load_recipe
     from unetlm.train.activations import MeasurementError
     from unetlm.train.hardware import Hardware, parse_bandwidth, parse_memory
-    from unetlm.train.parallel import World
+    from unetlm.train.distributed import World
     from unetlm.train.plan import PlanError, describe
     from unetlm.train.resolve import resolve_run
 

@@ -43,7 +43,7 @@ from unetlm.train.checkpoint import find_checkpoint, read_train_state
 from unetlm.train.hardware import cuda_hardware
 from unetlm.train.loop import Trainer
 from unetlm.train.metrics import read_metrics
-from unetlm.train.parallel import World
+from unetlm.train.distributed import World
 
 DEPTH = 2  # layers per stack at full width: every stage and block kind, few enough to compile quickly
 MEMORY_TOLERANCE = 0.15  # |measured - planned| / planned

@@ -25,7 +25,7 @@ from unetlm.recipe import load_recipe
 from unetlm.train.loop import forward_loss
 from unetlm.train.resolve import autocast_dtype
 from unetlm.train.optim import make_optimizer
-from unetlm.train.parallel import pick_device
+from unetlm.train.distributed import pick_device
 from unetlm.train.parallelize import compile_blocks
 from unetlm.train.scaling import resolve_budget
 

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from unetlm.train import checkpoint as fmt
-from unetlm.train.parallel import World, barrier
+from unetlm.train.distributed import World, barrier
 
 
 class Checkpointer:

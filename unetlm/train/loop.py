@@ -25,14 +25,14 @@ from unetlm.data.corpora import open_corpora, open_training_data, shared_tokeniz
 from unetlm.data.windows import TrainingData
 from unetlm.model.generate import generate
 from unetlm.recipe import Recipe, dump_recipe
-from unetlm.train import parallel
+from unetlm.train import distributed
 from unetlm.splitters.entropy_models import installed_entropy_models, use_entropy_models
 from unetlm.train.checkpointer import Checkpointer
 from unetlm.train.errors import TrainingError
 from unetlm.train.materialize import materialize
 from unetlm.train.metrics import MetricsWriter, bits_per_byte, open_tensorboard
 from unetlm.train.optim import make_optimizer, make_scheduler
-from unetlm.train.parallel import World, from_rank0
+from unetlm.train.distributed import World, from_rank0
 from unetlm.train.parallelize import Parallelism, parallelize, set_last_micro_batch
 from unetlm.train.progress import Progress
 from unetlm.train.resolve import ResolvedRun, background_checkpoints, resolve_run
@@ -97,7 +97,7 @@ def forward_backward(model, batch, micro_rows: int, dtype, lengths: torch.Tensor
     parts = batch.split(micro_rows)
     device = batch.targets.device
     counts = [(part.targets != PAD).sum() for part in parts]
-    total = parallel.sum_over_ranks(torch.stack(counts).sum(), world).clamp(min=1)
+    total = distributed.sum_over_ranks(torch.stack(counts).sum(), world).clamp(min=1)
     scale = parallelism.world_size / total.double()
     loss = torch.zeros((), dtype=torch.float64, device=device)
     nats_bytes = torch.zeros(2, dtype=torch.float64, device=device)
@@ -139,7 +139,7 @@ def evaluate(model, batches, device, world: World | None = None, dtype: torch.dt
             total += loss_per_byte(forward_loss(model, part, dtype).loss, part, lengths)
     model.train()
     if world is not None:
-        total = parallel.sum_over_ranks(total, world)
+        total = distributed.sum_over_ranks(total, world)
     return float(total[0] / total[1].clamp(min=1))
 
 
@@ -187,7 +187,7 @@ def train(
     """
     if installed_entropy_models() is None:  # entropy splitters read their byte model through training's loader
         use_entropy_models(TrainedModels())
-    world = parallel.init_world(recipe.training.device)
+    world = distributed.init_world(recipe.training.device)
     try:
         trainer = Trainer.setup(recipe, Path(out_dir), world, resume, force, progress)
         try:
@@ -198,7 +198,7 @@ def train(
             last["sample"] = sample_text(recipe, Path(out_dir))
         return last
     finally:
-        parallel.close_world(world)
+        distributed.close_world(world)
 
 
 @attrs.define
@@ -267,14 +267,14 @@ class Trainer:
         lengths = self.logger.lengths
         output = forward_backward(self.model, batch, run.split.micro_batch, run.dtype, lengths, run.parallelism,
                                   self.world)
-        output.loss = parallel.sum_over_ranks(output.loss, self.world)
+        output.loss = distributed.sum_over_ranks(output.loss, self.world)
         if not torch.isfinite(output.loss):
             raise TrainingError(
                 f"loss became {float(output.loss)} at step {number}; stopping. The last good "
                 f"checkpoint ({self.checkpointer.path}) is kept; lower training.lr or training.grad_clip and --resume."
             )
         clip = run.training.grad_clip or float("inf")
-        output.grad_norm = parallel.local_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        output.grad_norm = distributed.local_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not torch.isfinite(output.grad_norm):
             raise TrainingError(
                 f"gradient norm became {float(output.grad_norm)} at step {number}; stopping. The last "
@@ -379,7 +379,7 @@ class RunLogger:
 
     def record(self, step: int, output: StepOutput, optimizer) -> dict:
         world = self.world
-        nats, n_bytes = parallel.sum_over_ranks(output.nats_bytes, world).tolist()
+        nats, n_bytes = distributed.sum_over_ranks(output.nats_bytes, world).tolist()
         elapsed = time.perf_counter() - self.started
         group = optimizer.param_groups[0]
         record = {
@@ -391,11 +391,11 @@ class RunLogger:
             "bytes": step * self.bytes_per_step,
             "flops": step * self.bytes_per_step * self.flops_per_byte,
             "bytes_per_s": (step - self.start_step) * self.bytes_per_step / max(elapsed, 1e-9),
-            "truncated": [int(parallel.sum_over_ranks(t, world)) for t in output.truncated],
+            "truncated": [int(distributed.sum_over_ranks(t, world)) for t in output.truncated],
         }
         if output.aux_loss is not None:  # learned splitters: ratio loss and achieved bytes per chunk
-            record["aux_loss"] = float(parallel.mean_over_ranks(output.aux_loss.detach(), world))
-            record["bytes_per_chunk"] = [float(parallel.mean_over_ranks(b, world)) for b in output.bytes_per_chunk]
+            record["aux_loss"] = float(distributed.mean_over_ranks(output.aux_loss.detach(), world))
+            record["bytes_per_chunk"] = [float(distributed.mean_over_ranks(b, world)) for b in output.bytes_per_chunk]
         return record
 
     def emit(self, record: dict) -> None:

@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from unetlm.model.stack import Stack
-from unetlm.train.parallel import World
+from unetlm.train.distributed import World
 
 
 @attrs.frozen

@@ -20,7 +20,7 @@ from unetlm.recipe import Recipe
 from unetlm.recipe.schema import TrainingSpec, check_device
 from unetlm.train.activations import MeasurementError, measure_activations
 from unetlm.train.hardware import Hardware, hardware_for
-from unetlm.train.parallel import World
+from unetlm.train.distributed import World
 from unetlm.train.parallelize import Parallelism, dtype_name
 from unetlm.train.plan import Plan, choose_plan, describe, shard_sizes, unit_sizes
 from unetlm.train.scaling import BatchSplit, Budget, check_resumed_batch, resolve_budget, split_batch
