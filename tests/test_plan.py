@@ -219,10 +219,15 @@ def test_hsdp_shards_within_a_node_and_all_reduces_across_nodes():
                              checkpointing=False)
     assert split.accumulation == 2 and split.buffers == node.buffers + 4 * node.local
     auto = plan.choose_plan(cluster, units, profile, 128, 1024, 1e13, shard_size="auto", **options)
-    times = dict(auto.considered)
-    assert sorted(times) == plan.divisors(64) and times[1] is None  # 80 GB of weights and state on one GPU
+    times = {s: t for s, _, t in auto.considered}
+    assert sorted(times) == plan.divisors(64) and auto.considered[0] == (1, False, None)  # 80 GB of state on one GPU
+    assert all(fits == (t is not None) for _, fits, t in auto.considered)
     assert auto.shard_size == min((s for s in times if times[s] is not None), key=times.get) == 8
     assert auto.step_time == times[8]
+    untimed = plan.choose_plan(attrs.evolve(cluster, peak_flops=None), units, profile, 128, 1024, 1e13,
+                               shard_size="auto", **options)  # without a time estimate: the least communication
+    assert untimed.step_time is None and "1: does not fit, 2: fits" in plan.describe(untimed)
+    assert untimed.communication == min(attrs.evolve(untimed, shard_size=s).communication for s in times if s > 1)
     text = plan.describe(auto, "x")
     assert "HSDP: 8 replicas x 8 shards" in text and 'shard_size "auto" chose 8' in text and "1: does not fit" in text
     with pytest.raises(ValueError, match="training.shard_size = 3 is invalid: it must divide the 64 processes"):
@@ -257,5 +262,5 @@ def test_resolution_decides_every_auto_value_as_a_pure_function():
     assert (run.split.micro_batch, run.split.accumulation) == (p.micro_batch, p.accumulation)
     assert run.parallelism.shard and run.parallelism.shard_size == p.shard_size
     assert run.parallelism.param_dtype == torch.bfloat16 and spec.dtype == "bfloat16" and spec.compile
-    assert spec.lr == run.budget.lr and dict(p.considered)[p.shard_size] == p.step_time
+    assert spec.lr == run.budget.lr and (p.shard_size, True, p.step_time) in p.considered
     assert 'shard_size "auto" chose' in run.describe()

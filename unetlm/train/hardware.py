@@ -38,6 +38,7 @@ class Hardware:
     inter_node_bandwidth: float = INFINIBAND_BYTES_S
     memory_bandwidth: float | None = H100_MEMORY_BYTES_S  # None: the optimizer step is not timed
     bf16: bool = True  # computes in bfloat16 (what dtype = "auto" asks for)
+    links: tuple[str, str] = ("NVLink", "InfiniBand")  # names of the links within and between nodes
 
     @property
     def usable(self) -> int:
@@ -50,8 +51,8 @@ class Hardware:
     def link(self, groups: list[range]) -> tuple[str, float]:
         """(name, achieved bytes/s per GPU) of the link a collective over each of ``groups`` is bound by."""
         if self.spans_nodes(groups):
-            return "InfiniBand", self.inter_node_bandwidth * COLLECTIVE_EFFICIENCY
-        return "NVLink", self.intra_node_bandwidth * COLLECTIVE_EFFICIENCY
+            return self.links[1], self.inter_node_bandwidth * COLLECTIVE_EFFICIENCY
+        return self.links[0], self.intra_node_bandwidth * COLLECTIVE_EFFICIENCY
 
 
 def host_hardware(local_processes: int) -> Hardware:
@@ -68,7 +69,7 @@ def host_hardware(local_processes: int) -> Hardware:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     processes = max(local_processes, 1)
     return Hardware(1, available // processes, None, "CPU process", gpus_per_node=processes, memory_bandwidth=None,
-                    bf16=False)
+                    bf16=False, links=("the host", "the network"))
 
 
 def by_name(table: dict[str, float], name: str) -> float | None:

@@ -139,7 +139,8 @@ class Plan:
     param_bytes: int = 2  # per gathered parameter: bf16 under autocast, else fp32
     reduce_bytes: int = 4  # per gradient element in reductions (training.reduce_dtype)
     extra: tuple[ExtraBuffer, ...] = ()
-    considered: tuple[tuple[int, float | None], ...] = ()  # shard_size "auto": (shard size, step s or None: no fit)
+    # shard_size "auto": (shard size, fits, estimated step s or None) of each shard size tried
+    considered: tuple[tuple[int, bool, float | None], ...] = ()
     sharded: bool = attrs.field(default=attrs.Factory(lambda plan: plan.hardware.gpus > 1, takes_self=True))  # FSDP2
 
     @property
@@ -334,9 +335,9 @@ def choose_plan(
                      local // min(sizes), max(shards), param_bytes, reduce_bytes, extra, sharded=sharded)
         raise PlanError(refusal(worst, fixes))
     chosen = min(best.values(), key=Plan.rank_key)
-    if shard_size != "auto":
+    if len(shards) == 1:
         return chosen
-    considered = tuple((s, best[s].step_time if s in best else None) for s in shards)
+    considered = tuple((s, s in best, best[s].step_time if s in best else None) for s in shards)
     return attrs.evolve(chosen, considered=considered)
 
 
@@ -406,12 +407,12 @@ def describe(plan: Plan, name: str = "recipe") -> str:
         shard_groups, replica_groups = plan.groups()
         shard_link, _ = hw.link(shard_groups)
         text = (
-            f"communication per step per {hw.name}: {dtype[plan.param_bytes]} all-gathers {plan.gathered / 1e9:.2f} GB "
-            f"and {dtype[plan.reduce_bytes]} reduce-scatters {plan.reduce_scattered / 1e9:.2f} GB within "
-            f"{plan.shard_size} ranks over {shard_link}"
+            f"communication per step per {hw.name}: {dtype[plan.param_bytes]} all-gathers {plan.gathered / 1e9:.3g} GB "
+            f"and {dtype[plan.reduce_bytes]} reduce-scatters {plan.reduce_scattered / 1e9:.3g} GB within "
+            f"{plan.shard_size} rank{'s' if plan.shard_size > 1 else ''} over {shard_link}"
         )
         if plan.replicas > 1:
-            text += (f", {dtype[plan.reduce_bytes]} all-reduce {plan.all_reduced / 1e9:.2f} GB across "
+            text += (f", {dtype[plan.reduce_bytes]} all-reduce {plan.all_reduced / 1e9:.3g} GB across "
                      f"{plan.replicas} replicas over {hw.link(replica_groups)[0]}")
         lines.append(text)
     if timing is not None:
@@ -421,11 +422,13 @@ def describe(plan: Plan, name: str = "recipe") -> str:
                if plan.replicas > 1 and timing.replica_link != timing.shard_link else "")
         )
         lines.append(
-            f"estimated step: {timing.total:.3f} s = compute {timing.compute:.3f} s (at {KERNEL_EFFICIENCY:.0%} of "
-            f"{hw.peak_flops / 1e12:.0f} TFLOP/s) + communication not hidden {timing.exposed:.3f} s + optimizer "
-            f"{timing.optimizer:.3f} s; MFU {plan.mfu:.1%}{links}"
+            f"estimated step: {timing.total:.3g} s = compute {timing.compute:.3g} s (at {KERNEL_EFFICIENCY:.0%} of "
+            f"{hw.peak_flops / 1e12:.0f} TFLOP/s) + communication not hidden {timing.exposed:.3g} s + optimizer "
+            f"{timing.optimizer:.3g} s; MFU {plan.mfu:.1%}{links}"
         )
     if plan.considered:
-        options = ", ".join(f"{s}: {'does not fit' if t is None else f'{t:.3f} s'}" for s, t in plan.considered)
+        options = ", ".join(
+            f"{s}: {'does not fit' if not fits else 'fits' if t is None else f'{t:.3g} s'}" for s, fits, t in plan.considered
+        )
         lines.append(f"shard_size \"auto\" chose {plan.shard_size}; per shard size: {options}")
     return "\n".join(lines)
