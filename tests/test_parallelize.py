@@ -91,3 +91,27 @@ def test_planner_units_are_the_units_fully_shard_wraps(one_rank_group):
     assert all(wrapped[t] == (4096 * 64, True) for t in tables)  # the tables are not in the root
     assert sizes.held == wrapped[""][0] + wrapped["head"][0] and not wrapped["head"][1]
     assert sizes.total == sum(p.numel() for p in model.parameters())
+
+
+def test_initialisation_needs_every_holder_of_parameters_to_reset_them():
+    """Training initialises a meta-device model module by module: a module that holds parameters or
+    buffers itself without reset_parameters() is named, not left uninitialised."""
+    from unetlm.train.materialize import materialize
+
+    model = unetlm.build_model(recipe_from_dict(tiny_recipe_dict("unused")))
+
+    class Scale(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(1))
+
+    with pytest.raises(TypeError, match="Scale holds parameters or buffers but has no reset_parameters"):
+        model.init_module(Scale())
+    with torch.device("meta"):
+        meta = unetlm.build_model(recipe_from_dict(tiny_recipe_dict("unused")))
+    materialize(meta, CPU, seed=0)
+    for (name, built), made in zip(model.named_parameters(), meta.parameters()):
+        assert made.device == CPU and made.shape == built.shape and torch.isfinite(made).all(), name
+    assert torch.equal(meta.upsamplers[0].start, torch.zeros_like(meta.upsamplers[0].start))
+    norms = [m.weight for m in meta.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert norms and all(torch.equal(w, torch.ones_like(w)) for w in norms)

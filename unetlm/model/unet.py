@@ -76,19 +76,20 @@ class UNet(nn.Module):
             self.init_module(module)
 
     def init_module(self, module: nn.Module) -> None:
-        """(Re)initialise the parameters ``module`` holds itself (not its children's), in place: linear
-        and embedding weights normal(0, ``init_std``) with zero biases, any other module's by its
-        ``reset_parameters()``. The constructor runs it over :meth:`modules`; training runs it on
-        each module's full-size parameters after building on the meta device."""
+        """(Re)initialise the parameters and buffers ``module`` holds itself (not its children's), in
+        place: linear and embedding weights normal(0, ``init_std``) with zero biases, any other
+        module's by its ``reset_parameters()``. The constructor runs it over :meth:`modules`; training
+        runs it on each module's full-size parameters after building on the meta device."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.spec.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif next(module.parameters(recurse=False), None) is not None:
+        elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
             reset = getattr(module, "reset_parameters", None)
             if reset is None:
                 raise TypeError(
-                    f"{type(module).__name__} holds parameters but has no reset_parameters() to initialise them"
+                    f"{type(module).__name__} holds parameters or buffers but has no reset_parameters() to "
+                    f"initialise them"
                 )
             reset()
 
