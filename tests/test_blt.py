@@ -398,8 +398,10 @@ TINY_SYSTEMS = ["entropy-model", "blt", "blt-space", "spacebyte", "megabyte", "h
 def test_tiny_recipe_lowers_the_loss(name, shakespeare_head, entropy_checkpoint, tmp_path):
     from unetlm.train.loop import train
 
-    # 256-byte sequences keep each run short; the stages' own limits stay as written
-    shorter = ["model.seq_len=256", "model.stages[0].max_len=256", "training.lr=5e-3"]
+    # 256-byte sequences keep each run short; the stages' own limits stay as written. blt-space's
+    # cross-attention upsampler normalises a start vector that begins at zero: at 5e-3 some seeds spike
+    lr = 3e-3 if name == "blt-space" else 5e-3
+    shorter = ["model.seq_len=256", "model.stages[0].max_len=256", f"training.lr={lr}"]
     overrides = tiny_overrides(shakespeare_head, 20) + shorter
     recipe = unetlm.load_recipe(TINY / f"{name}.toml", overrides)
     for stage in recipe.model.stages:

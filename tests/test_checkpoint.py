@@ -25,7 +25,7 @@ from unetlm.core.errors import RunError
 from unetlm.recipe import dump_recipe
 from unetlm.train.checkpointer import Checkpointer
 from unetlm.train.optim import make_optimizer, make_scheduler
-from unetlm.train.parallel import World
+from unetlm.train.distributed import World
 
 TESTS = Path(__file__).resolve().parent
 

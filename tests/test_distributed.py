@@ -1,6 +1,7 @@
 """Two CPU processes under torchrun (gloo): FSDP2 + compiled, checkpointed blocks + micro-batches
 train like one eager process, and their sharded checkpoint resumes on two processes and on one;
-SIGTERM to one rank mid-run saves the current step on both, and the same command finishes the run."""
+SIGTERM to one rank mid-run saves the current step on both, and the same command finishes the run;
+a start builds only each rank's shards, with the weights and gradients of one process."""
 from __future__ import annotations
 
 import os
@@ -30,17 +31,17 @@ PARALLEL = dict(threads=1, steps=4, eval_every=2, checkpoint_every=2)
 COMPILED = dict(PARALLEL, compile=True, activation_checkpointing=True, micro_batch_size=1, async_checkpoint=True)
 
 
-def torchrun_command(args: list[str]) -> tuple[list[str], dict]:
+def torchrun_command(args: list[str], program: tuple[str, ...] = ("-m", "unetlm.cli")) -> tuple[list[str], dict]:
     root = str(Path(unetlm.__file__).resolve().parents[1])  # the processes import the unetlm under test
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_COMPILE_OVERRIDE_BACKENDS": BACKEND,
            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "unetlm.cli", *args]
+               *program, *args]
     return command, env
 
 
-def torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
-    command, env = torchrun_command(args)
+def torchrun(args: list[str], cwd, program: tuple[str, ...] = ("-m", "unetlm.cli")) -> subprocess.CompletedProcess:
+    command, env = torchrun_command(args, program)
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -145,3 +146,42 @@ def test_sigterm_to_one_rank_saves_the_current_step_and_the_same_command_finishe
         assert got[step] == pytest.approx(want[step], abs=1e-4), step
     a, b = weights(runs / "eager"), weights(out)
     assert all(torch.allclose(a[key], b[key], atol=1e-4) for key in a)
+
+
+def test_start_shards_only_with_the_weights_and_gradients_of_one_process(tmp_path):
+    """Two processes set up a ~250M-parameter run each below the model's fp32 size (no rank builds the
+    whole model), start from the weights one process starts from, and on rows padded unevenly across
+    ranks and micro-batches compute the one-process gradient (as FSDP2 and as HSDP): the loss is
+    normalised by the step's global target count."""
+    import start_worker
+    from test_train import tiny_recipe_dict
+
+    corpus = write_corpus(tmp_path / "corpus")
+    tiny = tmp_path / "tiny.toml"  # 4 rows per rank in micro-batches of 2
+    tiny.write_text(dump_recipe(tiny_recipe(corpus, batch_size=8, micro_batch_size=2, threads=1)), encoding="utf-8")
+    big = tiny_recipe_dict(corpus, batch_size=2, threads=1)
+    big["model"]["stages"][0]["dim"] = 256
+    big["model"]["stages"][1].update(dim=1024, layers=20, mixer={"name": "attention", "head_dim": 64})
+    from unetlm.recipe import recipe_from_dict
+
+    with torch.device("meta"):
+        fp32_bytes = 4 * sum(p.numel() for p in unetlm.build_model(recipe_from_dict(big)).parameters())
+    assert 200e6 < fp32_bytes / 4 < 300e6
+    big_file = tmp_path / "big.toml"
+    big_file.write_text(dump_recipe(recipe_from_dict(big)), encoding="utf-8")
+    worker = str(Path(start_worker.__file__))
+    done = torchrun([str(tmp_path), str(tiny), str(big_file)], tmp_path, program=(worker,))
+    assert done.returncode == 0, done.stderr[-3000:]
+    start_worker.main(tmp_path, tiny)  # one process, here
+    one, two = (torch.load(tmp_path / f"start-{n}.pt", weights_only=True) for n in (1, 2))
+    assert len(two["peak_rss"]) == 2 and all(peak < fp32_bytes for peak in two["peak_rss"]), (two["peak_rss"], fp32_bytes)
+    want = one["fsdp"]
+    for layout in ("fsdp", "hsdp"):  # sharded over both ranks; 2 replicas, all-reduced in the last micro-batch
+        got = two[layout]
+        assert want["weights"].keys() == got["weights"].keys()
+        for key, value in want["weights"].items():
+            assert torch.equal(value, got["weights"][key]), (layout, key)
+        assert want["grads"].keys() == got["grads"].keys() and len(want["grads"]) == len(want["weights"])
+        for key, grad in want["grads"].items():
+            assert torch.allclose(grad, got["grads"][key], rtol=1e-4, atol=1e-7), (layout, key)
+        assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-6)

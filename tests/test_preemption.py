@@ -22,9 +22,9 @@ from unetlm.core.errors import UsageError
 from unetlm.core.locks import FileLock
 from unetlm.recipe import load_recipe, recipe_from_dict
 from unetlm.recipe.schema import TrainingSpec
-from unetlm.train import loop, parallel, preemption
+from unetlm.train import distributed, loop, preemption
 from unetlm.train.metrics import MetricsWriter, read_metrics
-from unetlm.train.parallel import World
+from unetlm.train.distributed import World
 from unetlm.train.preemption import CheckpointSchedule, StopSignals
 from unetlm.train.runlock import LOCK, lock_run
 
@@ -184,13 +184,13 @@ def test_several_processes_without_torchrun_are_refused_with_one_line(monkeypatc
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     with pytest.raises(UsageError, match="srun started 4 processes .* without torchrun's RANK and WORLD_SIZE"):
-        parallel.launch_rank()
+        distributed.launch_rank()
     assert cli.main(["train", str(ROOT / "recipes" / "tiny" / "au2.toml"), "--out", "unused"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "scripts/slurm/train.sbatch" in err
     monkeypatch.setenv("WORLD_SIZE", "4")  # under torchrun the same variable is fine
     monkeypatch.setenv("RANK", "3")
-    assert parallel.launch_rank() == (3, 4, 0)
+    assert distributed.launch_rank() == (3, 4, 0)
 
 
 def test_the_data_cache_is_prepared_behind_a_lock(tmp_path, monkeypatch):

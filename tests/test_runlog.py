@@ -14,7 +14,7 @@ from unetlm.recipe.schema import WandbSpec
 from unetlm.train import loop, runlog
 from unetlm.train.guard import FiniteGuard
 from unetlm.train.metrics import read_metrics
-from unetlm.train.parallel import World
+from unetlm.train.distributed import World
 from unetlm.train.progress import Progress
 
 ONE = World(0, 1, 0, torch.device("cpu"))

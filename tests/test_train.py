@@ -16,6 +16,7 @@ from unetlm.checkpoint import sharded, store
 from unetlm.checkpoint.sharded import read_train_state
 from unetlm.train import loop
 from unetlm.train.metrics import read_metrics
+from unetlm.train.resolve import autocast_dtype
 from unetlm.train.scaling import fitted_batch_bytes, fitted_lr, resolve_budget, round_batch
 
 WORDS = "the a byte model learns words from text and pools them into coarser stages then back".split()
@@ -317,8 +318,8 @@ def test_plot_several_runs(full_run, corpus, tmp_path):
 
 def test_bfloat16_autocast_on_cpu(corpus, tmp_path):
     recipe = tiny_recipe(corpus, steps=2, dtype="bfloat16")
-    assert loop.autocast_dtype(recipe.training, torch.device("cpu")) == torch.bfloat16
-    assert loop.autocast_dtype(tiny_recipe(corpus).training, torch.device("cpu")) is None  # auto: fp32 on CPU
+    assert autocast_dtype(recipe.training, torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(tiny_recipe(corpus).training, torch.device("cpu")) is None  # auto: fp32 on CPU
     result = loop.train(recipe, tmp_path, progress=False)
     assert math.isfinite(result["loss"]) and math.isfinite(result["val_bpb"])
     assert weights(tmp_path)["head.weight"].dtype == torch.float32

@@ -248,30 +248,45 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    import torch
+
     from unetlm.recipe import load_recipe
     from unetlm.train.activations import MeasurementError
-    from unetlm.train.hardware import Hardware, parse_memory
-    from unetlm.train.plan import PlanError, describe, plan_recipe
+    from unetlm.train.hardware import Hardware, parse_bandwidth, parse_memory
+    from unetlm.train.distributed import World
+    from unetlm.train.plan import PlanError, describe
+    from unetlm.train.resolve import resolve_run
 
     try:
         memory = parse_memory(args.gpu_memory)
+        links = [parse_bandwidth(v, o) for v, o in ((args.intra_node_bandwidth, "--intra-node-bandwidth"),
+                                                     (args.inter_node_bandwidth, "--inter-node-bandwidth"),
+                                                     (args.memory_bandwidth, "--memory-bandwidth"))]
     except ValueError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
-    if args.gpus < 1 or args.peak_tflops <= 0:
-        print("unetlm: error: --gpus and --peak-tflops must be positive", file=sys.stderr)
-        return 2
+    for option, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node),
+                          ("--peak-tflops", args.peak_tflops)):
+        if value <= 0:
+            print(f"unetlm: error: {option} {value} is invalid: it must be positive", file=sys.stderr)
+            return 2
     recipe = load_recipe(args.recipe, args.overrides)
     name = recipe.name or Path(args.recipe).stem
+    hardware = Hardware(args.gpus, memory, args.peak_tflops * 1e12, gpus_per_node=args.gpus_per_node,
+                        intra_node_bandwidth=links[0], inter_node_bandwidth=links[1], memory_bandwidth=links[2])
+    world = World(0, args.gpus, 0, torch.device("cuda"))  # the cluster planned for, not this machine
     try:
-        plan = plan_recipe(recipe, Hardware(args.gpus, memory, args.peak_tflops * 1e12))
+        run = resolve_run(recipe, world, hardware=hardware)
     except (PlanError, MeasurementError) as exc:  # the configuration cannot run: the numbers say why
         print(f"unetlm: error: {name} on {args.gpus} x {args.gpu_memory}: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # e.g. a global batch that does not split over --gpus
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
-    print(describe(plan, name))
+    if run.plan is None:
+        print(f"unetlm: error: {name}: {'; '.join(run.notes)}", file=sys.stderr)
+        return 1
+    print(describe(run.plan, name))
     return 0
 
 
@@ -502,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="processes (GPUs) the run shards over")
     p.add_argument("--gpu-memory", default="80GiB", help="memory per GPU (default 80GiB)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (default 989, H100)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs sharing a node's NVLink (default 8)")
+    p.add_argument("--intra-node-bandwidth", default="450GB/s",
+                   help="NVLink rate per GPU and direction (default 450GB/s, H100 SXM)")
+    p.add_argument("--inter-node-bandwidth", default="400Gb/s",
+                   help="InfiniBand rate per GPU and direction (default 400Gb/s, one NDR NIC per GPU)")
+    p.add_argument("--memory-bandwidth", default="3.35TB/s", help="HBM rate per GPU (default 3.35TB/s, H100 SXM)")
     _add_overrides(p)
     p.set_defaults(func=cmd_plan)
 

@@ -22,9 +22,10 @@ from unetlm.data.windows import TrainingData
 from unetlm.data.sources import load_documents
 from unetlm.model.summary import summarize
 from unetlm.recipe import load_recipe
-from unetlm.train.loop import autocast_dtype, forward_loss
+from unetlm.train.loop import forward_loss
+from unetlm.train.resolve import autocast_dtype
 from unetlm.train.optim import make_optimizer
-from unetlm.train.parallel import pick_device
+from unetlm.train.distributed import pick_device
 from unetlm.train.parallelize import compile_blocks
 from unetlm.train.scaling import resolve_budget
 

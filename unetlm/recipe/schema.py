@@ -284,8 +284,9 @@ class TrainingSpec:
     # recompute each mixer block in the backward pass; "auto": only where the planner finds that
     # not even one sequence per forward fits without it
     activation_checkpointing: bool | Literal["auto"] = False
-    # FSDP2: ranks each parameter is sharded over (a node's GPUs); replicated across such groups (HSDP). 0: all ranks
-    shard_size: int = attrs.field(default=0, validator=non_negative)
+    # FSDP2: ranks each parameter is sharded over (a node's GPUs); replicated across such groups (HSDP). 0: all
+    # ranks; "auto": the fastest layout that fits, from the planner (unetlm/train/plan.py)
+    shard_size: int | Literal["auto"] = attrs.field(default=0, validator=non_negative_or_auto)
     tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard
     # checkpoints kept in RUN_DIR/checkpoints/ (the oldest go once a newer one is committed)
     keep_checkpoints: int = attrs.field(default=2, validator=positive)
@@ -294,6 +295,8 @@ class TrainingSpec:
     log_every: int = attrs.field(default=1, validator=positive)  # steps per metrics record (reductions, host syncs)
     dist_timeout_minutes: float = attrs.field(default=30.0, validator=positive)  # a collective waiting longer fails
     wandb: WandbSpec | None = None  # absent: no Weights & Biases
+    # dtype of FSDP2's gradient reduce-scatter and all-reduce (several processes); gradients accumulate in float32
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @attrs.define

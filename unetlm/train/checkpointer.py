@@ -33,7 +33,7 @@ from unetlm.checkpoint import store
 from unetlm.checkpoint.errors import CheckpointError
 from unetlm.checkpoint.manifest import recipe_sha256
 from unetlm.checkpoint.sharded import read_into, read_train_state, wait_written, write_shards
-from unetlm.train.parallel import World, barrier
+from unetlm.train.distributed import World, barrier
 from unetlm.train.rng import rng_state, set_rng_state
 
 

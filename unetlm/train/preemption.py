@@ -26,7 +26,7 @@ import time
 import attrs
 
 from unetlm.recipe.schema import TrainingSpec
-from unetlm.train.parallel import World, max_over_ranks
+from unetlm.train.distributed import World, max_over_ranks
 
 INTERRUPTED = 75  # EX_TEMPFAIL: interrupted, a checkpoint was saved; run the same command again
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

@@ -10,7 +10,7 @@ import attrs
 
 from unetlm.core.locks import FileLock, LocksUnsupported
 from unetlm.train.errors import TrainingError
-from unetlm.train.parallel import World, from_rank0
+from unetlm.train.distributed import World, from_rank0
 
 LOCK = "train.lock"
 

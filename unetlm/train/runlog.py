@@ -30,10 +30,10 @@ import attrs
 import torch
 
 from unetlm.recipe import Recipe
-from unetlm.train import parallel
+from unetlm.train import distributed
 from unetlm.train.hardware import GIB, cuda_hardware
 from unetlm.train.metrics import MetricsWriter, bits_per_byte, open_tensorboard, open_wandb, scalars
-from unetlm.train.parallel import World
+from unetlm.train.distributed import World
 from unetlm.train.progress import Progress
 from unetlm.train.scaling import Budget
 
@@ -138,11 +138,11 @@ class RunLogger:
     def record(self, step: int, output, optimizer) -> dict:
         """The interval's record, reduced over ranks; the next interval begins."""
         world, it = self.world, self.interval
-        sums = parallel.sum_over_ranks(it.sums, world).tolist()  # the log step's host sync
+        sums = distributed.sum_over_ranks(it.sums, world).tolist()  # the log step's host sync
         elapsed = max(time.perf_counter() - it.started - it.paused, 1e-9)
         cuda = world.device.type == "cuda"
         peak = torch.cuda.max_memory_allocated(world.device) / GIB if cuda else 0.0
-        wait, peak = parallel.max_over_ranks([it.data_wait, peak], world)
+        wait, peak = distributed.max_over_ranks([it.data_wait, peak], world)
         self.interval = Interval()
         n, ranks = it.steps, world.size
         transitions = len(output.truncated)
@@ -150,7 +150,7 @@ class RunLogger:
         interval_bytes = n * self.bytes_per_step
         record = {
             "step": step,
-            "loss": sums[0] / (ranks * n),
+            "loss": sums[0] / n,  # each rank's loss is its share of the step's global mean
             "bpb": bits_per_byte(sums[1] / max(sums[2], 1.0)),
             "lr": group["lr"] / group.get("lr_multiplier", 1.0),
             "grad_norm": float(output.grad_norm),
