@@ -31,8 +31,8 @@ def train_args(run: Run, run_dir: Path) -> list[str]:
     return args + ["--out", str(run_dir), "--resume", "auto"]
 
 
-def node_command(args: list[str], gpus: int, nodes: int = 1, node_rank: int = 0, master: str = "localhost",
-                 port: int = DEFAULT_PORT, python: str = sys.executable) -> list[str]:
+def node_command(args: list[str], gpus: int, nodes: int = 1, node_rank: int | str = 0, master: str = "localhost",
+                 port: int | str = DEFAULT_PORT, python: str = sys.executable) -> list[str]:
     """The command one node runs for ``unetlm ARGS``: the CLI itself for one process, else torchrun
     with ``gpus`` processes on this node (``--standalone`` on one node; on several, node ``node_rank``
     of ``nodes`` meeting at ``master:port``, on Slurm the first host of ``SLURM_JOB_NODELIST``)."""
@@ -90,7 +90,22 @@ class TrainProcess:
         return self.popen.pid
 
     def poll(self) -> int | None:
-        return self.popen.poll()
+        """The exit status once the process has ended (negative: the signal that killed it), else None.
+
+        Neither reaps the process nor takes Popen's lock, so a signal handler may call it while the
+        code it interrupted is waiting for the same process."""
+        try:
+            info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped already
+            return self.popen.returncode
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+    def wait(self, poll_seconds: float = 0.5) -> int:
+        while (code := self.poll()) is None:
+            time.sleep(poll_seconds)
+        return code
 
     def stop(self) -> None:
         """Ask the training processes to save a checkpoint and exit (torchrun then exits with them)."""
@@ -116,4 +131,4 @@ class TrainProcess:
                 time.sleep(0.2)
             if self.poll() is None:
                 self.kill()
-        return self.popen.wait()
+        return self.wait(0.1)

@@ -64,21 +64,21 @@ class SweepDir:
     def job_file(self, name: str) -> Path:
         return self.root / "jobs" / f"{name}.json"
 
-    @property
-    def submitit_folder(self) -> Path:
-        return self.root / "submitit"
-
     @classmethod
     def create(cls, root: str | Path, spec: SweepSpec, runs: list[Run], data: dict) -> "SweepDir":
-        """Write a new sweep directory, or open one made by the same sweep; SweepError (with the
-        differences) for a directory of another sweep."""
+        """Write a new sweep directory, or open one made by the same sweep (or one it extends: every
+        run of the directory still in it, as it was); SweepError, with the differences, for a
+        directory of another sweep."""
         root = Path(root)
         if (root / SWEEP_FILE).is_file():
             old = cls.open(root)
-            diffs = recipe_differences(old.spec.runs_identity(), spec.runs_identity())
-            if diffs:
+            before = {r.name: (r.recipe_path, r.overrides) for r in old.runs}
+            after = {r.name: (r.recipe_path, r.overrides) for r in runs}
+            if any(after.get(name) != run for name, run in before.items()) or old.data != data:
+                diffs = recipe_differences(old.spec.runs_identity(), spec.runs_identity()) or ["its runs' recipe files changed"]
                 raise SweepError(
-                    f"{root} holds another sweep ({'; '.join(diffs)}); choose another --out or run that sweep's file"
+                    f"{root} holds another sweep ({'; '.join(diffs)}); choose another --out, or run that sweep's "
+                    f"file (a sweep may only add runs to its directory)"
                 )
         elif root.exists() and any(root.iterdir()):
             raise SweepError(f"--out {root} is a folder that is not a sweep directory (no {SWEEP_FILE}); choose "

@@ -209,11 +209,14 @@ def expand(spec: SweepSpec, where: str = "sweep") -> list[Run]:
     for run in runs:
         if run.name in seen:
             other = seen[run.name]
-            raise SweepError(
-                f"{where}: two runs would share the name {run.name!r}: {other.recipe_path} "
-                f"{' '.join(other.overrides)} and {run.recipe_path} {' '.join(run.overrides)} (give the "
-                f"recipes different file names or the grid values different labels)"
-            )
+            if (other.recipe_path, other.overrides) == (run.recipe_path, run.overrides):
+                what = f"{run.recipe_path} is listed twice"
+            else:
+                mine, theirs = [o for o in run.overrides if o not in other.overrides], [
+                    o for o in other.overrides if o not in run.overrides]
+                what = f"{other.recipe_path} {' '.join(theirs)} and {run.recipe_path} {' '.join(mine)}"
+            raise SweepError(f"{where}: two runs would share the name {run.name!r} ({what}); give the recipes "
+                             f"different file names or the grid values different labels")
         seen[run.name] = run
     return runs
 

@@ -71,9 +71,9 @@ def dry_run(sweep: SweepDir, executor: str, progress: bool = True) -> str:
             "", "each run's command" + (" (on every node)" if resources.nodes > 1 else "") + ":"]
     for run in sweep.runs:
         args = train_args(run, sweep.run_dir(run.name))
-        master = "$FIRST_HOST_OF_SLURM_JOB_NODELIST"
-        text.append("  " + shell_text(node_command(args, resources.gpus, resources.nodes, 0, master)).replace(
-            "--node-rank=0", "--node-rank=$SLURM_NODEID"))
+        text.append("  " + shell_text(node_command(args, resources.gpus, resources.nodes, "NODE", "FIRST_NODE", "PORT")))
+    if resources.nodes > 1:
+        text.append("  (NODE: the node's SLURM_NODEID; FIRST_NODE: the first host of SLURM_JOB_NODELIST; PORT: one per job)")
     if executor == "slurm":
         from unetlm.sweep.slurm import sbatch_script
 

@@ -94,7 +94,7 @@ def run_local(sweep: SweepDir, parallel: int = 1, gpus: int = 0, progress: bool 
         except KeyboardInterrupt:
             for entry in running:
                 entry.process.kill()
-                sweep.attempt_ended(entry.run.name, entry.process.popen.wait())
+                sweep.attempt_ended(entry.run.name, entry.process.wait(0.1))
         raise SweepInterrupted(
             f"interrupted: {len(outcome.done)} of {len(sweep.runs)} runs finished; run the same command again to "
             f"continue the others from their checkpoints"

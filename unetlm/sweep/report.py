@@ -157,10 +157,11 @@ def results_markdown(results: dict) -> str:
         table.append(cells + [f"{columns[r['name']][t]:.3f}" if t in columns[r["name"]] else "-" for t in tasks])
     title = results.get("sweep") or "comparison"
     lines = [f"# {title}", "", *_table(head + tasks, table)]
-    budgets = results["settings"].get("budgets") or []
+    settings = results["settings"]
+    budgets = settings.get("budgets") or []
     spent = ", ".join(f"{b:.3g}".replace("e+", "e") for b in budgets) if budgets else "as the recipes' steps set"
     lines += ["", f"Training FLOPs per run: {spent}. Held-out text: {rows[0]['eval_bytes']:,} bytes never trained on; "
-              f"intervals resample blocks of {results['settings']['report'].get('block_bytes', 512)} bytes of it. "
+              f"intervals resample blocks of {settings.get('report', {}).get('block_bytes', 512)} bytes of it. "
               f"Sanity floor: {floor['factor']} x xz's {floor['xz_bits_per_byte']:.3f} bits/byte on the held-out text "
               f"given the training text = {floor['floor']:.3f}."]
     unscored = results.get("unscored") or []
@@ -170,7 +171,7 @@ def results_markdown(results: dict) -> str:
     lines += _seeds(results.get("seeds") or [])
     lines += _scaling(results.get("fits") or [], results.get("crossovers") or [])
     lines += _figures(results.get("figures") or {})
-    lines += _ordering(results["ordering"], rows)
+    lines += _ordering(results.get("ordering") or published_ordering(rows), rows)
     return "\n".join(lines)
 
 

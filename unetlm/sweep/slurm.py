@@ -58,7 +58,7 @@ def sbatch_parameters(resources: Resources, name: str) -> dict:
     }
     optional = {"gpus_per_node": resources.gpus, "cpus_per_task": resources.cpus_per_task,
                 "partition": resources.partition, "account": resources.account, "setup": resources.setup,
-                "array_parallelism": resources.parallel}
+                "array_parallelism": resources.array_limit}
     return params | {k: v for k, v in optional.items() if v}
 
 
@@ -119,7 +119,7 @@ class TrainJob:
                                      cwd=self.cwd)
         if main:
             sweep.attempt_started(name, socket.gethostname(), self._process.pid, env.job_id)
-        code = self._process.popen.wait()
+        code = self._process.wait()
         self._process = None
         if main:
             sweep.attempt_ended(name, code)

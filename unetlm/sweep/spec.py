@@ -35,7 +35,8 @@ class Resources:
     cpus_per_task: int = attrs.field(default=0, validator=non_negative)  # per node (0: the cluster's default)
     sbatch: list[str] = attrs.field(factory=list)  # extra sbatch options, e.g. "--qos=high", "--exclusive"
     setup: list[str] = attrs.field(factory=list)  # shell lines before the job starts, e.g. "source .venv/bin/activate"
-    parallel: int = attrs.field(default=1, validator=non_negative)  # runs at once (local; Slurm array throttle, 0: all)
+    parallel: int = attrs.field(default=1, validator=non_negative)  # runs at once on this machine (0: all)
+    array_limit: int = attrs.field(default=0, validator=non_negative)  # Slurm: array tasks at once (0: no limit)
     signal_seconds: int = attrs.field(default=120, validator=positive)  # Slurm: warning before the time limit
     gpu_memory: str = "80GiB"  # per GPU, for the memory plan (--dry-run)
     peak_tflops: float = attrs.field(default=989.0, validator=positive)  # bf16 dense peak per GPU, for the plan
