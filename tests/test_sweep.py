@@ -19,7 +19,7 @@ from unetlm.recipe.load import parse_value
 from unetlm.sweep import local as local_executor
 from unetlm.sweep.command import node_command
 from unetlm.sweep.directory import SweepDir
-from unetlm.sweep.expand import expand, toml_value
+from unetlm.sweep.expand import expand, sci, toml_value
 from unetlm.sweep.fits import crossover, fit_power_law
 from unetlm.sweep.launch import launch, plan_sweep
 from unetlm.sweep.report import report
@@ -66,7 +66,7 @@ def test_a_grid_expands_into_product_zip_budgets_and_seeds(tiny, tmp_path):
     runs = expand(load_sweep(path))
     assert len(runs) == 2 * 2 * 2 * 2  # pooler x (dims zipped) x budgets x seeds
     assert len({r.name for r in runs}) == len(runs)
-    assert runs[0].name == "tiny-pooler=select-dim=16+32-flops=" + f"{per_step * 3.5:.3g}".replace("e+", "e") + "-seed=0"
+    assert runs[0].name == f"tiny-pooler=select-dim=16+32-flops={sci(per_step * 3.5)}-seed=0"
     for run in runs:
         recipe_ = run.recipe()
         dims = [s.dim for s in recipe_.model.stages]

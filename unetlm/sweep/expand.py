@@ -58,7 +58,7 @@ def value_label(value: Any) -> str:
     elif isinstance(value, bool):
         text = "true" if value else "false"
     elif isinstance(value, float):
-        text = f"{value:g}".replace("e+", "e")
+        text = sci(value) if f"{value:g}" == f"{value:.3g}" else f"{value:g}"
     else:
         text = str(value)
     return re.sub(r"[^A-Za-z0-9._,+\-]", "_", text)
@@ -93,8 +93,10 @@ def axis_labels(axes: list[list[str]]) -> list[str]:
     return [s if short.count(s) == 1 else "+".join(full[k] for k in keys) for s, keys in zip(short, axes)]
 
 
-def budget_label(budget: float) -> str:
-    return f"{budget:.3g}".replace("e+", "e")
+def sci(x: float) -> str:
+    """Three significant digits, exponents written short: 2.5e11, 8.6e-5, 1000."""
+    mantissa, _, exponent = f"{x:.3g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa
 
 
 @attrs.define
@@ -194,7 +196,7 @@ def expand(spec: SweepSpec, where: str = "sweep") -> list[Run]:
                     final = overrides + derived + seeded
                     run_labels = dict(named)
                     if len(spec.budgets) > 1:
-                        run_labels[BUDGET] = budget_label(budget)
+                        run_labels[BUDGET] = sci(budget)
                     if spec.seeds > 1:
                         run_labels[SEED] = str(i)
                     name = "-".join([recipe_label] + [f"{k}={v}" for k, v in run_labels.items() if k != RECIPE])
@@ -232,12 +234,15 @@ def _budget_overrides(recipe: Recipe, per_step: float | None, budget: float | No
     """``training.steps`` (and, unless the sweep sets them, eval, checkpoint and sample settings) for ``budget``."""
     if budget is None:
         return []
+    if "training.steps" in explicit:
+        raise SweepError(f"{what}: training.steps is set by the sweep's budgets; drop it from set and the grid, "
+                         f"or drop the budgets")
     if per_step is None:
         raise SweepError(f"{what}: training.batch_size = 'auto' depends on the step count, so a budget cannot "
                          f"set the steps; set a number")
     steps = int(budget // per_step)
     if steps < 1:
-        raise SweepError(f"{what}: one training step costs {per_step:.3g} FLOPs, more than the budget {budget:.3g}")
+        raise SweepError(f"{what}: one training step costs {sci(per_step)} FLOPs, more than the budget {sci(budget)}")
     derived = {"training.steps": steps, "training.eval_every": max(1, steps // 8),
                "training.checkpoint_every": max(1, steps // 4), "training.sample_bytes": 0}
     return [f"{k}={v}" for k, v in derived.items() if k == "training.steps" or k not in explicit]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unetlm.sweep.expand import sci
 from unetlm.sweep.fits import PowerLaw
 from unetlm.train.plot import plot_runs
 
@@ -44,7 +45,7 @@ def _held_out(out: Path, rows: list[dict]) -> Path:
     y = np.arange(len(rows))[::-1]
     err = np.array([[r["bpb"] - r["ci"][0] for r in rows], [r["ci"][1] - r["bpb"] for r in rows]])
     ax.errorbar([r["bpb"] for r in rows], y, xerr=err, fmt="o", capsize=3, color="tab:blue")
-    ax.set_yticks(y, [f"{r['name']}\n{r['flops']:.3g} FLOPs".replace("e+", "e") for r in rows], fontsize="x-small")
+    ax.set_yticks(y, [f"{r['name']}\n{sci(r['flops'])} FLOPs" for r in rows], fontsize="x-small")
     ax.set_xlabel("held-out bits per byte (lower is better)")
     ax.set_title("held-out bits per byte of each run (95% intervals)")
     ax.grid(True, axis="x", alpha=0.3)
@@ -80,10 +81,14 @@ def _scaling(out: Path, rows: list[dict], fits: list[PowerLaw], crossings: list[
     for c in crossings:
         if c["flops"] is not None and min(lows) <= c["flops"] <= max(highs):
             ax.axvline(c["flops"], color="grey", linestyle="--", linewidth=1)
-            ax.annotate(f"crossover {c['flops']:.2g}", (c["flops"], 1.0), xycoords=("data", "axes fraction"),
+            ax.annotate(f"crossover {sci(c['flops'])}", (c["flops"], 1.0), xycoords=("data", "axes fraction"),
                         rotation=90, va="top", ha="right", fontsize="small", color="grey")
     ax.set_xscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("held-out bits per byte")
     ax.set_title("held-out bits per byte against training compute (95% intervals)")

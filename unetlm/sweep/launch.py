@@ -7,7 +7,7 @@ from unetlm.core.errors import RunError
 from unetlm.recipe.structure import unstructure
 from unetlm.sweep.command import node_command, shell_text, train_args
 from unetlm.sweep.directory import SweepDir
-from unetlm.sweep.expand import expand
+from unetlm.sweep.expand import expand, sci
 from unetlm.sweep.local import Outcome, run_local
 from unetlm.sweep.memory import Memory, plan_key, planned_memory
 from unetlm.sweep.spec import SweepSpec
@@ -50,7 +50,7 @@ def run_table(sweep: SweepDir, memory: dict[str, Memory] | None = None) -> str:
     head = ["run", "steps", "FLOPs", f"memory per {where} (GiB)"]
     rows = []
     for run in sweep.runs:
-        flops = "-" if run.flops is None else f"{run.flops:.3g}".replace("e+", "e")
+        flops = "-" if run.flops is None else sci(run.flops)
         cells = [run.name, f"{run.steps:,}", flops]
         if memory is not None:
             m = memory[run.name]

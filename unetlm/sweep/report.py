@@ -21,7 +21,7 @@ from unetlm.core.errors import RunError
 from unetlm.eval.bootstrap import paired_bootstrap_ci
 from unetlm.eval.cute import TASKS
 from unetlm.sweep.directory import SweepDir
-from unetlm.sweep.expand import BUDGET, RECIPE, SEED
+from unetlm.sweep.expand import BUDGET, RECIPE, SEED, sci
 from unetlm.sweep.fits import crossover, fit_power_law
 from unetlm.sweep.score import HeldOut, score_run
 from unetlm.sweep.status import sweep_status
@@ -104,7 +104,7 @@ def report(root: str | Path, progress: bool = True) -> dict:
         if progress:
             print(f"scoring {run.name} ({i + 1}/{len(done)})", flush=True)
         row = score_run(sweep, run, held, progress)
-        only_recipe = set(run.labels) - {BUDGET, SEED} == {RECIPE}
+        only_recipe = set(run.labels) == {RECIPE}
         rows.append(row | {"published": COUNTERPARTS.get(run.labels[RECIPE]) if only_recipe else None})
     fits, crossings = scaling(rows)
     results = {
@@ -159,7 +159,7 @@ def results_markdown(results: dict) -> str:
     lines = [f"# {title}", "", *_table(head + tasks, table)]
     settings = results["settings"]
     budgets = settings.get("budgets") or []
-    spent = ", ".join(f"{b:.3g}".replace("e+", "e") for b in budgets) if budgets else "as the recipes' steps set"
+    spent = ", ".join(sci(b) for b in budgets) if budgets else "as the recipes' steps set"
     lines += ["", f"Training FLOPs per run: {spent}. Held-out text: {rows[0]['eval_bytes']:,} bytes never trained on; "
               f"intervals resample blocks of {settings.get('report', {}).get('block_bytes', 512)} bytes of it. "
               f"Sanity floor: {floor['factor']} x xz's {floor['xz_bits_per_byte']:.3f} bits/byte on the held-out text "
@@ -190,7 +190,7 @@ def _differences(pairs: list[dict]) -> list[str]:
 def _seeds(spread: list[dict]) -> list[str]:
     if not spread:
         return []
-    rows = [[s["config"], "-" if s["budget"] is None else f"{s['budget']:.3g}", str(s["seeds"]), f"{s['mean']:.4f}",
+    rows = [[s["config"], "-" if s["budget"] is None else sci(s["budget"]), str(s["seeds"]), f"{s['mean']:.4f}",
              f"{s['sd']:.4f}", f"{s['min']:.4f} - {s['max']:.4f}"] for s in spread]
     return ["", "## Spread over seeds", "", "Each configuration trained with other seeds (initialisation and data order).",
             "", *_table(["configuration", "budget", "seeds", "mean bits/byte", "sd", "range"], rows)]
@@ -204,15 +204,19 @@ def _scaling(fits: list[dict], crossings: list[dict]) -> list[str]:
         str(f["points"])] for f in fits]
     lines = ["", "## Scaling with compute", "",
              "Held-out bits per byte = a x FLOPs^-alpha, least squares on logarithms; the interval is Student's t "
-             "over the scatter around the line.", "", *_table(["configuration", "a", "alpha [95% CI]", "runs"], rows)]
+             "over the scatter around the line.", "", *_table(["configuration", "a", "alpha [95% CI]", "runs"], rows), ""]
     for c in crossings:
         if c["flops"] is None:
             lines.append(f"- {c['first']} and {c['second']}: parallel; {c['better_below']} is better at every budget.")
             continue
         other = c["second"] if c["better_below"] == c["first"] else c["first"]
-        ci = f" (95% interval {c['ci'][0]:.3g} to {c['ci'][1]:.3g})" if c["ci"] else ""
+        ci = ""
+        if c["ci"]:
+            vague = c["ci"][0] < c["flops"] / 100 or c["ci"][1] > c["flops"] * 100
+            ci = f" (95% interval {sci(c['ci'][0])} to {sci(c['ci'][1])}" + (
+                ": these runs do not pin it down)" if vague else ")")
         where = "inside" if c["within"] else "outside (an extrapolation of)"
-        lines.append(f"- {c['first']} and {c['second']} cross at {c['flops']:.3g} FLOPs{ci}, {where} the budgets "
+        lines.append(f"- {c['first']} and {c['second']} cross at {sci(c['flops'])} FLOPs{ci}, {where} the budgets "
                      f"swept: {c['better_below']} is better below, {other} above.")
     return lines
 

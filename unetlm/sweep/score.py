@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from unetlm.api import load_checkpoint
+from unetlm.core.errors import RunError
 from unetlm.core.tokens import BOS
 from unetlm.data.packing import held_out_text, text_prefix, training_text
 from unetlm.data.sources import load_documents
@@ -59,6 +60,11 @@ class HeldOut:
 
     def __init__(self, sweep: SweepDir, progress: bool = True) -> None:
         data = structure(DataSpec, sweep.data, "data")
+        if data.prepared_dirs and data.source == "pydocs":
+            raise RunError(
+                f"data.prepared = {data.prepared!r}: the report scores the held-out part of the data's sources; set "
+                f"data.source and data.paths to the text the prepared directories were made from"
+            )
         report = sweep.spec.report
         if progress:
             print("reading the data's held-out text", flush=True)
