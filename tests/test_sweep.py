@@ -2,6 +2,7 @@
 a kill, with the weights of an uninterrupted run), failures are reported, the report compares and fits."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -26,9 +27,10 @@ from unetlm.sweep.report import report
 from unetlm.sweep.spec import SweepError, load_sweep
 from unetlm.sweep.status import run_status, sweep_status
 
+from strategies import ROOT, SWEEPS
 from test_train import tiny_recipe_dict, write_corpus
 
-submitit = pytest.importorskip("submitit")
+needs_submitit = pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="pip install submitit")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +54,13 @@ def write_sweep(path, recipe: str, corpus: str, **keys) -> str:
 def one_step_flops(recipe: str, corpus: str, tmp_path) -> float:
     spec = load_sweep(write_sweep(tmp_path / "probe.toml", recipe, corpus))
     return expand(spec)[0].flops_per_step
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_the_shipped_sweep_files_expand(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # their paths are read from the repository root
+    runs = expand(load_sweep(path))
+    assert len(runs) >= 4 and all(r.steps >= 1 for r in runs)
 
 
 def test_a_grid_expands_into_product_zip_budgets_and_seeds(tiny, tmp_path):
@@ -123,6 +132,7 @@ def test_slurm_without_submitit_names_the_pip_command(tiny, tmp_path, capsys, mo
     assert "pip install 'unetlm[slurm]'" in capsys.readouterr().err
 
 
+@needs_submitit
 def test_the_job_script_requeues_signals_and_asks_for_the_resources(tiny, tmp_path, capsys):
     recipe, corpus = tiny
     resources = {"gpus": 8, "nodes": 2, "time_minutes": 600, "partition": "gpu", "account": "lm", "cpus_per_task": 64,
@@ -259,6 +269,7 @@ def kill_mid_run(sweep: SweepDir, name: str, job) -> None:
     os.kill(task, signal.SIGUSR2)
 
 
+@needs_submitit
 def test_a_job_killed_mid_run_is_requeued_and_ends_with_the_weights_of_an_uninterrupted_run(tiny, tmp_path):
     from unetlm.api import load_checkpoint
     from unetlm.sweep.slurm import submit
@@ -283,6 +294,7 @@ def test_a_job_killed_mid_run_is_requeued_and_ends_with_the_weights_of_an_uninte
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+@needs_submitit
 def test_submitit_debug_executor_runs_jobs_and_reports_failures(tiny, tmp_path, monkeypatch):
     import pdb
 
@@ -325,3 +337,25 @@ def test_power_laws_and_their_crossover():
     assert fit_power_law("one budget", [1e12, 1e12], [2.0, 2.1]) is None
     two = fit_power_law("two", [1e12, 2e12], [2.0, 1.9])
     assert two.alpha_ci is None and two.band([1e12]) is None
+
+
+def test_pairs_differ_in_one_axis_and_seeds_spread():
+    from unetlm.sweep.report import paired_differences, seed_spread
+
+    rng = np.random.default_rng(1)
+    bits = rng.uniform(100, 300, size=50)
+
+    def row(pooler, up, seed, scale):
+        labels = {"recipe": "au3", "pooler": pooler, "upsampler": up, "seed": str(seed)}
+        return {"name": f"{pooler}-{up}-{seed}", "labels": labels, "config": f"{pooler}-{up}", "budget": 1e12,
+                "bpb": scale * bits.sum() / 5000, "block_bits": list(bits * scale), "block_bytes": [100.0] * 50}
+
+    rows = [row(p, u, s, 1.0 + 0.01 * (p == "mean") + 0.001 * s) for p in ("select", "mean")
+            for u in ("linear", "multi") for s in (0, 1)]
+    pairs = paired_differences(rows)
+    assert len(pairs) == 8  # the square's 4 edges, per seed; never across seeds or two axes at once
+    assert all(p["a"].endswith(p["b"][-2:]) for p in pairs)
+    pooler = [p for p in pairs if p["axis"] == "pooler"]
+    assert all(p["ci"][1] < 0 and p["verdict"].endswith("better") for p in pooler)  # select beats mean everywhere
+    spread = {s["config"]: s for s in seed_spread(rows)}
+    assert spread["mean-linear"]["seeds"] == 2 and spread["mean-linear"]["sd"] > 0
