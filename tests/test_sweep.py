@@ -157,6 +157,15 @@ def test_the_job_script_requeues_signals_and_asks_for_the_resources(tiny, tmp_pa
     assert "--set training.lr=0.001" in commands[0] and "--node-rank=NODE" in commands[0]
 
 
+def test_the_dry_run_refuses_a_run_that_cannot_fit(tiny, tmp_path, capsys):
+    recipe, corpus = tiny
+    path = write_sweep(tmp_path / "s.toml", recipe, corpus, resources={"gpus": 8, "nodes": 2})  # batch 4 on 16 GPUs
+    assert main(["sweep", path, "--dry-run", "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    assert "DOES NOT FIT" in out
+    assert err.startswith("unetlm: error: 1 of 1 runs do not fit; nothing was started. tiny: ") and "16" in err
+
+
 def test_torchrun_per_node():
     args = ["train", "r.toml", "--out", "runs/x"]
     assert node_command(args, 0, python="py") == ["py", "-m", "unetlm.cli", *args]
