@@ -17,7 +17,6 @@ import torch
 from unetlm.cli import main
 from unetlm.eval.bootstrap import paired_bootstrap_ci
 from unetlm.recipe.load import parse_value
-from unetlm.sweep import local as local_executor
 from unetlm.sweep.command import node_command
 from unetlm.sweep.directory import SweepDir
 from unetlm.sweep.expand import expand, sci, toml_value
@@ -110,8 +109,6 @@ def test_bad_sweep_files_are_one_line_each(tiny, tmp_path, capsys, keys, message
     assert main(["sweep", path, "--out", str(tmp_path / "out"), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("unetlm: error: ")
-    import re
-
     assert re.search(message, err), err
 
 
@@ -285,8 +282,8 @@ def test_a_job_killed_mid_run_is_requeued_and_ends_with_the_weights_of_an_uninte
     from unetlm.train.loop import train
 
     recipe, corpus = tiny
-    path = write_sweep(tmp_path / "k.toml", recipe, corpus, set=["training.steps=40", "training.checkpoint_every=2",
-                                                                 "training.eval_every=40"])
+    path = write_sweep(tmp_path / "k.toml", recipe, corpus, set=["training.steps=24", "training.checkpoint_every=2",
+                                                                 "training.eval_every=24"])
     planned = plan_sweep(load_sweep(path), tmp_path / "out")
     sweep = SweepDir.create(planned.root, planned.spec, planned.runs, planned.data)
     (run,) = sweep.runs

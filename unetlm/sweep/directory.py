@@ -26,7 +26,6 @@ from unetlm.sweep.expand import Run
 from unetlm.sweep.spec import SweepError, SweepSpec, sweep_from_dict
 from unetlm.train.checkpoint import find_checkpoint, read_train_state
 from unetlm.train.loop import recipe_differences
-from unetlm.train.metrics import read_metrics
 
 SWEEP_FILE, RUNS_FILE = "sweep.toml", "runs.json"
 

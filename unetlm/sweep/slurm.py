@@ -13,12 +13,13 @@ from the checkpoint. Job ids and attempts are recorded in ``SWEEP_DIR/jobs/``.
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import socket
 import sys
 from pathlib import Path
 
-from unetlm.sweep.command import DEFAULT_PORT, TrainProcess, node_command, shell_text, train_args
+from unetlm.sweep.command import DEFAULT_PORT, TrainProcess, node_command, train_args
 from unetlm.sweep.directory import FINISHED, SweepDir
 from unetlm.sweep.expand import Run
 from unetlm.sweep.spec import Resources
@@ -72,14 +73,10 @@ def sbatch_script(sweep: SweepDir, runs: list[Run]) -> str:
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = job_folder(sweep.root)
-    command = f"{shlex_quote(sys.executable)} -u -m submitit.core._submit {shlex_quote(str(folder))}"
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     count = {"map_count": len(runs)} if len(runs) > 1 else {}
     return _make_sbatch_string(command=command, folder=folder, **sbatch_parameters(sweep.spec.resources,
                                                                                     _job_name(sweep)), **count)
-
-
-def shlex_quote(text: str) -> str:
-    return shell_text([text])
 
 
 def _job_name(sweep: SweepDir) -> str:
