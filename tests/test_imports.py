@@ -15,6 +15,7 @@ FLOORS = (
     ("model",),
     ("checkpoint",),  # reads and writes checkpoints: builds models, serves training, evaluation and the API
     ("train", "eval"),
+    ("sweep",),  # grids of training runs and their reports
     ("api", "compare", "bench", "cli"),
 )
 FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
@@ -144,7 +145,8 @@ def test_allowed_exceptions_are_still_needed():
 
 
 def test_training_and_evaluation_do_not_import_each_other():
-    """What uses both (``unetlm.compare``, the CLI) sits above them."""
+    """What uses both (``unetlm.sweep``, the CLI) sits above them; ``unetlm.compare`` above the sweep."""
     graph = unit_graph()
     assert "eval" not in graph.get("train", ()) and "train" not in graph.get("eval", ())
-    assert {"train", "eval"} <= graph["compare"]
+    assert {"train", "eval"} <= graph["sweep"] and "sweep" in graph["compare"]
+    assert "compare" not in graph["sweep"]

@@ -429,18 +429,96 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     from unetlm.compare import compare, data_spec, parse_flops
-    from unetlm.eval.report import comparison_markdown
+    from unetlm.sweep.local import SweepInterrupted
+    from unetlm.sweep.report import results_markdown
 
     budget = parse_flops(args.flops)
     data = data_spec(args.data, args.max_bytes, args.valid_fraction)
-    results = compare(
-        args.recipes, budget, args.out, data, args.overrides, eval_bytes=args.eval_bytes,
-        cute_items=args.cute_items, choice_files=args.choice, progress=not args.quiet, seed=args.seed,
-    )
-    print(comparison_markdown(results))
-    written = "results.md, results.json" + (" and bpb-vs-flops.png" if results["plot"] else "")
-    print(f"\nwrote {written} to {args.out}")
+    try:
+        results = compare(
+            args.recipes, budget, args.out, data, args.overrides, eval_bytes=args.eval_bytes,
+            cute_items=args.cute_items, choice_files=args.choice, progress=not args.quiet, seed=args.seed,
+        )
+    except SweepInterrupted as exc:
+        print(f"unetlm: {exc}", file=sys.stderr)
+        return 75
+    print(results_markdown(results))
+    print(f"\nwrote results.md, results.json{_figure_names(results)} to {args.out}")
+    return _unscored_status(results)
+
+
+def _figure_names(results: dict) -> str:
+    names = [v for k, v in results["figures"].items() if k != "missing"]
+    return "".join(f", {n}" for n in names)
+
+
+def _unscored_status(results: dict) -> int:
+    """1 (a run cannot go on) when a run of the report failed or is unfinished, with one line naming them."""
+    unscored = results["unscored"]
+    if unscored:
+        names = ", ".join(f"{u['name']} ({u['state']})" for u in unscored)
+        print(f"unetlm: error: {len(unscored)} run(s) not scored: {names}", file=sys.stderr)
+        return 1
     return 0
+
+
+def cmd_sweep(args) -> int:
+    if args.target in ("status", "report"):
+        if not args.directory or args.out or args.dry_run:
+            print(f"unetlm: error: sweep {args.target} SWEEP_DIR: give the sweep directory (and no --out or "
+                  f"--dry-run)", file=sys.stderr)
+            return 2
+        return _sweep_status(args) if args.target == "status" else _sweep_report(args)
+    if args.directory:
+        print(f"unetlm: error: sweep {args.target} {args.directory}: the sweep directory is --out "
+              f"(unetlm sweep SWEEP.toml --out DIR)", file=sys.stderr)
+        return 2
+    if not args.out:
+        print("unetlm: error: --out: required, the sweep directory (e.g. --out sweeps/NAME)", file=sys.stderr)
+        return 2
+    if args.parallel is not None and args.parallel < 0:
+        print(f"unetlm: error: --parallel {args.parallel}: expected 0 (all at once) or more", file=sys.stderr)
+        return 2
+    from unetlm.sweep.launch import dry_run, launch, plan_sweep
+    from unetlm.sweep.local import SweepInterrupted
+    from unetlm.sweep.spec import load_sweep
+
+    sweep = plan_sweep(load_sweep(args.target), args.out, args.target)
+    if args.dry_run:
+        dry_run(sweep, args.executor, progress=not args.quiet)
+        return 0
+    try:
+        outcome = launch(sweep, args.executor, args.parallel, progress=not args.quiet)
+    except SweepInterrupted as exc:
+        print(f"unetlm: {exc}", file=sys.stderr)
+        return 75
+    if args.executor == "slurm":
+        return 0
+    if outcome.failed:
+        for name, why in outcome.failed:
+            print(f"{name}: {why}", file=sys.stderr)
+        print(f"unetlm: error: {len(outcome.failed)} of {len(sweep.runs)} runs failed (their logs: {args.out}/logs/); "
+              f"the others finished", file=sys.stderr)
+        return 1
+    print(f"all {len(sweep.runs)} runs finished; `unetlm sweep report {args.out}` scores and compares them")
+    return 0
+
+
+def _sweep_status(args) -> int:
+    from unetlm.sweep.directory import SweepDir
+    from unetlm.sweep.status import status_text, sweep_status
+
+    print(status_text(sweep_status(SweepDir.open(args.directory))))
+    return 0
+
+
+def _sweep_report(args) -> int:
+    from unetlm.sweep.report import report, results_markdown
+
+    results = report(args.directory, progress=not args.quiet)
+    print(results_markdown(results))
+    print(f"\nwrote results.md, results.json{_figure_names(results)} to {args.directory}")
+    return _unscored_status(results)
 
 
 def cmd_harness(args) -> int:
@@ -629,6 +707,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no training progress output")
     _add_overrides(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "sweep", help="run a grid of recipes and overrides (locally or on Slurm); its status; its report",
+        description="unetlm sweep SWEEP.toml --out DIR [--executor local|slurm] [--dry-run] [--parallel N]: "
+                    "train every run of the sweep file into DIR (rerun to continue). unetlm sweep status DIR: "
+                    "one line per run. unetlm sweep report DIR: score the finished runs on the same held-out text, "
+                    "compare and fit them (DIR/results.md and figures).",
+    )
+    p.add_argument("target", metavar="SWEEP.toml | status | report")
+    p.add_argument("directory", nargs="?", metavar="SWEEP_DIR", help="the sweep directory (status, report)")
+    p.add_argument("--out", metavar="DIR", help="the sweep directory to write (running a sweep)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local: on this machine (default); slurm: one job per run, through submitit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs, their steps, FLOPs and planned memory, their commands (and for slurm the "
+                        "job script); start nothing")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="local: runs at once (default: the sweep's resources.parallel, 1; 0: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("harness", help="run lm-evaluation-harness tasks on a checkpoint (needs unetlm[harness])")
     p.add_argument("checkpoint", help="a run directory, an exported directory (unetlm export) or a .pt file")

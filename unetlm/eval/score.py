@@ -35,10 +35,12 @@ class TargetScores:
 
 
 @torch.no_grad()
-def score_spans(model, stream: TokenStream, spans: list[tuple[int, int, int]], batch_size: int = 8) -> TargetScores:
+def score_spans(model, stream: TokenStream, spans: list[tuple[int, int, int]], batch_size: int = 8,
+                progress=None) -> TargetScores:
     """Scores of the targets of every span ``(context, first, stop)`` of ``stream`` (see the module doc).
 
     A short last batch is filled with copies of its first row, whose results are dropped.
+    ``progress(rows_done, rows)``, if given, is called after each batch.
     """
     seq_len = model.spec.seq_len
     limits = model.lengths[1 : 1 + len(model.splitters)]
@@ -61,6 +63,8 @@ def score_spans(model, stream: TokenStream, spans: list[tuple[int, int, int]], b
                 out.nll[a:b] = nll[r, a - start : b - start]
                 out.greedy[a:b] = greedy[r, a - start : b - start]
             out.truncated += sum(int(t[: len(chunk)].sum()) for t in output.truncated)
+            if progress is not None:
+                progress(i + len(chunk), len(rows))
     finally:
         model.train(was_training)
     return out

@@ -6,8 +6,9 @@ import time
 
 
 class Progress:
-    def __init__(self, total: int, start: int = 0, enabled: bool = True, log_every: int = 25) -> None:
-        self.total, self.step, self.log_every = total, start, log_every
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, log_every: int = 25, unit: str = "step",
+                 desc: str | None = None) -> None:
+        self.total, self.step, self.log_every, self.unit, self.desc = total, start, log_every, unit, desc
         self.enabled = enabled
         self.start_time = time.perf_counter()
         self.start_step = start
@@ -16,7 +17,7 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total, initial=start, unit=unit, desc=desc, dynamic_ncols=True)
 
     def update(self, step: int, **stats: float) -> None:
         self.step = step
@@ -30,7 +31,8 @@ class Progress:
             rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
             eta = (self.total - step) / rate if rate > 0 else float("nan")
             fields = " ".join(f"{k}={v}" for k, v in text.items())
-            print(f"step {step}/{self.total} {fields} eta={eta:.0f}s", file=sys.stderr, flush=True)
+            where = f"{self.desc}: " if self.desc else ""
+            print(f"{where}{self.unit} {step}/{self.total} {fields} eta={eta:.0f}s", file=sys.stderr, flush=True)
 
     def write(self, message: str) -> None:
         if self.bar is not None:
