@@ -88,3 +88,4 @@ def main(out: Path, tiny: Path, big: Path | None = None) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
+    distributed.end_process(0)

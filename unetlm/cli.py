@@ -758,6 +758,15 @@ def exit_status(exc: BaseException) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from unetlm.train import distributed
+
+    status = run_command(argv)
+    if distributed.several_processes():
+        distributed.end_process(status)
+    return status
+
+
+def run_command(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)  # a bad option is a UsageError, reported below
         return args.func(args)
