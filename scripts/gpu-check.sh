@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check (docs/benchmarks.md): a few compiled, checkpointed bf16 training steps of AU-Net 2 and
-# 3 at full width and reduced depth, FlexAttention == SDPA on CUDA, the Mamba mixer against mamba_ssm
-# (when installed), MFU and the planner's memory against torch.cuda.max_memory_allocated.
-# Usage: scripts/gpu-check.sh [OUT.json] [--dry-run] [--steps N] [--peak-tflops T]  (OUT relative to the repository root)
-# Budget: under 10 minutes on one H100/H200, installs included. Without CUDA it runs the dry mode.
+# The GPU check (docs/benchmarks.md): AU-Net 4 at full width and reduced depth trained by the real trainer
+# under a one-rank NCCL process group (FSDP2, compiled checkpointed blocks with FlexAttention, the planned
+# micro-batch, evaluation, a background DCP checkpoint), a one-process torchrun job stopped by SIGTERM and
+# resumed, FlexAttention == SDPA, the Mamba mixer against mamba_ssm (when installed). Fails when the peak
+# memory is more than 15% off the plan or a block fell back to eager; prints measured against planned
+# memory, step time and MFU as JSON.
+# Usage: scripts/gpu-check.sh [OUT.json] [--dry-run] [--steps N] [--peak-tflops T] [--only CHECK,...]
+# (OUT relative to the repository root). Budget: under 10 minutes on one H100/H200, installs included.
+# Without CUDA it runs the dry mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="gpu-check.json"

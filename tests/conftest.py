@@ -17,9 +17,6 @@ from pathlib import Path
 import torch
 from hypothesis import HealthCheck, settings
 
-from unetlm.splitters.entropy_models import use_entropy_models
-from unetlm.train.trained_models import TrainedModels
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # training prepares plain sources into a cache: the tests' cache lives and dies with the session
@@ -37,10 +34,6 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=100, deadline=None, suppress_health_check=_SLOW_OK)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
-# entropy splitters built by the tests load their byte model the way the CLI and the API do
-use_entropy_models(TrainedModels())
-
 
 def _register_docs_plugin() -> None:
     """The splitter, pooler and upsampler of docs/plugins.md join the registry-wide tests (tests/docs_plugin.py)."""

@@ -21,7 +21,8 @@ from unetlm.recipe import RecipeError, load_recipe, recipe_from_dict
 from unetlm.recipe.structure import structure
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").rglob("*.toml"))
+SWEEPS = sorted((ROOT / "recipes" / "sweeps").glob("*.toml"))  # sweep files (tests/test_sweep.py), not recipes
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.toml") if p not in SWEEPS)
 TINY_RECIPES = sorted((ROOT / "recipes" / "tiny").glob("*.toml"))
 
 

@@ -215,20 +215,19 @@ def test_compiled_flex_attention_equals_the_dense_mask_on_cuda():
 
 
 def test_the_planner_counts_each_stage_block_mask_once():
-    """One block mask per stage (its encoder and decoder share it), in every sequence's activations."""
+    """One block mask per stage (its encoder and decoder share it), per row of the micro-batch."""
     from unetlm.model.build import build_model
-    from unetlm.model.summary import mask_bytes
+    from unetlm.model.summary import stage_mask_bytes
     from unetlm.recipe import load_recipe
-    from unetlm.train.activations import measure_activations
+    from unetlm.train.distributed import World
     from unetlm.train.hardware import Hardware
-    from unetlm.train.plan import plan_recipe
+    from unetlm.train.resolve import resolve_run
 
     recipe = load_recipe("recipes/tiny/au3.toml")
     with torch.device("meta"):
         model = build_model(recipe)
-    want = sum(block_mask_bytes(1, length) for length in model.lengths)
-    assert mask_bytes(model, 1) == want and mask_bytes(model, 3) == 3 * want
-    plan = plan_recipe(recipe, Hardware(1, 80 << 30, None))
-    measured = measure_activations(recipe.model, autocast=True)
-    assert plan.activations.per_sequence == measured.per_sequence + want
-    assert plan.activations.per_sequence_checkpointed == measured.per_sequence_checkpointed + want
+    want = [block_mask_bytes(1, length) for length in model.lengths]
+    assert stage_mask_bytes(model, 1) == want and stage_mask_bytes(model, 3) == [3 * n for n in want]
+    plan = resolve_run(recipe, World(0, 1, 0, torch.device("cuda")), hardware=Hardware(1, 80 << 30, None)).plan
+    assert [e.per_row for e in plan.extra] == want
+    assert plan.extra_bytes == plan.micro_batch * sum(want) > 0

@@ -25,7 +25,6 @@ from unetlm.recipe import RecipeError, recipe_from_dict
 from unetlm.recipe.schema import EmbeddingSpec
 from unetlm.recipe.structure import structure
 from unetlm.splitters.entropy import EntropyConfig, EntropySplitter, entropy_boundaries
-from unetlm.splitters.entropy_models import installed_entropy_models, use_entropy_models
 from unetlm.splitters.space import SpaceSplitter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -399,8 +398,10 @@ TINY_SYSTEMS = ["entropy-model", "blt", "blt-space", "spacebyte", "megabyte", "h
 def test_tiny_recipe_lowers_the_loss(name, shakespeare_head, entropy_checkpoint, tmp_path):
     from unetlm.train.loop import train
 
-    # 256-byte sequences keep each run short; the stages' own limits stay as written
-    shorter = ["model.seq_len=256", "model.stages[0].max_len=256", "training.lr=5e-3"]
+    # 256-byte sequences keep each run short; the stages' own limits stay as written. blt-space's
+    # cross-attention upsampler normalises a start vector that begins at zero: at 5e-3 some seeds spike
+    lr = 3e-3 if name == "blt-space" else 5e-3
+    shorter = ["model.seq_len=256", "model.stages[0].max_len=256", f"training.lr={lr}"]
     overrides = tiny_overrides(shakespeare_head, 20) + shorter
     recipe = unetlm.load_recipe(TINY / f"{name}.toml", overrides)
     for stage in recipe.model.stages:
@@ -419,15 +420,34 @@ def test_tiny_blt_builds_with_the_example_entropy_model():
     assert out.logits.shape == (1, 22, 258) and out.logits.isfinite().all()
 
 
-def test_entropy_splitter_without_a_checkpoint_loader_fails_only_when_it_needs_its_model(tmp_path):
+def test_entropy_splitter_reads_its_model_only_when_it_needs_it(tmp_path, monkeypatch):
+    import unetlm.splitters.entropy as entropy
+
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"")
     splitter = EntropySplitter(EntropyConfig(checkpoint=str(checkpoint)))
-    loader = installed_entropy_models()
-    use_entropy_models(None)
-    try:
-        assert splitter.boundaries(b"", np.ones(0, dtype=bool)).shape == (0,)  # no model needed
-        with pytest.raises(RuntimeError, match="no checkpoint loader installed"):
-            splitter.boundaries(b"ab", np.ones(2, dtype=bool))
-    finally:
-        use_entropy_models(loader)
+
+    def unavailable():
+        raise RuntimeError("the reader of trained models was asked")
+
+    monkeypatch.setattr(entropy, "entropy_models", unavailable)
+    assert splitter.boundaries(b"", np.ones(0, dtype=bool)).shape == (0,)  # no model needed
+    with pytest.raises(RuntimeError, match="was asked"):
+        splitter.boundaries(b"ab", np.ones(2, dtype=bool))
+
+
+def test_the_reader_of_trained_models_comes_from_the_builtin_registration_alone():
+    """Set once by the built-ins in every registry a process builds (prepare's workers included)."""
+    from unetlm.checkpoint.trained import TrainedModels
+    from unetlm.plugins import build_registry
+    from unetlm.registry import Registry, RegistryError
+
+    assert isinstance(build_registry().trained_models(), TrainedModels)
+    with pytest.raises(RegistryError, match="only the built-ins set, once"):
+        build_registry().set_trained_models("x:Y")  # a second time
+    plugin = Registry()
+    plugin.current_origin = "plugin other"
+    with pytest.raises(RegistryError, match="plugin other sets the reader"):
+        plugin.set_trained_models("x:Y")
+    with pytest.raises(RegistryError, match="no reader of trained models is registered"):
+        Registry().trained_models()

@@ -30,7 +30,7 @@ def test_show_reports_stages_params_and_flops(capsys):
     assert "dim = 96" in out
     assert "total parameters:" in out and "training FLOPs per byte" in out
     lines = [line for line in out.splitlines() if line.startswith(("0 ", "1 "))]
-    assert len(lines) == 2 and "regex(preset=word" in lines[1]
+    assert len(lines) == 2 and "regex(preset=lingua-word" in lines[1]
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_train_then_generate(tmp_path, capsys, monkeypatch):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "validation bits per byte" in out and "sample:" in out
-    for name in ("checkpoint/.metadata", "metrics.jsonl", "recipe.toml"):
+    for name in ("checkpoints/step-0000004/manifest.json", "metrics.jsonl", "recipe.toml"):
         assert (run / name).is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -75,16 +75,18 @@ def test_train_then_generate(tmp_path, capsys, monkeypatch):
     assert from_run.startswith(b"def ")
     # export: one safetensors file beside the resolved recipe, read by the same commands
     assert main(["export", str(run), "--out", str(tmp_path / "shared")]) == 0
-    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["model.safetensors", "recipe.toml"]
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["manifest.json", "model.safetensors", "recipe.toml"]
     capsys.readouterr()
     with monkeypatch.context() as patch:
         raw = _bytes_stdout(patch)
         assert main(["generate", str(tmp_path / "shared"), "--prompt", "def ", "--max-bytes", "5", "--seed", "1"]) == 0
         assert raw.getvalue() == from_run
     assert main(["export", str(run), "--out", str(tmp_path / "shared")]) == 2  # never overwrites
-    assert "not empty" in capsys.readouterr().err
-    assert main(args) == 2  # a second run into the same directory is refused, with a reason
-    assert "pass --resume" in capsys.readouterr().err
+    assert "is not an empty directory" in capsys.readouterr().err
+    assert main(args) == 0  # the same command again: the run is finished, nothing to do
+    assert "already trained to step 4; nothing to do" in capsys.readouterr().out
+    assert main([*args, "--resume", "no"]) == 2  # a fresh run into a directory with a checkpoint is refused
+    assert "--resume no" in capsys.readouterr().err
 
 
 def _untrained_bpe(_path, **_kw):
@@ -112,6 +114,24 @@ BAD_INPUTS = [  # (argv, exit status, the message's fragment, load_checkpoint st
      "(a checkpoint needs the plugins it was trained with)", None),
     (["show", str(TINY / "au2.toml"), "--set", "model.stages[1].splitter={name='regex',preset='word',every=8}"], 2,
      "model.stages[1].splitter.every = 8 is invalid: every applies to 'pattern' only", None),
+    # the parser's own errors: one line with a --help hint
+    (["prepare", str(TINY / "au2.toml")], 2, "the following arguments are required: --out (see unetlm prepare --help)", None),
+    (["plan", str(TINY / "au2.toml")], 2, "the following arguments are required: --gpus (see unetlm plan --help)", None),
+    ([*GENERATE, "--max-bytes", "abc"], 2, "argument --max-bytes: invalid int value: 'abc' (see unetlm generate --help)", None),
+    ([*GENERATE, "--bogus"], 2, "unrecognized arguments: --bogus (see unetlm generate --help)", None),
+    (["frobnicate"], 2, "argument command: invalid choice: 'frobnicate'", None),
+    (["train", "--stop-at", "0"], 2, "argument --stop-at: '0' is invalid: expected a step >= 1 (see unetlm train --help)", None),
+    (["train", "--stop-at", "-1"], 2, "argument --stop-at: '-1' is invalid: expected a step >= 1", None),
+    (["prepare", str(TINY / "au2.toml"), "--out", "unused", "--shard-bytes", "abc"], 2,
+     "argument --shard-bytes: 'abc' is invalid: expected a number of bytes >= 1, such as 32e6", None),
+    (["prepare", str(TINY / "au2.toml"), "--out", str(ROOT / "README.md")], 2,
+     "README.md is a file, not a directory for the prepared data", None),
+    (["prepare", str(TINY / "au2.toml"), "--out", str(ROOT / "README.md" / "data")], 2,
+     "README.md is a file, not a directory for the prepared data", None),
+    (["plan", str(TINY / "au2.toml"), "--gpus", "1", "--gpu-memory", "1KiB"], 2,
+     "--gpu-memory '1KiB' is invalid: expected a GPU's memory, at least 1GiB (e.g. 80GiB)", None),
+    (["plan", str(TINY / "au2.toml"), "--gpus", "1", "--gpu-memory", "1MiB"], 2, "--gpu-memory '1MiB' is invalid", None),
+    (["export", "no-such-run", "--out", "unused"], 2, "checkpoint 'no-such-run' does not exist", None),
 ]
 
 

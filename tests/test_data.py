@@ -1,7 +1,10 @@
-"""Data: sources give raw bytes, batches are a pure function of (seed, step, rank, world)."""
+"""Data: sources give raw bytes (plain or compressed files and jsonl, read as streams of pieces),
+batches are a pure function of (seed, step, rank, world)."""
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 
 import numpy as np
 import pytest
@@ -12,7 +15,9 @@ from hypothesis import strategies as st
 from unetlm.data.loader import step_batches
 from unetlm.data.packing import pack
 from unetlm.data.windows import TrainingData
-from unetlm.data.sources import load_documents
+from unetlm.data import sources
+from unetlm.data.errors import SourceError
+from unetlm.data.sources import iter_pieces, load_documents
 from unetlm.core.tokens import BOS
 from unetlm.recipe import RecipeError
 from unetlm.recipe.schema import DataSpec
@@ -43,6 +48,56 @@ def test_jsonl_text_field_keeps_invalid_utf8(tmp_path):
     assert docs == ["héllo".encode(), b"raw \xff byte"]
     with pytest.raises(RecipeError, match="no field 'text'"):
         load_documents(data_spec(source="jsonl", paths=[str(path)]))
+
+
+def compress(kind: str, data: bytes) -> bytes:
+    if kind == ".gz":
+        return gzip.compress(data)
+    if kind == ".xz":
+        return lzma.compress(data)
+    import zstandard
+
+    half = len(data) // 2  # two frames, as a multi-threaded or appended .zst holds
+    frame = zstandard.ZstdCompressor(write_checksum=True).compress
+    return frame(data[:half]) + frame(data[half:])
+
+
+@pytest.mark.parametrize("kind", [".gz", ".xz", ".zst"])
+def test_compressed_files_and_jsonl_are_read_as_streams(tmp_path, monkeypatch, kind):
+    monkeypatch.setattr(sources, "READ_BYTES", 64)  # every document in many pieces
+    docs = [b"plain text. " * 40, "é中😀 ".encode() * 30, b"", b"\xff\xfe bytes"]
+    for i, data in enumerate(docs):
+        (tmp_path / f"{i}.txt{kind}").write_bytes(compress(kind, data))
+    lines = b"".join(json.dumps({"text": d.decode("utf-8", "surrogateescape")}).encode() + b"\n" for d in docs)
+    (tmp_path / f"d.jsonl{kind}").write_bytes(compress(kind, lines))
+    files = data_spec(source="files", paths=[str(tmp_path / f"*.txt{kind}")])
+    assert load_documents(files) == docs
+    assert all(len(piece) <= 64 for piece, _ in iter_pieces(files))
+    assert load_documents(data_spec(source="jsonl", paths=[str(tmp_path / f"d.jsonl{kind}")])) == docs
+
+    whole = compress(kind, docs[0])
+    for broken, what in ((whole[: len(whole) * 2 // 3], "cut short"), (b"not compressed" * 9, "not compressed")):
+        (tmp_path / f"bad.txt{kind}").write_bytes(broken)
+        with pytest.raises(SourceError, match=rf"^{tmp_path / f'bad.txt{kind}'}: corrupt \w+ data near compressed byte "
+                                              r"[\d,]+ \(after [\d,]+ bytes of content\)") as info:
+            load_documents(data_spec(source="files", paths=[str(tmp_path / f"bad.txt{kind}")]))
+        assert "\n" not in str(info.value), what
+
+
+def test_a_glob_over_many_files_reads_one_at_a_time(tmp_path, monkeypatch):
+    for i in range(3000):
+        (tmp_path / f"{i:05d}.txt").write_bytes(b"document %d" % i)
+    opened = []
+    real = sources.InputFile.__init__
+
+    def counting(self, path, *args, **kwargs):
+        opened.append(path)
+        real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(sources.InputFile, "__init__", counting)
+    pieces = iter_pieces(data_spec(source="files", paths=[str(tmp_path / "*.txt")]))
+    assert next(pieces) == (b"document 0", True) and len(opened) == 1
+    assert sum(1 for _ in pieces) == 2999 and len(opened) == 3000
 
 
 def test_parquet_column(tmp_path):

@@ -25,3 +25,13 @@ def test_attention_and_mamba_blocks_share_it():
     mamba = MambaBlock(MambaConfig(headdim=8, d_state=8, mlp_ratio=3.0), 16)
     assert type(attention.mlp) is type(mamba.mlp) is SwiGLU
     assert attention.mlp.hidden == mamba.mlp.hidden == swiglu_hidden(16, 3.0)
+
+
+def test_rounding_to_a_multiple_gives_lingua_feedforward_widths():
+    """lingua's FeedForward: int(2 * 4 * dim / 3), rounded up to ``multiple_of`` (256 in its AU-Net
+    configurations); at the AU-Net recipes' widths."""
+    widths = {dim: swiglu_hidden(dim, 4.0, 256) for dim in (512, 1024, 2048, 3072, 3456, 4608)}
+    assert widths == {512: 1536, 1024: 2816, 2048: 5632, 3072: 8192, 3456: 9216, 4608: 12288}
+    assert swiglu_hidden(2048, 4.0) == 5464  # the default multiple, 8
+    block = AttentionBlock(AttentionConfig(head_dim=8, multiple_of=256), 512)
+    assert block.mlp.hidden == block.config.mlp_hidden(512) == 1536

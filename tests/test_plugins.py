@@ -177,6 +177,23 @@ def test_two_plugins_claiming_one_name_is_an_error_naming_both(site):
         reg.get("mixer", "twin")  # neither is picked silently
 
 
+def test_list_shows_what_recipes_get_for_a_name_claimed_twice(site, monkeypatch, capsys):
+    import unetlm.plugins
+    from unetlm.cli import main
+
+    site("dup-a", {"a": "plugtest_list_a"}, plugtest_list_a=plugin_source(("mixer", "twin", WINDOW)))
+    site("dup-b", {"b": "plugtest_list_b"}, plugtest_list_b=plugin_source(("mixer", "twin", WINDOW)))
+    site("shadow", {"shadow": "plugtest_list_shadow"}, plugtest_list_shadow=plugin_source(("splitter", "regex", WINDOW)))
+    monkeypatch.setattr(unetlm.plugins, "_registry", build_registry())
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = {line.split()[0]: line for line in lines if line.startswith("  ")}
+    assert "unusable: mixer 'twin' is registered twice: by plugin dup-a" in shown["twin"], shown["twin"]
+    assert "unusable: splitter 'regex' is registered twice: by built-in" in shown["regex"], shown["regex"]
+    assert "[plugin dup-a]" not in shown["twin"] and "[built-in]" in shown["space"]
+    assert any(line.startswith("(not loaded) mixer 'twin' is registered twice") for line in lines)
+
+
 def test_plugin_cannot_take_a_builtin_name(site):
     site("shadow", {"shadow": "plugtest_shadow"}, plugtest_shadow=plugin_source(("splitter", "regex", WINDOW)))
     reg = build_registry()

@@ -1,9 +1,12 @@
 """Prepared data: the shards read back as exactly the stream that packing the documents gives,
-in any range, whatever the sharding, jobs or workers; damaged, stale or partial data is an error
-naming the file; bad input is one clean line from ``unetlm prepare``."""
+in any range, whatever the sharding, jobs or workers, and however the documents are cut into
+pieces (a document longer than a piece, or than a shard); damaged, stale or partial data is an
+error naming the file; bad input is one clean line from ``unetlm prepare``."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import gzip
 import importlib.util
 import json
 import re
@@ -16,8 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unetlm.cli import main
+from unetlm.data import jsonl as jsonl_module
+from unetlm.data import sources
 from unetlm.data.packing import pack
 from unetlm.data.prepared import PreparedCorpus, PreparedDataError, cache_key, prepare
+from unetlm.data.prepared import read as prepared_read
 from unetlm.data.prepared import write as prepared_write
 from unetlm.data.prepared.format import byte_splitter_components
 from unetlm.data.sources import load_documents
@@ -86,10 +92,20 @@ def check_reads(corpus: PreparedCorpus, want, ranges) -> None:
 ranges_st = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), min_size=1, max_size=6)
 
 
+@contextlib.contextmanager
+def small_pieces(read_bytes: int):
+    """Documents read in pieces of ``read_bytes`` (jsonl lines longer than that parsed as they are read)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sources, "READ_BYTES", read_bytes)
+        patch.setattr(jsonl_module, "LINE_BYTES", read_bytes)
+        yield
+
+
 @settings(max_examples=15)
-@given(documents=documents_st, ranges=ranges_st, shard_bytes=st.sampled_from([1, 200, 1 << 20]), jsonl=st.booleans())
-def test_byte_recipe_reads_as_packing(documents, ranges, shard_bytes, jsonl):
-    with tempfile.TemporaryDirectory() as tmp:
+@given(documents=documents_st, ranges=ranges_st, shard_bytes=st.sampled_from([1, 200, 1 << 20]), jsonl=st.booleans(),
+       read_bytes=st.sampled_from([3, 64, 1 << 20]))
+def test_byte_recipe_reads_as_packing(documents, ranges, shard_bytes, jsonl, read_bytes):
+    with tempfile.TemporaryDirectory() as tmp, small_pieces(read_bytes):
         tmp = Path(tmp)
         recipe = jsonl_recipe(tmp / "d.jsonl", documents) if jsonl else files_recipe(tmp / "docs", documents)
         # files: a shard per file at 1 byte; jsonl: shards are byte ranges, lines cross their ends
@@ -107,7 +123,8 @@ def test_byte_recipe_reads_as_packing(documents, ranges, shard_bytes, jsonl):
 @settings(max_examples=6)
 @given(documents=documents_st, ranges=ranges_st, cut=st.integers(0, 4000))  # a stream byte where the held-out part could start
 def test_bpe_recipe_reads_as_packing(documents, ranges, cut):
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, small_pieces(16), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepared_read, "_TOKEN_BLOCK", 5)  # long documents are encoded and walked piece by piece
         tmp = Path(tmp)
         recipe = jsonl_recipe(tmp / "d.jsonl", documents, "bpe", ["model.tokenizer.vocab_size=300"])
         prepare(recipe, tmp / "out", shard_bytes=200, progress=False)
@@ -133,7 +150,7 @@ def test_max_bytes_cuts_after_the_crossing_document(tmp_path):
 def test_learned_splitters_have_no_mask(tmp_path):
     recipe = recipe_for("hnet", ["data.max_bytes=3000"])
     corpus = PreparedCorpus.open(prepare(recipe, tmp_path / "out", progress=False), recipe)
-    assert corpus.num_masks == 0 and corpus.plan["splitters"] == []
+    assert corpus.num_masks == 0 and corpus.preparation["splitters"] == []
     check_reads(corpus, reference(recipe, corpus.tokenizer), [(10, 900)])
     with pytest.raises(PreparedDataError, match="stage 1 splitter \\(none\\), but the recipe's stage 1 splitter is {name = 'regex'"):
         PreparedCorpus.open(tmp_path / "out", recipe_for("au2", []))
@@ -153,35 +170,42 @@ def test_jobs_and_workers_give_one_run(tmp_path, monkeypatch, capsys):
     """--shard I/N over N jobs (the last one as torchrun's rank 1 of 3), and 2 worker processes,
     write the stream one run writes."""
     documents = [b"doc %d: some words. " % i * (i + 1) for i in range(12)]
-    recipe = files_recipe(tmp_path / "docs", documents, extra=["data.max_bytes=700"])  # jobs cannot know where it cuts
+    documents[3] = "a document longer than a shard, cut in pieces inside its characters. é中😀 ".encode() * 9
+    recipe = files_recipe(tmp_path / "docs", documents, extra=["data.max_bytes=1500"])  # jobs cannot know where it cuts
+    monkeypatch.setattr(sources, "READ_BYTES", 37)
     prepare(recipe, tmp_path / "one", shard_bytes=100, progress=False)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     overrides = [f"--set={o}" for o in ["data.source=files", f"data.paths=['{tmp_path}/docs/*.bin']",
-                                         "data.max_bytes=700", *BYTE_STAGES]]
+                                         "data.max_bytes=1500", *BYTE_STAGES]]
     assert main(["prepare", str(ROOT / "recipes/tiny/au4.toml"), *overrides, "--out", str(tmp_path / "jobs"),
                  "--shard-bytes", "100", "--quiet"]) == 0
     assert "prepared job 1/3 of" in capsys.readouterr().out
     prepare(recipe, tmp_path / "jobs", shard=(2, 3), shard_bytes=100, progress=False)
-    with pytest.raises(PreparedDataError, match="00000 is missing"):
+    with pytest.raises(PreparedDataError, match="00000-0000 is missing"):
         PreparedCorpus.open(tmp_path / "jobs")
     prepare(recipe, tmp_path / "jobs", shard=(0, 3), shard_bytes=100, progress=False)
     prepare(recipe, tmp_path / "pool", workers=2, shard_bytes=100, progress=False)
     assert read_all(tmp_path / "jobs") == read_all(tmp_path / "one") == read_all(tmp_path / "pool")
     corpus = PreparedCorpus.open(tmp_path / "jobs")
-    assert corpus.plan["num_shards"] > 3 and corpus.num_documents == len(load_documents(recipe.data)) < len(documents)
+    assert corpus.preparation["num_units"] > 3
+    assert corpus.num_documents == len(load_documents(recipe.data)) < len(documents)
+    units = [folder.name[:5] for folder in (tmp_path / "jobs" / "shards").iterdir()]
+    assert max(units.count(u) for u in units) > 3  # the long document spans shards
+    check_reads(corpus, reference(recipe, corpus.tokenizer), [(0, 10**6)])
 
 
 def test_a_shard_killed_mid_write_is_not_visible_and_a_rerun_completes_it(tmp_path, monkeypatch):
-    recipe = files_recipe(tmp_path / "docs", [b"alpha beta. " * 20 for _ in range(6)])
+    recipe = files_recipe(tmp_path / "docs", [b"alpha beta. " * 60 for _ in range(3)])  # a unit each, 3 shards each
+    monkeypatch.setattr(sources, "READ_BYTES", 100)
     prepare(recipe, tmp_path / "one", shard_bytes=300, progress=False)
     writes = []
 
     def dies(f, data):
-        if ".00001.tmp" in f.name:
+        if ".00001-0001.tmp" in f.name:
             writes.append(len(data))
             if len(writes) == 3:
-                raise KeyboardInterrupt  # killed in the middle of shard 1
+                raise KeyboardInterrupt  # killed in the middle of unit 1's second shard
         f.write(data)
 
     monkeypatch.setattr(prepared_write, "write_bytes", dies)
@@ -189,14 +213,15 @@ def test_a_shard_killed_mid_write_is_not_visible_and_a_rerun_completes_it(tmp_pa
         prepare(recipe, tmp_path / "out", shard_bytes=300, progress=False)
     shards = tmp_path / "out" / "shards"
     finished = sorted(p.name for p in shards.iterdir())
-    assert finished == ["00000"] and (shards / "00000" / "manifest.json").is_file()  # nothing half-written
-    (shards / ".00001.tmp-1").mkdir()  # what a SIGKILL would leave behind
-    with pytest.raises(PreparedDataError, match="shard .*00001 is missing"):
+    assert finished == ["00000-0000", "00000-0001", "00000-0002"]  # nothing half-written, no unit half-finished
+    (shards / ".00001-0000.tmp-1").mkdir()  # what a SIGKILL would leave behind
+    (shards / "00001-0000").mkdir()  # and a finished first shard of an unfinished unit
+    with pytest.raises(PreparedDataError, match="shard .*00001-0000 is missing"):
         PreparedCorpus.open(tmp_path / "out")
-    monkeypatch.undo()
+    monkeypatch.setattr(prepared_write, "write_bytes", lambda f, data: f.write(data))
     mtime = (shards / finished[0] / "manifest.json").stat().st_mtime_ns
     prepare(recipe, tmp_path / "out", shard_bytes=300, progress=False)
-    assert (shards / finished[0] / "manifest.json").stat().st_mtime_ns == mtime  # finished shards are skipped
+    assert (shards / finished[0] / "manifest.json").stat().st_mtime_ns == mtime  # finished units are skipped
     assert not list(shards.glob(".*"))
     assert read_all(tmp_path / "out") == read_all(tmp_path / "one")
 
@@ -209,7 +234,7 @@ def test_stale_splitters_tokenizer_and_damaged_shards_are_refused(tmp_path, caps
     with pytest.raises(PreparedDataError) as info:
         PreparedCorpus.open(out, stale)
     message = str(info.value)
-    both = r"stage 2 splitter \{name = 'regex'[^}]*preset = 'word2'[^}]*\}, but the recipe's stage 2 splitter is " \
+    both = r"stage 2 splitter \{name = 'regex'[^}]*preset = 'lingua-word2'[^}]*\}, but the recipe's stage 2 splitter is " \
         r"\{name = 'regex'[^}]*preset = 'word4'[^}]*\}"
     assert re.search(both, message), message
     assert message.endswith(f"re-prepare with: unetlm prepare RECIPE --out {out}")
@@ -219,7 +244,7 @@ def test_stale_splitters_tokenizer_and_damaged_shards_are_refused(tmp_path, caps
     with pytest.raises(PreparedDataError, match="tokenizer bytes, but the recipe's tokenizer is {name = 'bpe'"):
         PreparedCorpus.open(out, recipe_for("bpe", []))
 
-    shard = out / "shards" / "00000"
+    shard = out / "shards" / "00000-0000"
     corpus = PreparedCorpus.open(out)
     mask = shard / "mask2.bits"
     data = bytearray(mask.read_bytes())
@@ -280,13 +305,65 @@ def test_bad_input_is_one_clean_line(tmp_path, capsys, monkeypatch):
     assert list((tmp_path / "o4" / "shards").iterdir()) == []
     monkeypatch.undo()
 
-    plan = Path(out) / "plan.json"
-    data = json.loads(plan.read_text())
-    plan.write_text(json.dumps(data | {"version": 99}))
+    record = Path(out) / "preparation.json"
+    data = json.loads(record.read_text())
+    record.write_text(json.dumps(data | {"version": 99}))
     code, err = run_cli(capsys, "prepare", recipe, *source, "--out", out, "--quiet")
-    assert code == 1 and "format version 99; this unetlm reads version 1" in err
+    assert code == 1 and "format version 99; this unetlm reads version 2" in err
     with pytest.raises(PreparedDataError, match="format version 99"):
         PreparedCorpus.open(out)
+
+
+def test_a_changing_file_a_corrupt_one_and_an_unknown_splitter_are_one_clean_line(tmp_path, capsys, monkeypatch):
+    """A source file that changes while it is read stops prepare with its name and leaves no
+    shard of its unit; so does corrupt compressed data (with the offset), and a splitter whose
+    identity cannot be computed is named."""
+    recipe = str(ROOT / "recipes" / "tiny" / "au2.toml")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_bytes(b"a first document. " * 40)
+    (docs / "b.txt").write_bytes(b"a second document, longer than a shard. " * 200)
+    source = ["--set", "data.source=files", "--set", f"data.paths=['{docs}/*.txt']", "--shard-bytes", "500"]
+    monkeypatch.setattr(sources, "READ_BYTES", 500)
+    writes = []
+
+    def grows(f, data):  # the second file grows while its second shard is written
+        if ".00001-0001.tmp" in f.name and not writes:
+            writes.append(1)
+            with open(docs / "b.txt", "ab") as g:
+                g.write(b"appended")
+        f.write(data)
+
+    monkeypatch.setattr(prepared_write, "write_bytes", grows)
+    code, err = run_cli(capsys, "prepare", recipe, *source, "--out", str(tmp_path / "o1"), "--quiet")
+    assert code == 2 and err.startswith(f"unetlm: error: {docs / 'b.txt'} changed while it was being prepared") and (
+        "\n" not in err)
+    assert {p.name[:5] for p in (tmp_path / "o1" / "shards").iterdir()} == {"00000"}  # of unit 1: nothing
+    monkeypatch.setattr(prepared_write, "write_bytes", lambda f, data: f.write(data))
+
+    (docs / "c.txt.gz").write_bytes(gzip.compress(b"text " * 100)[:-20])
+    code, err = run_cli(capsys, "prepare", recipe, "--set", "data.source=files", "--set", f"data.paths=['{docs}/*']",
+                        "--out", str(tmp_path / "o2"), "--quiet")
+    assert code == 2 and err.startswith(f"unetlm: error: {docs / 'c.txt.gz'}: corrupt gzip data near compressed byte")
+
+    from types import ModuleType
+
+    from unetlm.plugins import register_plugin, registry
+
+    module = ModuleType("unsourced_plugin")  # a splitter compiled from text that is nowhere to be read
+    exec(compile("from unetlm.splitters.space import SpaceSplitter\n\nclass Unsourced(SpaceSplitter):\n"
+                 "    def start(self):\n        return super().start()\n", "<generated>", "exec"), module.__dict__)
+    exec("from unetlm.plugins import hookimpl\n@hookimpl\ndef unetlm_register(registry):\n"
+         "    registry.add('splitter', 'unsourced', 'unsourced_plugin:Unsourced', 'a test splitter')\n", module.__dict__)
+    monkeypatch.setitem(__import__("sys").modules, "unsourced_plugin", module)
+    register_plugin(module, "plugin unsourced")
+    try:
+        code, err = run_cli(capsys, "prepare", recipe, "--set", "model.stages.1.splitter={name = 'unsourced'}",
+                            "--set", "data.max_bytes=1000", "--out", str(tmp_path / "o3"), "--quiet")
+    finally:
+        registry().drop_origin("plugin unsourced")
+    assert code == 2 and err.startswith("unetlm: error: model.stages[1].splitter 'unsourced': splitter class "
+                                        "unsourced_plugin.Unsourced: its identity cannot be computed") and "\n" not in err
 
 
 def test_entropy_masks_come_from_batched_windows(tmp_path):
@@ -323,12 +400,12 @@ def test_parquet_row_groups_and_streamed_rows_shard_like_one_run(tmp_path, monke
     import sys
     import types
 
-    from unetlm.data.prepared import plan
+    from unetlm.data.prepared import assignment
 
     rows = [f"row {i}: words, more words." * (i % 4) for i in range(20)]
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
         load_dataset=lambda name, subset, split, streaming: iter({"text": r} for r in rows)))
-    monkeypatch.setattr(plan, "HF_ROWS", 3)
+    monkeypatch.setattr(assignment, "HF_ROWS", 3)
     streamed = ["data.source=hf", "data.dataset=some/rows", "data.max_bytes=300"]
     recipes = {"hf": recipe_for("au2", streamed)}
     if importlib.util.find_spec("pyarrow") is not None:
@@ -342,6 +419,6 @@ def test_parquet_row_groups_and_streamed_rows_shard_like_one_run(tmp_path, monke
         for job in (1, 0):
             prepare(recipe, tmp_path / f"{name}-jobs", shard=(job, 2), shard_bytes=1, progress=False)
         one = PreparedCorpus.open(tmp_path / f"{name}-one", recipe)
-        assert one.plan["num_shards"] > 2
+        assert one.preparation["num_units"] > 2
         assert read_all(tmp_path / f"{name}-jobs") == read_all(tmp_path / f"{name}-one")
         check_reads(one, reference(recipe, one.tokenizer), [(7, 100)])

@@ -349,13 +349,15 @@ def _default_matches(cell: str, field) -> bool:
 
 
 def test_every_recipe_key_is_documented_with_its_default():
-    from unetlm.recipe.schema import DataSpec, EmbeddingSpec, ModelSpec, Recipe, StageSpec, TokenizerSpec, TrainingSpec
+    from unetlm.recipe.schema import (
+        DataSpec, EmbeddingSpec, ModelSpec, Recipe, StageSpec, TokenizerSpec, TrainingSpec, WandbSpec,
+    )
 
     classes = {
         "Top level": (Recipe, {"model", "data", "training"}), "`[model]`": (ModelSpec, set()),
         "`[[model.stages]]`": (StageSpec, set()), "`[model.embedding]`": (EmbeddingSpec, set()),
         "`[model.tokenizer]`": (TokenizerSpec, set()), "`[data]`": (DataSpec, set()),
-        "`[training]`": (TrainingSpec, set()),
+        "`[training]`": (TrainingSpec, set()), "`[training.wandb]`": (WandbSpec, set()),
     }
     for kind in KINDS:
         for entry in registry().entries(kind):

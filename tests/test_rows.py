@@ -1,5 +1,5 @@
-"""Row planning: no row handed to a model overflows a byte-level stage, in training and in eval;
-rows tile the stream; documents on planned rows stay isolated; windows are an epoch permutation."""
+"""Rows: no row handed to a model overflows a byte-level stage, in training and in eval; rows tile
+the stream; documents on rows stay isolated; windows are an epoch permutation."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from strategies import TINY_RECIPES, recipe_model, recipe_params, shortened
 from unetlm.data.packing import TokenStream, pack
-from unetlm.data.rows import FULL, plan_in_memory, plan_rows, plan_spans, row_reach
+from unetlm.data.rows import FULL, cut_rows_in_memory, cut_rows, span_rows, row_reach
 from unetlm.data.windows import BLOCK, StreamCorpus, TrainingData, read_rows, shares
 from unetlm.core.tokens import BYTES
 from unetlm.recipe import load_recipe
@@ -24,8 +24,8 @@ overflow_docs = st.lists(overflow_text, min_size=1, max_size=4)
 FILLER = b"a, b. 1 2 3!? I\n" * 30  # makes every split hold a whole sequence
 
 
-def planned_recipes() -> list:
-    """Tiny recipes with a byte-level splitter (learned ones cannot be planned from the data)."""
+def row_recipes() -> list:
+    """Tiny recipes with a byte-level splitter (learned ones cannot cut rows from the data)."""
     out = []
     for path in TINY_RECIPES:
         stages = load_recipe(path).model.stages
@@ -60,7 +60,7 @@ def assert_rows_fit(batch, limits, seq_len):
 @settings(max_examples=15, deadline=None)
 @given(st.data())
 def test_greedy_rows_match_a_plain_loop(data):
-    """The vectorised planner equals the obvious greedy loop, for any chunk size."""
+    """The vectorised cut equals the obvious greedy loop, for any chunk size."""
     n = data.draw(st.integers(1, 300))
     seq_len = data.draw(st.integers(1, 40))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
@@ -80,40 +80,40 @@ def test_greedy_rows_match_a_plain_loop(data):
         want.append((p, e))
         p = e
     chunk = data.draw(st.integers(1, 64))
-    plan = plan_rows(lambda a, b: masks[:, a:b], first, stop, limits, seq_len, chunk=chunk)
-    assert list(zip(plan.starts.tolist(), plan.ends.tolist())) == want
-    early = plan.cause != FULL
-    assert ((plan.ends - plan.starts)[~early][:-1] == seq_len).all()  # only the last full-cause row is short
+    rows = cut_rows(lambda a, b: masks[:, a:b], first, stop, limits, seq_len, chunk=chunk)
+    assert list(zip(rows.starts.tolist(), rows.ends.tolist())) == want
+    early = rows.cause != FULL
+    assert ((rows.ends - rows.starts)[~early][:-1] == seq_len).all()  # only the last full-cause row is short
 
 
-@pytest.mark.parametrize("path", planned_recipes())
+@pytest.mark.parametrize("path", row_recipes())
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(docs=overflow_docs)
 def test_training_and_eval_rows_never_overflow(path, docs):
     model = tight_model(path)
     limits = limits_of(model)
-    assert limits, "a planned recipe has byte-level splitters"
+    assert limits, "such a recipe has byte-level splitters"
     documents = docs + [FILLER]
     data = TrainingData.from_documents(documents, model.splitters, limits, SEQ_LEN, 4, 0.3, 0)
     source = data.sources[0]
-    for plan in (source.train, source.valid):  # the rows tile their part of the stream
-        assert (plan.starts[1:] == plan.ends[:-1]).all() and (plan.ends - plan.starts <= SEQ_LEN).all()
+    for rows in (source.train, source.valid):  # the rows tile their part of the stream
+        assert (rows.starts[1:] == rows.ends[:-1]).all() and (rows.ends - rows.starts <= SEQ_LEN).all()
     batches = [data.train_batch(step) for step in range(3)] + data.valid_batches(2)
     for batch in batches:
         assert_rows_fit(batch, limits, SEQ_LEN)
     with torch.no_grad():
         out = model(batches[0].tokens, batches[0].doc, batches[0].masks, batches[0].targets)
     assert all(int(t.sum()) == 0 for t in out.truncated)
-    # eval: every span planned over the same stream fits as well
+    # eval: every span's rows over the same stream fit as well
     stream = source.corpus.stream
     reach, _ = row_reach(stream.masks[: len(limits), : len(stream) - 1], limits, SEQ_LEN)
     spans = [(0, 0, len(stream) - 1)]
-    rows = plan_spans(reach, spans, SEQ_LEN)
+    rows = span_rows(reach, spans, SEQ_LEN)
     assert [a for _, _, a, _ in rows] == [0] + [b for *_, b in rows[:-1]] and rows[-1][3] == len(stream) - 1
     assert_rows_fit(read_rows([(stream, s, e) for s, e, _, _ in rows], SEQ_LEN), limits, SEQ_LEN)
 
 
-ISOLATION = [p for p in planned_recipes() if p.id.split("/")[-1] in ("au3.toml", "au4.toml", "spacebyte.toml")]
+ISOLATION = [p for p in row_recipes() if p.id.split("/")[-1] in ("au3.toml", "au4.toml", "spacebyte.toml")]
 
 
 def without_bos(documents: list[bytes], splitters) -> TokenStream:
@@ -129,7 +129,7 @@ def without_bos(documents: list[bytes], splitters) -> TokenStream:
 @pytest.mark.parametrize("path", ISOLATION)
 @settings(max_examples=3, deadline=None)
 @given(first=overflow_text, second=overflow_text)
-def test_a_document_on_a_planned_row_never_moves_the_next(path, with_bos, first, second):
+def test_a_document_on_a_row_never_moves_the_next(path, with_bos, first, second):
     """Replace the first document's bytes (same length) and the second's logits stay put."""
     model = tight_model(path)
     limits = limits_of(model)
@@ -139,9 +139,10 @@ def test_a_document_on_a_planned_row_never_moves_the_next(path, with_bos, first,
     stream = build([first, second], model.splitters)
     changed = build([other, second], model.splitters)
     bos = len(first) + with_bos  # the second document's first position (its BOS, if any)
-    plan = plan_in_memory(stream.masks, 0, len(stream) - 1, limits, SEQ_LEN)
-    row = int(np.searchsorted(plan.ends, bos, side="right"))
-    start, end = int(plan.starts[row]), int(plan.ends[row])
+    rows = cut_rows_in_memory(stream.masks, 0, len(stream) - 1, limits, SEQ_LEN)
+    row = int(np.searchsorted(rows.ends, bos, side="right"))
+    assume(row < len(rows))  # the second document starts inside a row
+    start, end = int(rows.starts[row]), int(rows.ends[row])
     assume(start < bos < end)
     logits = []
     for s in (stream, changed):
@@ -204,7 +205,7 @@ def test_training_on_overflow_prone_text_drops_no_boundary(tmp_path, monkeypatch
 
     real = loop.open_training_data
 
-    def too_wide(corpora, valid_fraction, seq_len, lengths, *args):  # rows planned for stages twice as long
+    def too_wide(corpora, valid_fraction, seq_len, lengths, *args):  # rows cut for stages twice as long
         return real(corpora, valid_fraction, seq_len, [lengths[0]] + [2 * n for n in lengths[1:]], *args)
 
     monkeypatch.setattr(loop, "open_training_data", too_wide)
@@ -229,7 +230,7 @@ def test_auto_max_len_is_sized_from_the_data(tmp_path):
     assert n % 16 == 0 and n <= 64  # at most the finer stage
     stats = stage_stats(recipe.model, sample_masks([(tmp_path / "a.txt").read_bytes()], recipe_splitters(recipe.model)))
     assert stats[0].auto == n and stats[0].max_len == "auto" and stats[0].overflow <= 0.001
-    table["model"]["stages"][1]["max_len"] = 8  # tight: most windows overflow, planned rows pad
+    table["model"]["stages"][1]["max_len"] = 8  # tight: most windows overflow, rows pad
     tight_stats = stage_stats(recipe_from_dict(table).model, sample_masks([(tmp_path / "a.txt").read_bytes()],
                                                                           recipe_splitters(recipe.model)))
     assert tight_stats[0].overflow > 0.5 and tight_stats[0].padding > 0
@@ -271,7 +272,7 @@ def test_prepared_data_gives_the_batches_of_packing_in_ram(tmp_path):
     corpora = open_corpora(prepared)
     data = open_training_data(corpora, 0.2, SEQ_LEN, model.lengths, len(model.splitters), 4, 3)
     assert sum(data.step_metrics(s)["padding"][0] + data.step_metrics(s)["padding"][1] for s in range(4)) > 0
-    assert list((tmp_path / "prep" / "rows").glob("*.npz"))  # the plan is cached beside the data
+    assert list((tmp_path / "prep" / "rows").glob("*.npz"))  # the rows are cached beside the data
     again = open_training_data(open_corpora(prepared), 0.2, SEQ_LEN, model.lengths, len(model.splitters), 4, 3)
     pairs = [(in_ram.train_batch(s), data.train_batch(s), again.train_batch(s)) for s in (0, 1, 5)]
     from unetlm.data.loader import step_batches

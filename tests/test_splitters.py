@@ -3,6 +3,8 @@
 Stability: ``boundaries(x + y)[:len(x)] == boundaries(x)`` (a decision never changes once
 later bytes arrive), alone and chained (one splitter's output as the next one's parent).
 A deliberately unstable pre-tokenizer splitter shows that the property check finds real flaws.
+Chunks: a document fed to a splitter's scan in chunks of any sizes gets exactly its whole
+``boundaries``, also when a chunk ends inside a UTF-8 character or a word longer than a chunk.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ import regex
 from hypothesis import example, find, given, settings
 from hypothesis import strategies as st
 
-from strategies import byte_splitter_cases, case_id, documents, make_splitter, rich_bytes, with_parent
-from unetlm.splitters.splitting import split_document, split_row
+from strategies import byte_splitter_cases, case_id, documents, long_words, make_splitter, rich_bytes, with_parent
+from unetlm.splitters.splitting import ChainScan, split_document, split_row
 from unetlm.core.tokens import BOS, PAD
 
 # learned splitters decide inside the model from hidden states (test_causality.py, test_hnet.py)
@@ -127,6 +129,84 @@ def test_chain_is_nested(first, second):
     data = b"The cat sat,  on 12345 mats.\n\nA  \n b\t(c) 'd' " * 3
     masks = chained(make_splitter(*first), make_splitter(*second))(data)
     assert not (masks[1] & ~masks[0]).any()
+
+
+# -------------------------------------------------------------- chunks
+
+
+def chunks_of(data: bytes, parent: np.ndarray, sizes: list[int]):
+    """(chunk, its parent marks) covering ``data`` in order, the sizes repeated as needed."""
+    at, i = 0, 0
+    while at < len(data):
+        size = sizes[i % len(sizes)]
+        yield data[at : at + size], parent[at : at + size]
+        at, i = at + size, i + 1
+
+
+@pytest.mark.parametrize("name, options", SPLITTERS)
+@settings(max_examples=15)
+@given(case=with_parent(st.lists(st.one_of(documents, long_words), min_size=1, max_size=3).map(b"".join)),
+       sizes=st.lists(st.integers(1, 16), min_size=1, max_size=6), any_parent=st.booleans())
+@example(case=("中文 x😀".encode(), np.ones(10, dtype=bool)), sizes=[1, 2], any_parent=False)  # cut inside characters
+@example(case=(b"a" * 100 + b" b", np.ones(102, dtype=bool)), sizes=[7], any_parent=False)  # a word longer than a chunk
+@example(case=(b"one. two! 3 four five six\n", np.ones(26, dtype=bool)), sizes=[4, 5], any_parent=False)  # ". " cut
+def test_chunked_evaluation_equals_the_whole_document(name, options, case, sizes, any_parent):
+    data, parent = case
+    parent = parent if any_parent else ones(len(data))
+    splitter = make_splitter(name, options)
+    whole = splitter.boundaries(data, parent.copy())
+    scan = splitter.scan()
+    fed = [np.asarray(scan.feed(chunk, marks.copy()), dtype=bool) for chunk, marks in chunks_of(data, parent, sizes)]
+    got = np.concatenate(fed) if fed else np.zeros(0, dtype=bool)
+    assert np.array_equal(got, whole), f"chunks of {sizes} bytes differ at {np.flatnonzero(got != whole).tolist()}"
+    chain = [make_splitter("regex", {"preset": "word"}), splitter]  # as a later stage, after the word preset
+    scan = ChainScan(chain)
+    fed = [scan.feed(chunk) for chunk, _ in chunks_of(data, parent, sizes)]
+    got = np.concatenate(fed, axis=1) if fed else np.zeros((2, 0), dtype=bool)
+    assert np.array_equal(got, split_document(chain, data))
+
+
+@pytest.mark.parametrize("name, options", SPLITTERS)
+def test_identity_names_options_and_code(name, options):
+    """What keys prepared data: the deciding options and the code (class, version, source digest)."""
+    import json
+
+    splitter = make_splitter(name, options)
+    identity = splitter.identity()
+    json.dumps(identity)  # stored in preparation.json and manifests
+    code, cls = identity["code"], type(splitter)
+    assert isinstance(code["version"], int) and len(code["source_sha256"]) == 64
+    assert code["class"] == f"{cls.__module__}:{cls.__qualname__}"
+    if name == "entropy":  # the model by its content; where the work runs is no part of it
+        assert set(identity["options"]["checkpoint"]) == {"sha256"} and "device" not in identity["options"]
+
+
+def test_generic_scans_cover_every_way_a_splitter_gives_its_rule():
+    """A splitter with a bounded context is re-run on an overlap, one with a state is stepped, any
+    other is held whole, and all agree with the whole document."""
+    from unetlm.splitters.base import OverlapScan, Splitter, StateScan, WholeScan
+
+    space = make_splitter("space", {})
+
+    class Bounded(Splitter):
+        context = 2
+        boundaries = staticmethod(space.boundaries)
+
+    class Unbounded(Splitter):
+        boundaries = staticmethod(space.boundaries)
+
+    class Stepped(Splitter):
+        start = staticmethod(space.start)
+
+    data = "ab  c, 中 d\n".encode() * 3
+    for cls, kind in ((Bounded, OverlapScan), (Unbounded, WholeScan), (Stepped, StateScan)):
+        splitter = cls(None)
+        assert isinstance(splitter.scan(), kind)
+        scan = splitter.scan()
+        got = np.concatenate([scan.feed(c, p) for c, p in chunks_of(data, ones(len(data)), [3, 1, 5])])
+        assert np.array_equal(got, space.boundaries(data, ones(len(data)))), cls.__name__
+    with pytest.raises(NotImplementedError, match="defines none of boundaries, scan or start"):
+        Splitter(None).scan()
 
 
 # -------------------------------------------------------------- the property finds real flaws

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 
 import pytest
 import torch
 
 from unetlm.api import build_model, load_checkpoint
+from unetlm.core.errors import RunError
 from unetlm.recipe import RecipeError, recipe_from_dict
-from unetlm.train import checkpoint as ckpt_module
+from unetlm.checkpoint import sharded, store
+from unetlm.checkpoint.sharded import read_train_state
 from unetlm.train import loop
-from unetlm.train.checkpoint import CHECKPOINT, PREVIOUS, TEMPORARY, find_checkpoint, read_train_state
 from unetlm.train.metrics import read_metrics
+from unetlm.train.resolve import autocast_dtype
 from unetlm.train.scaling import fitted_batch_bytes, fitted_lr, resolve_budget, round_batch
 
 WORDS = "the a byte model learns words from text and pools them into coarser stages then back".split()
@@ -63,8 +67,8 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def saved(run_dir) -> dict:
-    """The train record of a run's checkpoint."""
-    return read_train_state(find_checkpoint(run_dir))
+    """The train record of a run's newest valid checkpoint."""
+    return store.latest(run_dir, read_train_state)[1]
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
@@ -80,27 +84,28 @@ def full_run(corpus, tmp_path_factory):
 
 def test_run_writes_its_files(full_run):
     out, result = full_run
-    assert (out / "recipe.toml").is_file() and (out / CHECKPOINT / ".metadata").is_file()
+    assert (out / "recipe.toml").is_file() and [s for s, _ in store.committed(out)] == [3, 6]  # keep_checkpoints = 2
     assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
     assert math.isfinite(result["val_bpb"]) and result["sample"].startswith("The ")
     state = saved(out)
     assert state["step"] == 6 and state["world_size"] == 1
     assert {"scheduler", "rng", "recipe", "tokenizer"} <= set(state)
-    stored = ckpt_module.read_metadata(out / CHECKPOINT).state_dict_metadata
+    stored = sharded.check_directory(store.step_dir(out, 6), verify=True).state_dict_metadata
     assert {key.split(".")[0] for key in stored} == {"model", "optimizer", "train"}
     model, _ = load_checkpoint(out)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def interrupt_at(monkeypatch, at_step: int) -> None:
-    """Make the batch iterator raise KeyboardInterrupt (as Ctrl-C would) before step ``at_step``."""
+def interrupt_at(monkeypatch, at_step: int, sig: int = signal.SIGINT) -> None:
+    """Deliver ``sig`` to this process (as Ctrl-C or a scheduler would) while the batch of step
+    ``at_step`` is read: the run finishes that step, saves it and stops."""
     real = loop.step_batches
 
     def patched(data, start, stop, *args):
         def gen():
-            for step, batch in zip(range(start, stop), real(data, start, stop, *args)):
+            for step, batch in zip(range(start + 1, stop + 1), real(data, start, stop, *args)):
                 if step == at_step:
-                    raise KeyboardInterrupt
+                    os.kill(os.getpid(), sig)
                 yield batch
         return gen()
 
@@ -111,9 +116,10 @@ def test_resume_equals_uninterrupted(full_run, corpus, tmp_path, monkeypatch):
     out, _ = full_run
     recipe = tiny_recipe(corpus, sample_bytes=8)
     with monkeypatch.context() as m:
-        interrupt_at(m, 4)  # Ctrl-C after step 4 (no checkpoint is due there: checkpoint_every = 3)
-        loop.train(recipe, tmp_path, progress=False)
-    assert saved(tmp_path)["step"] == 4
+        interrupt_at(m, 4)  # Ctrl-C during step 4 (no checkpoint is due there: checkpoint_every = 3)
+        result = loop.train(recipe, tmp_path, progress=False)
+    assert result["interrupted"] == "SIGINT" and result["step"] == 4
+    assert saved(tmp_path)["step"] == 4 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     loop.train(recipe, tmp_path, resume=True, progress=False)
     assert_same_run(out, tmp_path, tol=1e-6)
 
@@ -134,9 +140,11 @@ def test_resume_refuses_a_different_recipe(full_run, corpus):
     with pytest.raises(loop.TrainingError) as err:
         loop.train(changed, out, resume=True, progress=False)
     assert "training.lr: 0.003 -> 0.001" in str(err.value)
-    assert "training.weight_decay: 0.1 -> 0.0" in str(err.value)
-    with pytest.raises(loop.TrainingError, match="exists"):
-        loop.train(changed, out, progress=False)
+    assert "training.weight_decay: 0.1 -> 0.0" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(loop.TrainingError, match="another recipe"):
+        loop.train(changed, out, progress=False)  # --resume auto, the default
+    with pytest.raises(loop.TrainingError, match=r"holds a checkpoint \(step 6\) and --resume no"):
+        loop.train(changed, out, resume=False, progress=False)
 
 
 def test_resume_auto_starts_fresh_then_continues(full_run, corpus, tmp_path, monkeypatch):
@@ -144,13 +152,33 @@ def test_resume_auto_starts_fresh_then_continues(full_run, corpus, tmp_path, mon
     out, _ = full_run
     recipe = tiny_recipe(corpus, sample_bytes=8)
     with monkeypatch.context() as m:
-        interrupt_at(m, 2)
-        loop.train(recipe, tmp_path, resume="auto", progress=False)
+        interrupt_at(m, 2, signal.SIGUSR1)
+        assert loop.train(recipe, tmp_path, resume="auto", progress=False)["interrupted"] == "SIGUSR1"
     assert saved(tmp_path)["step"] == 2
     loop.train(recipe, tmp_path, resume="auto", progress=False)
     assert_same_run(out, tmp_path, tol=1e-6)
     with pytest.raises(loop.TrainingError, match="training.lr"):
         loop.train(tiny_recipe(corpus, sample_bytes=8, lr=1e-3), tmp_path, resume="auto", progress=False)
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint(full_run, corpus, tmp_path, monkeypatch, capsys):
+    """A cut newest checkpoint: a warning naming it, the run continues from the one before and ends
+    as the uninterrupted run; the abandoned folder goes at the next commit."""
+    out, _ = full_run
+    recipe = tiny_recipe(corpus, sample_bytes=8)
+    with monkeypatch.context() as m:
+        interrupt_at(m, 4)
+        loop.train(recipe, tmp_path, progress=False)
+    assert [s for s, _ in store.committed(tmp_path)] == [3, 4]
+    shard = store.step_dir(tmp_path, 4) / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    capsys.readouterr()
+    loop.train(recipe, tmp_path, resume=True, progress=False, verify=True)
+    warning = capsys.readouterr().err.splitlines()[0]
+    assert warning.startswith("unetlm: warning: ") and "step-0000004 is damaged: __0_0.distcp has 100 bytes" in warning
+    assert "falling back to" in warning and warning.endswith("step-0000003")
+    assert_same_run(out, tmp_path, tol=1e-6)
+    assert [s for s, _ in store.committed(tmp_path)] == [3, 6]
 
 
 def test_resume_with_force_and_more_steps(corpus, tmp_path):
@@ -172,7 +200,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch)
         return out
 
     monkeypatch.setattr(loop, "forward_loss", poisoned)
-    with pytest.raises(loop.TrainingError, match="loss became nan at step 5"):
+    with pytest.raises(RunError, match="loss became nan at step 5"):
         loop.train(tiny_recipe(corpus), tmp_path, progress=False)
     assert saved(tmp_path)["step"] == 3
     assert all(torch.isfinite(v).all() for v in weights(tmp_path).values())
@@ -187,19 +215,16 @@ def test_crash_mid_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypatch)
         (storage_writer.fs.concat_path(storage_writer.path, "__0_0.distcp")).write_bytes(b"partial shard")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_module.dcp, "save", crashing_save)
+    monkeypatch.setattr(sharded.dcp, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):
         loop.train(tiny_recipe(corpus, steps=6), tmp_path, resume=True, progress=False)
     monkeypatch.undo()
     assert saved(tmp_path)["step"] == 3
     assert all(torch.equal(before[k], v) for k, v in weights(tmp_path).items())
-    # killed between the two renames of a save: the previous checkpoint is still found, and resumes
-    (tmp_path / CHECKPOINT).rename(tmp_path / PREVIOUS)
-    assert find_checkpoint(tmp_path) == tmp_path / PREVIOUS and saved(tmp_path)["step"] == 3
+    assert (tmp_path / "checkpoints" / "step-0000006.tmp").is_dir()  # the failed save's leftover, ignored
     result = loop.train(tiny_recipe(corpus, steps=6), tmp_path, resume=True, progress=False, sample=False)
     assert result["step"] == 6 and saved(tmp_path)["step"] == 6
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == [CHECKPOINT]
-    assert not (tmp_path / TEMPORARY).exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-0000003", "step-0000006"]
 
 
 def test_budget_fits_and_units():
@@ -307,8 +332,8 @@ def test_plot_several_runs(full_run, corpus, tmp_path):
 
 def test_bfloat16_autocast_on_cpu(corpus, tmp_path):
     recipe = tiny_recipe(corpus, steps=2, dtype="bfloat16")
-    assert loop.autocast_dtype(recipe.training, torch.device("cpu")) == torch.bfloat16
-    assert loop.autocast_dtype(tiny_recipe(corpus).training, torch.device("cpu")) is None  # auto: fp32 on CPU
+    assert autocast_dtype(recipe.training, torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(tiny_recipe(corpus).training, torch.device("cpu")) is None  # auto: fp32 on CPU
     result = loop.train(recipe, tmp_path, progress=False)
     assert math.isfinite(result["loss"]) and math.isfinite(result["val_bpb"])
     assert weights(tmp_path)["head.weight"].dtype == torch.float32

@@ -4,9 +4,10 @@ from unetlm.plugins import hookimpl
 
 @hookimpl
 def unetlm_register(registry):
+    registry.set_trained_models("unetlm.checkpoint.trained:TrainedModels")  # entropy splitters' byte models
     add = registry.add
     add("splitter", "regex", "unetlm.splitters.regex:RegexSplitter",
-        "boundaries from a byte regex per stage, or the AU-Net presets word/word2/word4")
+        "boundaries from a byte regex per stage, or word presets: lingua-word, -word2, -word4 (AU-Net's), word/2/4")
     add("splitter", "fixed-window", "unetlm.splitters.fixed_window:FixedWindowSplitter",
         "a boundary every k positions of the finer stage")
     add("splitter", "space", "unetlm.splitters.space:SpaceSplitter",

@@ -11,6 +11,52 @@ DEFAULT_RECIPE = "recipes/tiny/au2.toml"
 AUTO_NOTE = "99.9th percentile of boundaries per window, rounded up to a multiple of 16"
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line with a ``--help`` hint (exit status 2), like
+    every other bad input; subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        raise _usage(message, self.prog)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # named with the (sub)command they were given to
+            command = filter(None, (getattr(parsed, key, None) for key in ("command", "bench_command")))
+            raise _usage(f"unrecognized arguments: {' '.join(extras)}", " ".join([self.prog, *command]))
+        return parsed
+
+
+def _usage(message: str, prog: str):
+    from unetlm.core.errors import UsageError
+
+    return UsageError(f"{message} (see {prog} --help)")
+
+
+def _step(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a step >= 1")
+    return value
+
+
+def _byte_count(text: str) -> int:
+    try:
+        value = int(float(text))
+    except (ValueError, OverflowError):
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected a number of bytes >= 1, such as 32e6")
+    return value
+
+
+def _add_verify(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--verify", action="store_true",
+                   help=f"check the sha256 of every file of {what} against its manifest before reading it")
+
+
 def _add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -28,18 +74,28 @@ def cmd_list(args) -> int:
         entries = reg.entries(kind)
         width = max((len(e.name) for e in entries), default=0)
         for e in entries:
-            print(f"  {e.name:<{width}}  {e.description}  [{e.origin}]")
+            conflict = reg.blocked(kind, e.name)  # what a recipe naming it gets: this error
+            shown = f"unusable: {conflict}" if conflict else f"{e.description}  [{e.origin}]"
+            print(f"  {e.name:<{width}}  {shown}")
     for failure in load_failures:
         print(f"(not loaded) {failure}")
     return 0
 
 
 def cmd_prepare(args) -> int:
+    from unetlm.core.errors import UsageError
     from unetlm.data.errors import PreparedDataError
+    from unetlm.data.sources import require_source
     from unetlm.recipe import load_recipe
 
+    out = Path(args.out)
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out {args.out}: {existing} is a file, not a directory for the prepared data")
+    recipe = load_recipe(args.recipe, args.overrides)
+    require_source(recipe.data)
     try:
-        return _prepare(args, load_recipe(args.recipe, args.overrides))
+        return _prepare(args, recipe)
     except PreparedDataError as exc:  # a damaged, stale or partial directory, or a full disk
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 1
@@ -59,7 +115,7 @@ def _prepare(args, recipe) -> int:
     started = time.perf_counter()
     try:
         out = prepare(recipe, Path(args.out), workers=args.workers, shard=(index, count), skip_bad=args.skip_bad,
-                      progress=not args.quiet, shard_bytes=int(float(args.shard_bytes)))
+                      progress=not args.quiet, shard_bytes=args.shard_bytes)
     except ValueError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
@@ -85,6 +141,18 @@ def _prepare(args, recipe) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from unetlm.data.cache import clear, entries, format_entries, prepared_root
+
+    if args.cache_command == "list":
+        print(format_entries(entries()))
+        return 0
+    removed = clear(args.keys)
+    print(f"removed {len(removed)} prepared-data folders ({sum(e.size for e in removed) / 1e6:,.1f} MB) "
+          f"from {prepared_root()}")
+    return 0
+
+
 def cmd_show(args) -> int:
     import torch
 
@@ -95,9 +163,11 @@ def cmd_show(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     stats = None
     if args.data:
-        from unetlm.data.boundaries import recipe_splitters, sample_masks, stage_stats, with_auto_lengths
+        from unetlm.data.boundaries import SAMPLE_BYTES, recipe_splitters, sample_masks, stage_stats, with_auto_lengths
+        from unetlm.data.sources import InputFile
 
-        documents = [Path(args.data).read_bytes()]
+        with InputFile(args.data) as f:  # a compressed file is read decompressed
+            documents = [f.read(SAMPLE_BYTES)]  # the statistics read the head of the data
         if len(documents[0]) + 1 < recipe.model.seq_len:
             print(f"unetlm: error: --data {args.data} holds {len(documents[0])} bytes, fewer than one window of "
                   f"model.seq_len = {recipe.model.seq_len}", file=sys.stderr)
@@ -132,25 +202,45 @@ def cmd_show(args) -> int:
         print(f"no stage of {args.recipe} is fed by a byte-level splitter: no boundary statistics to report")
     elif stats is not None:
         print(f"boundaries in {args.data} (seq_len windows; auto: the {AUTO_NOTE}):")
-        print("stage  max_len  windows overflowing  auto picks  padding of planned rows")
+        print("stage  max_len  windows overflowing  auto picks  padding of rows")
         for s in stats:
             print(f"{s.stage:<5}  {s.max_len!s:<7}  {s.overflow:<19.2%}  {s.auto:<10}  {s.padding:.2%}")
     return 0
 
 
+RESUME = {"auto": "auto", "yes": True, "no": False}
+
+
 def cmd_train(args) -> int:
     from unetlm.recipe import load_recipe
     from unetlm.train.loop import train
+    from unetlm.train.preemption import INTERRUPTED
 
     overrides = list(args.overrides) + (["training.compile=false"] if args.no_compile else [])
     recipe = load_recipe(args.recipe, overrides)
     out = Path(args.out) if args.out else Path("runs") / (recipe.name or Path(args.recipe).stem)
-    result = train(recipe, out, resume=args.resume, force=args.force, progress=not args.quiet, stop_at=args.stop_at)
-    if os.environ.get("RANK", "0") != "0":
+    main = os.environ.get("RANK", "0") == "0"
+    try:
+        result = train(recipe, out, resume=RESUME[args.resume], force=args.force, progress=not args.quiet,
+                       stop_at=args.stop_at, verify=args.verify)
+    except KeyboardInterrupt:  # before the run's own handlers: while the data cache was prepared
+        if main:
+            print("\ninterrupted while preparing the data; finished shards are kept: run the same command again",
+                  file=sys.stderr)
+        return 130
+    if "interrupted" in result:
+        if main:
+            held = f"{out} holds step {result['step']}" if result["step"] else "no step was trained"
+            print(f"interrupted by {result['interrupted']}: {held}; run the same command again to continue",
+                  file=sys.stderr)
+        return INTERRUPTED
+    if not main:
         return 0
+    if "loss" not in result:
+        print(f"{out} has already trained to step {result['step']}; nothing to do")
     if "val_bpb" in result:
         print(f"validation bits per byte: {result['val_bpb']:.4f}")
-    print(f"run directory: {out} (checkpoint/, metrics.jsonl, recipe.toml)")
+    print(f"run directory: {out} (checkpoints/, metrics.jsonl, recipe.toml)")
     if "sample" in result:
         print("sample:")
         print(result["sample"])
@@ -158,38 +248,53 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    import torch
+
     from unetlm.recipe import load_recipe
     from unetlm.train.activations import MeasurementError
-    from unetlm.train.hardware import Hardware, parse_memory
-    from unetlm.train.plan import PlanError, describe, plan_recipe
+    from unetlm.train.hardware import Hardware, parse_bandwidth, parse_memory
+    from unetlm.train.distributed import World
+    from unetlm.train.plan import PlanError, describe
+    from unetlm.train.resolve import resolve_run
 
     try:
         memory = parse_memory(args.gpu_memory)
+        links = [parse_bandwidth(v, o) for v, o in ((args.intra_node_bandwidth, "--intra-node-bandwidth"),
+                                                     (args.inter_node_bandwidth, "--inter-node-bandwidth"),
+                                                     (args.memory_bandwidth, "--memory-bandwidth"))]
     except ValueError as exc:
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
-    if args.gpus < 1 or args.peak_tflops <= 0:
-        print("unetlm: error: --gpus and --peak-tflops must be positive", file=sys.stderr)
-        return 2
+    for option, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node),
+                          ("--peak-tflops", args.peak_tflops)):
+        if value <= 0:
+            print(f"unetlm: error: {option} {value} is invalid: it must be positive", file=sys.stderr)
+            return 2
     recipe = load_recipe(args.recipe, args.overrides)
     name = recipe.name or Path(args.recipe).stem
+    hardware = Hardware(args.gpus, memory, args.peak_tflops * 1e12, gpus_per_node=args.gpus_per_node,
+                        intra_node_bandwidth=links[0], inter_node_bandwidth=links[1], memory_bandwidth=links[2])
+    world = World(0, args.gpus, 0, torch.device("cuda"))  # the cluster planned for, not this machine
     try:
-        plan = plan_recipe(recipe, Hardware(args.gpus, memory, args.peak_tflops * 1e12))
+        run = resolve_run(recipe, world, hardware=hardware)
     except (PlanError, MeasurementError) as exc:  # the configuration cannot run: the numbers say why
         print(f"unetlm: error: {name} on {args.gpus} x {args.gpu_memory}: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # e.g. a global batch that does not split over --gpus
         print(f"unetlm: error: {exc}", file=sys.stderr)
         return 2
-    print(describe(plan, name))
+    if run.plan is None:
+        print(f"unetlm: error: {name}: {'; '.join(run.notes)}", file=sys.stderr)
+        return 1
+    print(describe(run.plan, name))
     return 0
 
 
 def cmd_export(args) -> int:
-    from unetlm.train.weights import export
+    from unetlm.checkpoint.export import export
 
-    out = export(args.run_dir, args.out)
-    print(f"wrote {out} (model.safetensors, recipe.toml{', tokenizer.json' if (out / 'tokenizer.json').is_file() else ''})")
+    out = export(args.run_dir, args.out, verify=args.verify)
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
 
@@ -231,8 +336,8 @@ def cmd_bench_data(args) -> int:
     from unetlm.bench.data import bench_data, format_record
 
     workers = tuple(int(w) for w in args.workers.split(","))
-    record = bench_data(args.recipe, int(float(args.corpus_bytes)), args.json, workers=workers, steps=args.steps,
-                        work_dir=args.work_dir, overrides=args.overrides)
+    record = bench_data(args.recipe, args.corpus_bytes, args.json, workers=workers, steps=args.steps,
+                        work_dir=args.work_dir, overrides=args.overrides, layouts=tuple(args.layouts.split(",")))
     print(format_record(record))
     return 0
 
@@ -256,7 +361,7 @@ def cmd_generate(args) -> int:
     from unetlm.model.generate import check_ready, check_sampling, generate
 
     check_sampling(args.max_bytes, args.temperature, args.top_k, args.top_p, flag=_flag)
-    model, _ = load_checkpoint(args.checkpoint)
+    model, _ = load_checkpoint(args.checkpoint, verify=args.verify)
     check_ready(model)
     missing = [] if args.recompute else missing_step_api(model)
     if missing:
@@ -312,7 +417,7 @@ def cmd_eval(args) -> int:
         args.checkpoint, bpb_files=args.bpb, choice_files=args.choice, cute_words=args.cute_words,
         cute_text=args.cute_text, cute_tasks=args.cute_tasks, cute_items=args.cute_items, shots=args.shots,
         stride=args.stride, batch_size=args.batch_size, resamples=args.resamples, seed=args.seed,
-        device=args.device,
+        device=args.device, verify=args.verify,
     )
     print(format_table(result))
     for row in result["bpb"]:
@@ -325,18 +430,96 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     from unetlm.compare import compare, data_spec, parse_flops
-    from unetlm.eval.report import comparison_markdown
+    from unetlm.sweep.local import SweepInterrupted
+    from unetlm.sweep.report import results_markdown
 
     budget = parse_flops(args.flops)
     data = data_spec(args.data, args.max_bytes, args.valid_fraction)
-    results = compare(
-        args.recipes, budget, args.out, data, args.overrides, eval_bytes=args.eval_bytes,
-        cute_items=args.cute_items, choice_files=args.choice, progress=not args.quiet, seed=args.seed,
-    )
-    print(comparison_markdown(results))
-    written = "results.md, results.json" + (" and bpb-vs-flops.png" if results["plot"] else "")
-    print(f"\nwrote {written} to {args.out}")
+    try:
+        results = compare(
+            args.recipes, budget, args.out, data, args.overrides, eval_bytes=args.eval_bytes,
+            cute_items=args.cute_items, choice_files=args.choice, progress=not args.quiet, seed=args.seed,
+        )
+    except SweepInterrupted as exc:
+        print(f"unetlm: {exc}", file=sys.stderr)
+        return 75
+    print(results_markdown(results))
+    print(f"\nwrote results.md, results.json{_figure_names(results)} to {args.out}")
+    return _unscored_status(results)
+
+
+def _figure_names(results: dict) -> str:
+    names = [v for k, v in results["figures"].items() if k != "missing"]
+    return "".join(f", {n}" for n in names)
+
+
+def _unscored_status(results: dict) -> int:
+    """1 (a run cannot go on) when a run of the report failed or is unfinished, with one line naming them."""
+    unscored = results["unscored"]
+    if unscored:
+        names = ", ".join(f"{u['name']} ({u['state']})" for u in unscored)
+        print(f"unetlm: error: {len(unscored)} run(s) not scored: {names}", file=sys.stderr)
+        return 1
     return 0
+
+
+def cmd_sweep(args) -> int:
+    if args.target in ("status", "report"):
+        if not args.directory or args.out or args.dry_run:
+            print(f"unetlm: error: sweep {args.target} SWEEP_DIR: give the sweep directory (and no --out or "
+                  f"--dry-run)", file=sys.stderr)
+            return 2
+        return _sweep_status(args) if args.target == "status" else _sweep_report(args)
+    if args.directory:
+        print(f"unetlm: error: sweep {args.target} {args.directory}: the sweep directory is --out "
+              f"(unetlm sweep SWEEP.toml --out DIR)", file=sys.stderr)
+        return 2
+    if not args.out:
+        print("unetlm: error: --out: required, the sweep directory (e.g. --out sweeps/NAME)", file=sys.stderr)
+        return 2
+    if args.parallel is not None and args.parallel < 0:
+        print(f"unetlm: error: --parallel {args.parallel}: expected 0 (all at once) or more", file=sys.stderr)
+        return 2
+    from unetlm.sweep.launch import dry_run, launch, plan_sweep
+    from unetlm.sweep.local import SweepInterrupted
+    from unetlm.sweep.spec import load_sweep
+
+    sweep = plan_sweep(load_sweep(args.target), args.out, args.target)
+    if args.dry_run:
+        dry_run(sweep, args.executor, progress=not args.quiet)
+        return 0
+    try:
+        outcome = launch(sweep, args.executor, args.parallel, progress=not args.quiet)
+    except SweepInterrupted as exc:
+        print(f"unetlm: {exc}", file=sys.stderr)
+        return 75
+    if args.executor == "slurm":
+        return 0
+    if outcome.failed:
+        for name, why in outcome.failed:
+            print(f"{name}: {why}", file=sys.stderr)
+        print(f"unetlm: error: {len(outcome.failed)} of {len(sweep.runs)} runs failed (their logs: {args.out}/logs/); "
+              f"the others finished", file=sys.stderr)
+        return 1
+    print(f"all {len(sweep.runs)} runs finished; `unetlm sweep report {args.out}` scores and compares them")
+    return 0
+
+
+def _sweep_status(args) -> int:
+    from unetlm.sweep.directory import SweepDir
+    from unetlm.sweep.status import status_text, sweep_status
+
+    print(status_text(sweep_status(SweepDir.open(args.directory))))
+    return 0
+
+
+def _sweep_report(args) -> int:
+    from unetlm.sweep.report import report, results_markdown
+
+    results = report(args.directory, progress=not args.quiet)
+    print(results_markdown(results))
+    print(f"\nwrote results.md, results.json{_figure_names(results)} to {args.directory}")
+    return _unscored_status(results)
 
 
 def cmd_harness(args) -> int:
@@ -354,7 +537,7 @@ def cmd_harness(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unetlm", description="Tokenizer-free hierarchical byte language models.")
+    parser = Parser(prog="unetlm", description="Tokenizer-free hierarchical byte language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="print every registered component")
@@ -375,24 +558,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare only job I's share of N independent jobs (default: RANK/WORLD_SIZE under "
                         "torchrun, else 0/1: everything)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) jsonl lines that are not JSON objects")
-    p.add_argument("--shard-bytes", default="32e6", help="input bytes per shard (default 32e6); fixed for a DATA_DIR")
+    p.add_argument("--shard-bytes", type=_byte_count, default="32e6",
+                   help="input bytes per unit of work and stream bytes per shard (default 32e6); fixed for a DATA_DIR")
     p.add_argument("--verify", action="store_true",
                    help="once the data is complete, check every file's sha256 against its manifest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
 
+    cache = sub.add_parser("cache", help="list or clear the prepared data that training caches")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="list|clear", required=True)
+    p = cache_sub.add_parser("list", help="each cached preparation: key, size, last use, state, splitters, sources")
+    p.set_defaults(func=cmd_cache)
+    p = cache_sub.add_parser("clear", help="remove cached preparations (all, or those named)")
+    p.add_argument("keys", nargs="*", metavar="KEY", help="keys (or their first characters) from unetlm cache list")
+    p.set_defaults(func=cmd_cache)
+
     p = sub.add_parser("train", help="train a recipe")
     p.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE, help=f"recipe file (default {DEFAULT_RECIPE})")
     _add_overrides(p)
     p.add_argument("--out", help="run directory (default runs/RECIPE_NAME)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, choices=[True, "auto"], metavar="auto",
-                   help="continue from the run directory's checkpoint; --resume auto: continue if there is one, "
-                        "else start fresh (safe to repeat, e.g. after a requeue)")
+    p.add_argument("--resume", nargs="?", const="yes", default="auto", choices=sorted(RESUME),
+                   help="auto (default): continue the run directory's checkpoint if it has one, else start fresh "
+                        "(the same command is safe to repeat, e.g. after a requeue); yes (or bare --resume): a "
+                        "checkpoint must exist; no: refuse a directory that has one")
     p.add_argument("--force", action="store_true", help="resume even if the recipe changed")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--no-compile", action="store_true", help="run the model eagerly (training.compile = false)")
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="stop after STEP with a checkpoint (e.g. the end of a cluster job); --resume continues")
+    p.add_argument("--stop-at", type=_step, default=None, metavar="STEP",
+                   help="stop after STEP (>= 1) with a checkpoint (e.g. the end of a cluster job); run the same command to continue")
+    _add_verify(p, "the checkpoint resumed from")
+    p.epilog = ("exit status: 0 finished (or --stop-at reached); 75 interrupted by SIGTERM, SIGUSR1 or SIGINT after "
+                "saving a checkpoint (run the same command again); 1 the run cannot go on; 2 bad input")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("plan", help="per-GPU memory, micro-batch, communication and step time of a recipe")
@@ -400,12 +596,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, required=True, help="processes (GPUs) the run shards over")
     p.add_argument("--gpu-memory", default="80GiB", help="memory per GPU (default 80GiB)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per GPU (default 989, H100)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs sharing a node's NVLink (default 8)")
+    p.add_argument("--intra-node-bandwidth", default="450GB/s",
+                   help="NVLink rate per GPU and direction (default 450GB/s, H100 SXM)")
+    p.add_argument("--inter-node-bandwidth", default="400Gb/s",
+                   help="InfiniBand rate per GPU and direction (default 400Gb/s, one NDR NIC per GPU)")
+    p.add_argument("--memory-bandwidth", default="3.35TB/s", help="HBM rate per GPU (default 3.35TB/s, H100 SXM)")
     _add_overrides(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="consolidate a run's sharded checkpoint into model.safetensors + recipe.toml")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory (or an exported directory, or a .pt file)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write (must not exist or be empty)")
+    _add_verify(p, "the checkpoint")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="plot loss and validation bits/byte of runs against bytes and FLOPs")
@@ -435,13 +638,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, help="file to write the list of records to")
     p.set_defaults(func=cmd_bench_generate)
 
-    p = bench.add_parser("data", help="prepare throughput, loader bytes/s and training peak memory on a large corpus")
+    p = bench.add_parser("data", help="prepare throughput and memory, loader bytes/s and training peak memory on a "
+                                      "large corpus")
     p.add_argument("recipe")
-    p.add_argument("--corpus-bytes", default="2e8", help="document bytes of the corpus written to disk (default 2e8)")
+    p.add_argument("--corpus-bytes", type=_byte_count, default="2e8",
+                   help="document bytes of the corpus written to disk (default 2e8)")
     p.add_argument("--json", required=True, help="file to write the record to")
     p.add_argument("--workers", default="1,2", help="comma-separated prepare worker counts (default 1,2)")
     p.add_argument("--steps", type=int, default=5, help="training steps on the prepared data (default 5)")
-    p.add_argument("--work-dir", help="keep the corpus and prepared data here (default: a temporary directory)")
+    p.add_argument("--layouts", default="jsonl",
+                   help="comma-separated corpus layouts: jsonl (a line per document), one-file (one document), "
+                        "1mb-files (documents of 1 MB); training runs on the first (default jsonl)")
+    p.add_argument("--work-dir", help="keep the corpora and prepared data here (default: a temporary directory)")
     _add_overrides(p)
     p.set_defaults(func=cmd_bench_data)
 
@@ -457,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop a row when it produces this string (repeatable)")
     p.add_argument("--recompute", action="store_true", help="recompute the whole prefix per byte instead of caching")
+    _add_verify(p, "the checkpoint")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("patches", help="print how a checkpoint's splitter (or an entropy model) patches a text")
@@ -483,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the CUTE items and the bootstrap")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    _add_verify(p, "the checkpoint")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="train recipes for one FLOP budget on the same data and compare them")
@@ -500,6 +710,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no training progress output")
     _add_overrides(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "sweep", help="run a grid of recipes and overrides (locally or on Slurm); its status; its report",
+        description="unetlm sweep SWEEP.toml --out DIR [--executor local|slurm] [--dry-run] [--parallel N]: "
+                    "train every run of the sweep file into DIR (rerun to continue). unetlm sweep status DIR: "
+                    "one line per run. unetlm sweep report DIR: score the finished runs on the same held-out text, "
+                    "compare and fit them (DIR/results.md and figures).",
+    )
+    p.add_argument("target", metavar="SWEEP.toml | status | report")
+    p.add_argument("directory", nargs="?", metavar="SWEEP_DIR", help="the sweep directory (status, report)")
+    p.add_argument("--out", metavar="DIR", help="the sweep directory to write (running a sweep)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local: on this machine (default); slurm: one job per run, through submitit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs, their steps, FLOPs and planned memory, their commands (and for slurm the "
+                        "job script); start nothing")
+    p.add_argument("--parallel", type=int, default=None, metavar="N",
+                   help="local: runs at once (default: the sweep's resources.parallel, 1; 0: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("harness", help="run lm-evaluation-harness tasks on a checkpoint (needs unetlm[harness])")
     p.add_argument("checkpoint", help="a run directory, an exported directory (unetlm export) or a .pt file")
@@ -531,12 +761,17 @@ def exit_status(exc: BaseException) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from unetlm.splitters.entropy_models import use_entropy_models
-    from unetlm.train.trained_models import TrainedModels
+    from unetlm.train import distributed
 
-    use_entropy_models(TrainedModels())  # entropy splitters load their model through training's loader
+    status = run_command(argv)
+    if distributed.several_processes():
+        distributed.end_process(status)
+    return status
+
+
+def run_command(argv: list[str] | None) -> int:
     try:
+        args = build_parser().parse_args(argv)  # a bad option is a UsageError, reported below
         return args.func(args)
     except Exception as exc:
         status = exit_status(exc)

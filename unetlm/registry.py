@@ -75,6 +75,8 @@ class Registry:
         self.current_origin = "built-in"  # set by the plugin loader around each plugin's hook
         self._blocked: dict[tuple[str, str], str] = {}  # names two origins claimed -> why unusable
         self.failures: list[str] = []  # plugins that were not loaded (set by the plugin loader)
+        self._trained_models: str | None = None  # "module:Class" of the reader of trained models
+        self._trained_models_instance: object | None = None
 
     def add(self, kind: str, name: str, target: str, description: str) -> None:
         """Register component ``name`` of ``kind`` implemented at ``target`` ("module:Class")."""
@@ -94,6 +96,23 @@ class Registry:
             )
         self._entries[kind][name] = Entry(kind, name, target, str(description), origin)
 
+    def set_trained_models(self, target: str) -> None:
+        """Name the reader of trained models ("module:Class", with ``load(path, device)`` and
+        ``files(path)``) that components needing a trained model (entropy splitters) use; the
+        built-in registration sets it, once."""
+        origin = self.current_origin
+        if origin != "built-in" or self._trained_models is not None:
+            raise RegistryError(f"{origin} sets the reader of trained models, which only the built-ins set, once")
+        self._trained_models = target
+
+    def trained_models(self) -> object:
+        """The reader of trained models (imported and made on first use)."""
+        if self._trained_models_instance is None:
+            if self._trained_models is None:
+                raise RegistryError("no reader of trained models is registered (the built-in registration sets it)")
+            self._trained_models_instance = import_target(self._trained_models)()
+        return self._trained_models_instance
+
     def drop_origin(self, origin: str) -> None:
         """Forget every entry ``origin`` added (a plugin whose hook failed half way)."""
         for table in self._entries.values():
@@ -104,6 +123,10 @@ class Registry:
         """Make ``name`` unusable: using it raises ``reason`` (two plugins claimed it, and picking
         one would silently change what a recipe gets)."""
         self._blocked[(kind, name)] = reason
+
+    def blocked(self, kind: str, name: str) -> str | None:
+        """Why ``name`` is unusable (two origins claimed it), or None."""
+        return self._blocked.get((kind, name))
 
     def names(self, kind: str) -> list[str]:
         return sorted(self._table(kind))

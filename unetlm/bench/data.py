@@ -1,11 +1,15 @@
-"""``unetlm bench data``: prepare throughput, loader bytes/s and the training process's peak memory.
+"""``unetlm bench data``: prepare throughput and memory, loader bytes/s and the training process's peak memory.
 
-A corpus of ``corpus_bytes`` document bytes is written to disk as jsonl (CPython's help topics,
-repeated; real text with real boundaries), prepared for the recipe with each ``workers`` count
-(bytes/s: document bytes over wall time), then a fresh process (so its peak resident set is the
-training's own) opens the prepared data, times :meth:`TrainingData.train_batch` (``loader_bytes_per_s``:
-non-PAD target bytes per second, one process, no loader workers; ``data_peak_rss_bytes``: the
-peak so far) and trains ``steps`` steps on it (``peak_rss_bytes``: the whole process's peak).
+The corpus is CPython's help topics, repeated to ``corpus_bytes`` document bytes (real text with
+real boundaries), written in each of the ``layouts``: ``jsonl`` (one line per topic), ``one-file``
+(the topics' text as a single file, one document) and ``1mb-files`` (the same bytes cut into
+files of 1 MB, one document each). Each layout is prepared for the recipe with each ``workers``
+count, each time in a fresh process (bytes/s: document bytes over the wall time of ``prepare``;
+``peak_rss_bytes``: the largest peak resident set of that process and its workers). Then a fresh
+process opens the first layout's data, times :meth:`TrainingData.train_batch`
+(``loader_bytes_per_s``: non-PAD target bytes per second, one process, no loader workers;
+``data_peak_rss_bytes``: the peak so far) and trains ``steps`` steps on it (``peak_rss_bytes``:
+the whole process's peak).
 """
 from __future__ import annotations
 
@@ -19,23 +23,62 @@ import time
 from pathlib import Path
 
 LOADER_STEPS = 50
+LAYOUTS = ("jsonl", "one-file", "1mb-files")
+FILE_BYTES = 1_000_000  # bytes per document of the 1mb-files layout
 
 
-def write_corpus(path: Path, n_bytes: int) -> int:
-    """Write jsonl documents until they hold ``n_bytes`` bytes of text; returns the bytes written."""
+def _topics() -> list[bytes]:
     from unetlm.data.sources import pydocs_documents
 
-    docs = [d for d in pydocs_documents() if d]
-    lines = [(json.dumps({"text": d.decode("utf-8")}) + "\n").encode("utf-8") for d in docs]
-    total = 0
-    with open(path, "wb") as f:
-        while total < n_bytes:
-            for doc, line in zip(docs, lines):
-                f.write(line)
-                total += len(doc)
-                if total >= n_bytes:
-                    break
-    return total
+    return [d for d in pydocs_documents() if d]
+
+
+def write_corpus(root: Path, layout: str, n_bytes: int) -> tuple[list[str], int]:
+    """Write ``n_bytes`` document bytes in ``layout`` under ``root``; returns the recipe overrides
+    that read them and the document bytes written."""
+    docs = _topics()
+    if layout == "jsonl":
+        path = root / "corpus.jsonl"
+        lines = [(json.dumps({"text": d.decode("utf-8")}) + "\n").encode("utf-8") for d in docs]
+        total = 0
+        with open(path, "wb") as f:
+            while total < n_bytes:
+                for doc, line in zip(docs, lines):
+                    f.write(line)
+                    total += len(doc)
+                    if total >= n_bytes:
+                        break
+        return ["data.source=jsonl", f"data.paths=['{path}']"], total
+    text = b"\n\n".join(docs)
+    folder = root / layout
+    folder.mkdir(parents=True, exist_ok=True)
+    size = n_bytes if layout == "one-file" else FILE_BYTES
+    written = 0
+    while written < n_bytes:
+        with open(folder / f"{written // size:06d}.txt", "wb") as f:
+            end = min(n_bytes, written + size)
+            while written < end:
+                at = written % len(text)
+                piece = text[at : at + end - written]
+                f.write(piece)
+                written += len(piece)
+    return ["data.source=files", f"data.paths=['{folder}/*.txt']"], written
+
+
+def _peak_rss() -> int:
+    """The largest peak resident set of this process and of its finished children, in bytes."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) * 1024
+
+
+def prepare_probe(recipe_file: str, out: str, workers: int) -> dict:
+    """Run in a fresh process: prepare, timed; the peak resident set of it and its workers."""
+    from unetlm.data.prepared import prepare
+    from unetlm.recipe import load_recipe
+    recipe = load_recipe(recipe_file)
+    started = time.perf_counter()
+    prepare(recipe, Path(out), workers=workers, progress=False)
+    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": _peak_rss()}
 
 
 def probe(recipe_file: str, data_dir: str, steps: int) -> dict:
@@ -75,6 +118,13 @@ def probe(recipe_file: str, data_dir: str, steps: int) -> dict:
     }
 
 
+def _run_probe(*args: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "unetlm.bench.data", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the benchmark's {args[0]} process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def bench_data(
     recipe_path: str | Path,
     corpus_bytes: int,
@@ -83,40 +133,49 @@ def bench_data(
     steps: int = 5,
     work_dir: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    layouts: tuple[str, ...] = ("jsonl",),
 ) -> dict:
-    """The benchmark's record (also written to ``json_out``); corpus and prepared copies live in
-    ``work_dir`` (default: a temporary directory, removed afterwards)."""
-    from unetlm.data.prepared import prepare
+    """The benchmark's record (also written to ``json_out``); corpora and prepared copies live in
+    ``work_dir`` (default: a temporary directory, removed afterwards; prepared copies other than
+    the one trained on are removed as soon as they are measured)."""
     from unetlm.recipe import dump_recipe, load_recipe
 
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown or not layouts:
+        raise ValueError(f"--layouts {','.join(layouts)}: expected some of {', '.join(LAYOUTS)}")
     root = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="unetlm-bench-data-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
-        corpus = root / "corpus.jsonl"
-        written = write_corpus(corpus, corpus_bytes)
-        source = ["data.source=jsonl", f"data.paths=['{corpus}']", "data.max_bytes=0"]
-        recipe = load_recipe(recipe_path, [*overrides, *source])
-        recipe_file = root / "recipe.toml"
-        recipe_file.write_text(dump_recipe(recipe), encoding="utf-8")
-        record: dict = {"recipe": str(recipe_path), "corpus_bytes": written, "workers": list(workers),
-                        "prepare_bytes_per_s": [], "prepare_s": []}
-        for n in workers:
-            out = root / f"prepared-{n}"
-            shutil.rmtree(out, ignore_errors=True)
-            started = time.perf_counter()
-            prepare(recipe, out, workers=n, progress=False)
-            seconds = time.perf_counter() - started
-            record["prepare_s"].append(seconds)
-            record["prepare_bytes_per_s"].append(written / seconds)
-            print(f"prepare, {n} worker(s): {written / seconds / 1e6:.2f} MB/s", flush=True)
-        if len(workers) > 1:
-            record["prepare_speedup"] = record["prepare_bytes_per_s"][-1] / record["prepare_bytes_per_s"][0]
-        command = [sys.executable, "-m", "unetlm.bench.data", str(recipe_file), str(root / f"prepared-{workers[0]}"),
-                   str(steps)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"the training probe failed:\n{done.stderr[-3000:]}")
-        record |= json.loads(done.stdout.strip().splitlines()[-1])
+        record: dict = {"recipe": str(recipe_path), "corpus_bytes": corpus_bytes, "workers": list(workers),
+                        "layouts": {}}
+        trained = None
+        for layout in layouts:
+            source, written = write_corpus(root, layout, corpus_bytes)
+            recipe_file = root / f"recipe-{layout}.toml"
+            recipe_file.write_text(dump_recipe(load_recipe(recipe_path, [*overrides, *source, "data.max_bytes=0"])),
+                                   encoding="utf-8")
+            runs = []
+            for n in workers:
+                out = root / f"prepared-{layout}-{n}"
+                shutil.rmtree(out, ignore_errors=True)
+                run = _run_probe("prepare", str(recipe_file), str(out), str(n))
+                runs.append({"workers": n, **run, "bytes_per_s": written / run["seconds"]})
+                print(f"{layout}: prepare, {n} worker(s): {written / run['seconds'] / 1e6:.2f} MB/s, peak RSS "
+                      f"{run['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+                if trained is None:
+                    trained = (recipe_file, out)
+                elif not work_dir:
+                    shutil.rmtree(out, ignore_errors=True)  # the disk holds one corpus's copies at a time
+            record["layouts"][layout] = {"corpus_bytes": written, "prepare": runs}
+            if not work_dir and layout != layouts[0]:
+                shutil.rmtree(root / layout, ignore_errors=True)
+        first = record["layouts"][layouts[0]]["prepare"]
+        for entry in record["layouts"].values():
+            for run, base in zip(entry["prepare"], first):
+                run["bytes_per_s_vs_first_layout"] = run["bytes_per_s"] / base["bytes_per_s"]
+            entry["prepare_speedup"] = entry["prepare"][-1]["bytes_per_s"] / entry["prepare"][0]["bytes_per_s"]
+        record["train_layout"] = layouts[0]
+        record |= _run_probe("train", str(trained[0]), str(trained[1]), str(steps))
         record["steps"] = steps
         Path(json_out).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         return record
@@ -126,15 +185,26 @@ def bench_data(
 
 
 def format_record(r: dict) -> str:
-    speeds = ", ".join(f"{w} worker(s) {b / 1e6:.2f} MB/s" for w, b in zip(r["workers"], r["prepare_bytes_per_s"]))
-    return (
-        f"{r['recipe']}: corpus {r['corpus_bytes'] / 1e6:,.0f} MB; prepare {speeds}"
-        + (f" (speedup {r['prepare_speedup']:.2f}x)" if "prepare_speedup" in r else "")
-        + f"; row index {r['index_s']:.1f} s; loader {r['loader_bytes_per_s'] / 1e6:.2f} MB/s; "
-        f"training {r['train_bytes_per_s']:,.0f} bytes/s; training process peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB "
-        f"({r['data_peak_rss_bytes'] / 1e9:.2f} GB after opening the data and reading {LOADER_STEPS} batches)"
+    lines = [f"{r['recipe']}: corpus {r['corpus_bytes'] / 1e6:,.0f} MB"]
+    for layout, entry in r["layouts"].items():
+        speeds = ", ".join(
+            f"{run['workers']} worker(s) {run['bytes_per_s'] / 1e6:.2f} MB/s "
+            f"({run['bytes_per_s_vs_first_layout']:.2f}x the first layout) peak RSS {run['peak_rss_bytes'] / 1e9:.2f} GB"
+            for run in entry["prepare"]
+        )
+        lines.append(f"  {layout}: prepare {speeds}")
+    lines.append(
+        f"  trained on {r['train_layout']}: row index {r['index_s']:.1f} s; loader {r['loader_bytes_per_s'] / 1e6:.2f} "
+        f"MB/s; training {r['train_bytes_per_s']:,.0f} bytes/s; training process peak RSS "
+        f"{r['peak_rss_bytes'] / 1e9:.2f} GB ({r['data_peak_rss_bytes'] / 1e9:.2f} GB after opening the data and "
+        f"reading {LOADER_STEPS} batches)"
     )
+    return "\n".join(lines)
 
 
-if __name__ == "__main__":  # the training probe's fresh process: RECIPE_FILE DATA_DIR STEPS
-    print(json.dumps(probe(sys.argv[1], sys.argv[2], int(sys.argv[3]))))
+if __name__ == "__main__":  # the fresh processes: prepare RECIPE_FILE OUT WORKERS | train RECIPE_FILE DATA_DIR STEPS
+    kind, *args = sys.argv[1:]
+    if kind == "prepare":
+        print(json.dumps(prepare_probe(args[0], args[1], int(args[2]))))
+    else:
+        print(json.dumps(probe(args[0], args[1], int(args[2]))))

@@ -41,9 +41,10 @@ from unetlm.mixers.attention import mean_context
 from unetlm.mixers.mlp import swiglu_hidden
 from unetlm.model.summary import summarize
 from unetlm.recipe import load_recipe
-from unetlm.train.loop import autocast_dtype, forward_loss
+from unetlm.train.loop import forward_loss
+from unetlm.train.resolve import autocast_dtype
 from unetlm.train.optim import make_optimizer
-from unetlm.train.parallel import pick_device
+from unetlm.train.distributed import pick_device
 from unetlm.train.parallelize import compile_regions
 from unetlm.train.scaling import resolve_budget
 

@@ -4,7 +4,7 @@ For each stage fed by a byte-level splitter: the share of non-overlapping ``seq_
 holding more boundaries than the stage's ``max_len`` (windows a fixed cut would overflow), the
 ``max_len`` that "auto" picks (the :data:`AUTO_PERCENTILE` percentile of boundaries per window,
 rounded up to a multiple of :data:`AUTO_MULTIPLE` for kernels, at most the finer stage's length),
-and the share of row positions that planned rows (:mod:`unetlm.data.rows`) pad because the stage
+and the share of row positions that rows (:mod:`unetlm.data.rows`) pad because the stage
 would overflow. Statistics come from the first :data:`SAMPLE_BYTES` bytes of the data.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import attrs
 import numpy as np
 
 from unetlm.data.packing import pack
-from unetlm.data.rows import auto_max_len, plan_in_memory, window_counts
+from unetlm.data.rows import auto_max_len, cut_rows_in_memory, window_counts
 from unetlm.recipe import Recipe, recipe_from_dict
 from unetlm.recipe.schema import ModelSpec
 
@@ -52,15 +52,15 @@ class StageStats:
     max_len: int | str  # as the recipe gives it ("auto" included)
     auto: int  # what "auto" picks on this data
     overflow: float  # share of seq_len windows with more boundaries than max_len (auto: the picked one)
-    padding: float  # share of planned row positions padded because this stage would overflow
+    padding: float  # share of row positions padded because this stage would overflow
 
 
 def stage_stats(spec: ModelSpec, masks: np.ndarray) -> list[StageStats]:
     """Statistics of each byte-level stage (1 .. len(masks)) on a sample's ``masks``."""
     counts = window_counts(masks, spec.seq_len)
     picks, lengths = auto_lengths(spec, counts)
-    plan = plan_in_memory(masks, 0, max(masks.shape[1] - 1, 0), lengths, spec.seq_len)
-    padding = plan.padding(spec.seq_len, len(lengths)) / max(len(plan) * spec.seq_len, 1)
+    rows = cut_rows_in_memory(masks, 0, max(masks.shape[1] - 1, 0), lengths, spec.seq_len)
+    padding = rows.padding(spec.seq_len, len(lengths)) / max(len(rows) * spec.seq_len, 1)
     return [
         StageStats(
             t + 1, spec.stages[t + 1].max_len, picks[t],
@@ -93,10 +93,11 @@ def with_auto_lengths(recipe: Recipe, documents: Iterable[bytes] | None = None) 
         corpus = PreparedCorpus.open(recipe.data.prepared_dirs[0].path, recipe)
         masks = corpus.read_masks(0, min(corpus.num_tokens, SAMPLE_BYTES))
     else:
-        from unetlm.data.sources import iter_documents
+        from unetlm.data.sources import documents as joined, head, iter_pieces
 
-        masks = sample_masks(iter_documents(recipe.data) if documents is None else documents,
-                             recipe_splitters(recipe.model))
+        if documents is None:  # the sample's head only, however long its documents
+            documents = joined(head(iter_pieces(recipe.data), SAMPLE_BYTES))
+        masks = sample_masks(documents, recipe_splitters(recipe.model))
     _, lengths = auto_lengths(recipe.model, window_counts(masks, recipe.model.seq_len))
     table = recipe.to_dict()
     for t, n in enumerate(lengths):

@@ -15,10 +15,14 @@ import re
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+import regex
 
 from unetlm.core.tokens import BOS, PAD, VOCAB
 
 _ESCAPED = re.compile("([\udc80-\udcff]+)")  # bytes that were not valid UTF-8, after surrogateescape
+# a space between two printable ASCII characters: GPT-2's pre-tokenizer ends a piece before it and
+# starts the next piece with it, whatever follows, so text cut there encodes as the whole does
+_SAFE_CUT = regex.compile(rb"(?r)[!-~](?= [!-~])")  # searched from the end
 
 
 def _tokenizers():
@@ -105,6 +109,13 @@ class BpeTokenizer:
             else:
                 ids.extend(ord(c) - 0xDC00 for c in piece)
         return np.asarray(ids, dtype=np.int64)
+
+    def safe_cut(self, data: bytes) -> int:
+        """The last offset of ``data`` where ``encode(data[:n]) + encode(rest) == encode(data + rest)``
+        for any ``rest`` (0 if none): before the last space that sits between two printable ASCII
+        characters. Encoding a long document piece by piece cuts there."""
+        last = _SAFE_CUT.search(data)
+        return 0 if last is None else last.end()
 
     def piece(self, token: int) -> bytes:
         """The bytes of one id (BOS and PAD: none)."""

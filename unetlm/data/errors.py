@@ -1,5 +1,5 @@
 """Errors of the data layer that the command line reports as one line (kept free of heavy imports)."""
-from unetlm.core.errors import RunError
+from unetlm.core.errors import RunError, UsageError
 
 
 class PreparedDataError(RunError):
@@ -9,3 +9,8 @@ class PreparedDataError(RunError):
 
 class PreparationIncomplete(PreparedDataError):
     """Some shards of a prepared directory are not written yet (other jobs, or an interrupted run)."""
+
+
+class SourceError(UsageError):
+    """An input file cannot be read as its name says (unreadable, corrupt compressed data) or changed
+    while it was read. The message names the file (and the offset). Exit status 2."""

@@ -37,10 +37,12 @@ class Batch:
             for a in range(0, n, rows)
         ]
 
-    def to(self, device) -> "Batch":
-        return Batch(
-            self.tokens.to(device), self.doc.to(device), [m.to(device) for m in self.masks], self.targets.to(device)
-        )
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """On ``device``; ``non_blocking``: copied from pinned memory, without waiting for the device."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory().to(device, non_blocking=True) if non_blocking else t.to(device)
+
+        return Batch(move(self.tokens), move(self.doc), [move(m) for m in self.masks], move(self.targets))
 
 
 @attrs.define

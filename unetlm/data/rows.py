@@ -1,4 +1,4 @@
-"""Row planning: cut a token stream into rows in which no coarse stage overflows its ``max_len``.
+"""Rows: cut a token stream into rows in which no coarse stage overflows its ``max_len``.
 
 A row is a run of consecutive stream positions ``[start, end)`` read as model inputs (its targets
 are positions ``start + 1 .. end``), at most ``seq_len`` long. Stage ``s + 1`` of a row holds one
@@ -9,8 +9,8 @@ its boundaries and the next stage counts its own mask.) Rows are greedy: each is
 ``seq_len`` and every stage's ``limits[s]`` allow, and the next row continues the stream at the
 position where it stopped, so a row ending early is padded and nothing is dropped or read twice.
 
-Stages whose boundaries a learned splitter decides inside the forward cannot be planned from
-the data: only the byte-level masks are passed here, and those stages keep their ``max_len``.
+The boundaries a learned splitter decides inside the forward are not known from the data: only
+the byte-level masks are passed here, and those stages keep their ``max_len``.
 Everything is vectorised numpy over chunks: a row's reach is a gather from each stage's boundary
 positions, and the greedy walk takes runs of full rows at once.
 """
@@ -23,7 +23,7 @@ import numpy as np
 
 FULL = -1  # the ``cause`` of a row cut by seq_len or the end of the stream, not by a stage
 
-# positions planned per chunk: a chunk's masks and boundary positions stay a few tens of MB
+# positions cut into rows per chunk: a chunk's masks and boundary positions stay a few tens of MB
 CHUNK = 1 << 22
 
 
@@ -74,7 +74,7 @@ def walk(reach: Reach, first: int, stop: int) -> tuple[np.ndarray, np.ndarray, n
 
 
 @attrs.define
-class RowPlan:
+class Rows:
     """Rows ``[starts[i], ends[i])`` covering stream positions ``[first, stop)`` without gaps."""
 
     starts: np.ndarray  # (R,) int64
@@ -94,19 +94,19 @@ class RowPlan:
         np.savez(path, starts=self.starts, ends=self.ends, cause=self.cause)
 
     @classmethod
-    def load(cls, path) -> "RowPlan":
-        with np.load(path) as z:
+    def load(cls, path) -> "Rows":
+        with np.load(path, allow_pickle=False) as z:
             return cls(z["starts"], z["ends"], z["cause"])
 
 
-def plan_rows(
+def cut_rows(
     read_masks: Callable[[int, int], np.ndarray],
     first: int,
     stop: int,
     limits: Sequence[int],
     seq_len: int,
     chunk: int = CHUNK,
-) -> RowPlan:
+) -> Rows:
     """Greedy rows over input positions ``[first, stop)``; ``read_masks(a, b)`` gives the (S, b - a)
     boundary masks of positions a..b-1 (only ``chunk + seq_len`` positions are held at a time)."""
     starts, ends, causes = [], [], []
@@ -120,12 +120,12 @@ def plan_rows(
         causes.append(row_causes)
         p = nxt + a
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
-    return RowPlan(cat(starts, np.int64), cat(ends, np.int64), cat(causes, np.int8))
+    return Rows(cat(starts, np.int64), cat(ends, np.int64), cat(causes, np.int8))
 
 
-def plan_in_memory(masks: np.ndarray, first: int, stop: int, limits: Sequence[int], seq_len: int) -> RowPlan:
-    """:func:`plan_rows` over masks already in memory (S, n)."""
-    return plan_rows(lambda a, b: masks[: len(limits), a:b], first, stop, limits, seq_len)
+def cut_rows_in_memory(masks: np.ndarray, first: int, stop: int, limits: Sequence[int], seq_len: int) -> Rows:
+    """:func:`cut_rows` over masks already in memory (S, n)."""
+    return cut_rows(lambda a, b: masks[: len(limits), a:b], first, stop, limits, seq_len)
 
 
 def window_counts(masks: np.ndarray, seq_len: int) -> np.ndarray:
@@ -140,7 +140,7 @@ def auto_max_len(counts: np.ndarray, percentile: float = 99.9, multiple: int = 1
     return max(multiple, -(-need // multiple) * multiple)
 
 
-def plan_spans(
+def span_rows(
     reach: np.ndarray, spans: Sequence[tuple[int, int, int]], seq_len: int
 ) -> list[tuple[int, int, int, int]]:
     """Rows scoring each span ``(context, first, stop)``: the targets of inputs ``first .. stop - 1``,

@@ -1,4 +1,4 @@
-"""Training and validation batches of planned rows, drawn as one permutation per epoch.
+"""Training and validation batches of rows, drawn as one permutation per epoch.
 
 A corpus is anything with ``num_tokens``, ``num_bytes``, ``token_at_byte(n)``, ``read(start, stop)``
 giving a :class:`~unetlm.data.packing.TokenStream` and ``read_masks(start, stop)`` giving its masks
@@ -22,7 +22,7 @@ import torch
 
 from unetlm.core.tokens import BYTES, PAD
 from unetlm.data.packing import Batch, TokenStream, pack, shard_rows, training_cut
-from unetlm.data.rows import RowPlan, plan_rows
+from unetlm.data.rows import Rows, cut_rows
 from unetlm.recipe.errors import RecipeError
 
 BLOCK = 4096  # mixture slots whose corpus shares are exact
@@ -85,8 +85,8 @@ class Source:
     """One corpus of a (possibly one-part) mixture: its rows before and after the held-out cut."""
 
     corpus: object
-    train: RowPlan
-    valid: RowPlan
+    train: Rows
+    valid: Rows
     weight: float = 1.0
 
 
@@ -104,13 +104,13 @@ def check_size(corpus, valid_fraction: float, seq_len: int) -> None:
     )
 
 
-def plan_source(corpus, valid_fraction: float, limits: Sequence[int], seq_len: int, weight: float = 1.0) -> Source:
+def source_rows(corpus, valid_fraction: float, limits: Sequence[int], seq_len: int, weight: float = 1.0) -> Source:
     """Rows of ``corpus``'s training and held-out parts (each row's last target inside its part)."""
     cut = split_point(corpus, valid_fraction)
     return Source(
         corpus,
-        plan_rows(corpus.read_masks, 0, max(cut - 1, 0), limits, seq_len),
-        plan_rows(corpus.read_masks, cut, max(corpus.num_tokens - 1, cut), limits, seq_len),
+        cut_rows(corpus.read_masks, 0, max(cut - 1, 0), limits, seq_len),
+        cut_rows(corpus.read_masks, cut, max(corpus.num_tokens - 1, cut), limits, seq_len),
         weight,
     )
 
@@ -126,13 +126,13 @@ def shares(weights: Sequence[float], block: int = BLOCK) -> np.ndarray:
 
 @attrs.define
 class TrainingData:
-    """Batches of planned rows; ``train_batch(step, rank, world)`` and ``valid_batches`` are the interface."""
+    """Batches of rows; ``train_batch(step, rank, world)`` and ``valid_batches`` are the interface."""
 
     sources: list[Source]
     seq_len: int
     batch_size: int
     seed: int
-    transitions: int  # planned stage transitions (byte-level splitters)
+    transitions: int  # stage transitions the rows are cut for (byte-level splitters)
     _perms: dict = attrs.field(factory=dict, repr=False)
 
     @classmethod
@@ -144,14 +144,14 @@ class TrainingData:
         batch_size: int,
         valid_fraction: float,
         seed: int,
-        planner=None,
+        rows_of=None,
     ) -> "TrainingData":
-        """Plan the rows of each (corpus, weight) with ``planner`` (default :func:`plan_source`);
-        ``limits``: max_len of each planned stage after the first."""
+        """Cut the rows of each (corpus, weight) with ``rows_of`` (default :func:`source_rows`);
+        ``limits``: max_len of each stage after the first that the rows are cut for."""
         sources = []
         for corpus, weight in corpora:
             check_size(corpus, valid_fraction, seq_len)
-            sources.append((planner or plan_source)(corpus, valid_fraction, limits, seq_len, weight))
+            sources.append((rows_of or source_rows)(corpus, valid_fraction, limits, seq_len, weight))
         return cls(sources, seq_len, batch_size, seed, len(limits))
 
     @classmethod
@@ -207,8 +207,8 @@ class TrainingData:
         return int(index[0] // len(self.sources[int(corpus[0])].train))
 
     def _batch(self, picks: list[tuple[int, int]], split: str) -> Batch:
-        plans = [(self.sources[c].corpus, getattr(self.sources[c], split), r) for c, r in picks]
-        return read_rows([(corpus, int(plan.starts[r]), int(plan.ends[r])) for corpus, plan, r in plans], self.seq_len)
+        chosen = [(self.sources[c].corpus, getattr(self.sources[c], split), r) for c, r in picks]
+        return read_rows([(corpus, int(rows.starts[r]), int(rows.ends[r])) for corpus, rows, r in chosen], self.seq_len)
 
     def train_batch(self, step: int, rank: int = 0, world: int = 1) -> Batch:
         """Rank ``rank``'s rows ``[rank*B/W, (rank+1)*B/W)`` of the global batch of ``step``."""
@@ -228,16 +228,16 @@ class TrainingData:
 
     def step_metrics(self, step: int) -> dict:
         """What metrics.jsonl records about the data of step ``step`` (0-based): its epoch and the
-        positions each planned transition padded in its global batch."""
+        positions each transition padded in its global batch."""
         pad = np.zeros(self.transitions, dtype=np.int64)
         for c, r in self.train_rows(step):
-            plan = self.sources[c].train
-            if plan.cause[r] >= 0:
-                pad[plan.cause[r]] += self.seq_len - (plan.ends[r] - plan.starts[r])
+            rows = self.sources[c].train
+            if rows.cause[r] >= 0:
+                pad[rows.cause[r]] += self.seq_len - (rows.ends[r] - rows.starts[r])
         return {"epoch": self.epoch(step), "padding": pad.tolist()}
 
     def describe(self) -> str:
-        """One line: rows, epochs' size, and the padding share each planned transition costs."""
+        """One line: rows, epochs' size, and the padding share each transition costs."""
         rows = sum(len(s.train) for s in self.sources)
         slots = rows * self.seq_len
         pad = sum(s.train.padding(self.seq_len, self.transitions) for s in self.sources)

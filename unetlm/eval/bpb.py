@@ -50,11 +50,12 @@ class BpbRow:
 
 
 def token_nll(
-    model, documents: list[bytes], stride: int, batch_size: int = 8
+    model, documents: list[bytes], stride: int, batch_size: int = 8, progress=None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Per-token NLL in nats of the documents as the model reads them (bytes, or a tokenizer's
     tokens), concatenated; the window each token was scored in (numbered across documents); the
-    bytes each token stands for; and the boundaries truncated by max_len."""
+    bytes each token stands for; and the boundaries truncated by max_len. ``progress``: see
+    :func:`~unetlm.eval.score.score_spans`."""
     seq_len = model.spec.seq_len
     tokens = [model.tokenizer.encode(d) for d in documents]
     spans, window, offsets, offset, w = [], [], [], 0, 0
@@ -68,7 +69,7 @@ def token_nll(
         window.append(doc_window)
         offsets.append(offset)
         offset += len(ids) + 1
-    scores = score_spans(model, scoring_stream(list(documents), model), spans, batch_size)
+    scores = score_spans(model, scoring_stream(list(documents), model), spans, batch_size, progress)
     out = [scores.nll[o : o + len(ids)] for o, ids in zip(offsets, tokens)]
     ids = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
     cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
@@ -105,3 +106,39 @@ def text_bpb(
     counts = np.bincount(window, weights=lengths).astype(np.float64)
     low, high = bootstrap_ci(per_window / LN2, counts, resamples=resamples, seed=seed)
     return BpbRow(name, n_bytes, float(nll.sum() / n_bytes / LN2), (low, high), len(counts), truncated)
+
+
+@attrs.define
+class BlockScores:
+    """Bits per byte of a text with its bits and bytes per block of ``block_bytes`` text bytes.
+
+    Blocks cut the text's bytes (documents concatenated), not a model's windows or tokens, so two
+    models scored on the same text have the same blocks: the units of a paired bootstrap. A token
+    counts in the block of its last byte.
+    """
+
+    bits_per_byte: float
+    ci: tuple[float, float]  # 95%, resampling blocks
+    bytes: int
+    truncated: int
+    bits: np.ndarray  # (blocks,)
+    block_bytes: np.ndarray  # (blocks,) bytes of the tokens counted in each block
+
+
+def block_scores(
+    model, documents: list[bytes], block_bytes: int = 512, stride: int | None = None, batch_size: int = 8,
+    resamples: int = 1000, seed: int = 0, progress=None,
+) -> BlockScores:
+    """Bits per byte of ``documents`` (each read on its own from BOS) with blocks of ``block_bytes``
+    for the bootstrap (see :class:`BlockScores`); ``progress`` as in :func:`token_nll`."""
+    stride = stride or max(1, model.spec.seq_len // 2)
+    nll, _, lengths, truncated = token_nll(model, documents, stride, batch_size, progress)
+    n_bytes = int(lengths.sum())
+    if not n_bytes:
+        raise ValueError("nothing to score (no bytes)")
+    block = (np.cumsum(lengths) - 1) // block_bytes
+    count = int(block[-1]) + 1
+    bits = np.bincount(block, weights=nll / LN2, minlength=count)
+    sizes = np.bincount(block, weights=lengths, minlength=count)
+    ci = bootstrap_ci(bits, sizes, resamples=resamples, seed=seed)
+    return BlockScores(float(bits.sum() / n_bytes), ci, n_bytes, truncated, bits, sizes)

@@ -30,9 +30,9 @@ class HarnessAdapter:
     """A checkpoint answering the harness's requests, given as plain argument tuples."""
 
     def __init__(self, checkpoint: str, device: str = "cpu", batch_size: int | str = 8) -> None:
-        from unetlm.api import load_checkpoint
+        from unetlm.checkpoint.trained import load_trained
 
-        self.model, self.recipe = load_checkpoint(checkpoint, map_location="cpu")
+        self.model, self.recipe = load_trained(checkpoint)
         self.model.to(torch.device(device))
         self.batch_size = int(batch_size)
 

@@ -21,11 +21,11 @@ SWEEP = (0.5, 1.0, BLT_THRESHOLD, 1.5, 2.0, 2.5, 3.0)
 
 def patch_splitter(checkpoint_path: str | Path, threshold=None, relative_threshold=None, max_patch=None):
     """The splitter whose patches are shown (see the module docstring)."""
-    from unetlm.api import load_checkpoint
+    from unetlm.checkpoint.trained import load_trained
 
     options = {"threshold": threshold, "relative_threshold": relative_threshold, "max_patch": max_patch}
     given = {k: v for k, v in options.items() if v is not None}
-    model, recipe = load_checkpoint(checkpoint_path)
+    model, recipe = load_trained(checkpoint_path)
     if len(recipe.model.stages) == 1:
         return EntropySplitter(EntropyConfig(checkpoint=str(checkpoint_path), **given))
     splitter = model.splitters[0]

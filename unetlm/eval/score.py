@@ -3,7 +3,7 @@
 Documents are packed into one stream (``BOS doc0 BOS doc1 ...``, boundaries computed over each
 whole document, as in training). A caller asks for spans ``(context, first, stop)``: score the
 targets of stream inputs ``first .. stop - 1`` (input p predicts token p + 1), reading context
-from ``context`` on. :func:`unetlm.data.rows.plan_spans` turns the spans into rows in which no
+from ``context`` on. :func:`unetlm.data.rows.span_rows` turns the spans into rows in which no
 byte-level stage overflows its ``max_len`` (a span that would overflow is scored over several
 rows, each with as much context as fits); rows are padded with PAD to ``seq_len`` and batches
 filled to ``batch_size`` rows. Logits are causal, so tokens after a scored position never change its score.
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from unetlm.core.tokens import PAD
 from unetlm.data.packing import TokenStream, pack
-from unetlm.data.rows import plan_spans, row_reach
+from unetlm.data.rows import span_rows, row_reach
 from unetlm.data.windows import read_rows
 
 
@@ -35,15 +35,17 @@ class TargetScores:
 
 
 @torch.no_grad()
-def score_spans(model, stream: TokenStream, spans: list[tuple[int, int, int]], batch_size: int = 8) -> TargetScores:
+def score_spans(model, stream: TokenStream, spans: list[tuple[int, int, int]], batch_size: int = 8,
+                progress=None) -> TargetScores:
     """Scores of the targets of every span ``(context, first, stop)`` of ``stream`` (see the module doc).
 
     A short last batch is filled with copies of its first row, whose results are dropped.
+    ``progress(rows_done, rows)``, if given, is called after each batch.
     """
     seq_len = model.spec.seq_len
     limits = model.lengths[1 : 1 + len(model.splitters)]
     reach, _ = row_reach(stream.masks[: len(limits), : len(stream) - 1], limits, seq_len)  # the last token: a target
-    rows = plan_spans(reach, spans, seq_len)
+    rows = span_rows(reach, spans, seq_len)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -61,6 +63,8 @@ def score_spans(model, stream: TokenStream, spans: list[tuple[int, int, int]], b
                 out.nll[a:b] = nll[r, a - start : b - start]
                 out.greedy[a:b] = greedy[r, a - start : b - start]
             out.truncated += sum(int(t[: len(chunk)].sum()) for t in output.truncated)
+            if progress is not None:
+                progress(i + len(chunk), len(rows))
     finally:
         model.train(was_training)
     return out

@@ -28,15 +28,16 @@ def evaluate_checkpoint(
     resamples: int = 1000,
     seed: int = 0,
     device: str = "cpu",
+    verify: bool = False,
 ) -> dict:
-    from unetlm.api import load_checkpoint
+    from unetlm.checkpoint.trained import load_trained
 
     if cute_words and cute_text:
         raise ValueError("give --cute-words or --cute-text, not both")
     for task in cute_tasks or ():
         if task not in TASKS:
             raise ValueError(f"unknown CUTE task {task!r}; tasks: {', '.join(TASKS)}")
-    model, _ = load_checkpoint(checkpoint, map_location="cpu")
+    model, _ = load_trained(checkpoint, verify=verify)
     model.to(torch.device(device))
     stride = stride or max(1, model.spec.seq_len // 2)
     common = dict(batch_size=batch_size, resamples=resamples, seed=seed)

@@ -38,6 +38,7 @@ class AttentionConfig:
     heads: int | None = attrs.field(default=None, validator=positive)  # default: dim // head_dim
     window: int = attrs.field(default=0, validator=non_negative)  # keys per query; 0 = unlimited
     mlp_ratio: float = attrs.field(default=4.0, validator=positive)  # SwiGLU hidden = 2/3 * ratio * dim
+    multiple_of: int = attrs.field(default=8, validator=positive)  # the SwiGLU hidden width rounds up to it
     rope_base: float = attrs.field(default=10000.0, validator=positive)
     backend: Literal["auto", "sdpa", "flex"] = "auto"
 
@@ -68,7 +69,7 @@ class AttentionConfig:
         return self.heads if self.heads is not None else dim // self.head_dim
 
     def mlp_hidden(self, dim: int) -> int:
-        return swiglu_hidden(dim, self.mlp_ratio)
+        return swiglu_hidden(dim, self.mlp_ratio, self.multiple_of)
 
 
 def rotary_tables(length: int, head_dim: int, base: float, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -240,9 +240,13 @@ class GatedRMSNorm(nn.Module):
 
     def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
         self.group_size = group_size
         self.eps = eps
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         acc = torch.promote_types(y.dtype, torch.float32)
@@ -266,14 +270,22 @@ class Mamba2(nn.Module):
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, config.d_conv, groups=self.conv_dim, padding=config.d_conv - 1, bias=True
         )
-        dt = torch.exp(
-            torch.rand(self.heads) * (math.log(config.dt_max) - math.log(config.dt_min)) + math.log(config.dt_min)
-        ).clamp(min=config.dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-        self.A_log = nn.Parameter(torch.empty(self.heads).uniform_(*A_INIT_RANGE).log())
-        self.D = nn.Parameter(torch.ones(self.heads))
+        self.dt_bias = nn.Parameter(torch.empty(self.heads))
+        self.A_log = nn.Parameter(torch.empty(self.heads))
+        self.D = nn.Parameter(torch.empty(self.heads))
+        self.reset_parameters()
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups)
         self.out_proj = nn.Linear(self.d_inner, dim, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """dt log-uniform in [dt_min, dt_max] (floored) held as softplus^-1(dt); A uniform in A_INIT_RANGE; D ones."""
+        config = self.config
+        low, high = math.log(config.dt_min), math.log(config.dt_max)
+        dt = torch.exp(self.dt_bias.uniform_(low, high)).clamp(min=config.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log.copy_(self.A_log.uniform_(*A_INIT_RANGE).log())
+        nn.init.ones_(self.D)
 
     def _split(self, zxbcdt: torch.Tensor):
         return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.heads], dim=-1)

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def swiglu_hidden(dim: int, ratio: float) -> int:
-    """The hidden width for ``ratio``: 2/3 * ratio * dim (the parameters of a ratio-wide plain
-    MLP), rounded up to a multiple of 8."""
+def swiglu_hidden(dim: int, ratio: float, multiple_of: int = 8) -> int:
+    """The hidden width for ``ratio``: int(2/3 * ratio * dim) (the parameters of a ratio-wide
+    plain MLP), rounded up to a multiple of ``multiple_of``, at least one multiple. With ratio 4
+    this is the Llama FeedForward width of lingua's ``FeedForward`` (``multiple_of = 256`` there)."""
     hidden = int(2 * ratio * dim / 3)
-    return max(8, (hidden + 7) // 8 * 8)
+    return max(multiple_of, -(-hidden // multiple_of) * multiple_of)
 
 
 class SwiGLU(nn.Module):

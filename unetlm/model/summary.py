@@ -1,5 +1,5 @@
 """Parameters and training FLOPs per byte, counted from the static shapes; the bytes of the
-masks a training step's stages share (:func:`mask_bytes`).
+masks a training step's stages share (:func:`stage_mask_bytes`).
 
 Convention: a matmul of (m x k) by (k x n) costs 2mkn FLOPs; attention adds
 4 * heads * head_dim * (mean keys per query) per query (scores and values), with sliding
@@ -15,15 +15,15 @@ import attrs
 from torch import nn
 
 
-def mask_bytes(model, rows: int) -> int:
-    """Bytes of what the stages build once per batch and keep until the backward (on CUDA,
-    attention's FlexAttention block masks) for ``rows`` sequences: one per stage, its encoder and
-    decoder sharing it (``Mixer.mask_bytes``). The planner adds it to the activations."""
-    total = 0
+def stage_mask_bytes(model, rows: int) -> list[int]:
+    """Per stage, bytes of what it builds once per batch and keeps until the backward (on CUDA,
+    attention's FlexAttention block masks) for ``rows`` sequences: one mask per stage, its encoder
+    and decoder sharing it (``Mixer.mask_bytes``). The planner counts them as extra buffers."""
+    sizes = []
     for s, length in enumerate(model.lengths):
         stacks = [model.middle] if s == len(model.lengths) - 1 else [model.encoders[s], model.decoders[s]]
-        total += max((m.mask_bytes(rows, length) for stack in stacks for m in stack.mixers()), default=0)
-    return total
+        sizes.append(max((m.mask_bytes(rows, length) for stack in stacks for m in stack.mixers()), default=0))
+    return sizes
 
 
 def count_params(*modules: nn.Module) -> int:

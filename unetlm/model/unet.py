@@ -72,13 +72,26 @@ class UNet(nn.Module):
         self.head = nn.Linear(d0, spec.vocab_size, bias=False)
         if spec.tie_embeddings:
             self.head.weight = self.embed.table.weight
-        self.apply(self._init)
+        for module in self.modules():
+            self.init_module(module)
 
-    def _init(self, module: nn.Module) -> None:
+    def init_module(self, module: nn.Module) -> None:
+        """(Re)initialise the parameters and buffers ``module`` holds itself (not its children's), in
+        place: linear and embedding weights normal(0, ``init_std``) with zero biases, any other
+        module's by its ``reset_parameters()``. The constructor runs it over :meth:`modules`; training
+        runs it on each module's full-size parameters after building on the meta device."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.spec.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+        elif any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+            reset = getattr(module, "reset_parameters", None)
+            if reset is None:
+                raise TypeError(
+                    f"{type(module).__name__} holds parameters or buffers but has no reset_parameters() to "
+                    f"initialise them"
+                )
+            reset()
 
     def parameter_stages(self) -> list[list[nn.Parameter]]:
         """Each stage's parameters: the embedding, norm and head belong to stage 0, and a transition's

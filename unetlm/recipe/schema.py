@@ -205,7 +205,8 @@ class DataSpec:
     ``{path, weight}`` tables for a mixture) instead of preparing the sources into the cache.
     """
 
-    source: Literal["pydocs", "files", "jsonl", "parquet", "hf"] = "pydocs"
+    # "none": the recipe names no corpus (the paper-scale ones): training asks for data.prepared or a source
+    source: Literal["pydocs", "files", "jsonl", "parquet", "hf", "none"] = "pydocs"
     paths: list[str] = attrs.field(factory=list)  # files, jsonl, parquet: paths or globs
     text_field: str = "text"  # jsonl, parquet, hf: the column holding each document
     dataset: str = ""  # hf: the dataset name, e.g. "HuggingFaceFW/fineweb-edu"
@@ -244,6 +245,18 @@ class DataSpec:
 
 
 @attrs.define
+class WandbSpec:
+    """``training.wandb``: also send each record to Weights & Biases (the optional extra ``wandb``)."""
+
+    project: str
+    entity: str = ""  # the W&B team or user ("": the account's default)
+    group: str = ""
+    name: str = ""  # the W&B run's name ("": the run directory's name)
+    tags: list[str] = attrs.field(factory=list)
+    mode: Literal["online", "offline"] = "online"  # offline: written under RUN_DIR/wandb, `wandb sync` later
+
+
+@attrs.define
 class TrainingSpec:
     steps: int = attrs.field(default=300, validator=positive)
     batch_size: int | Literal["auto"] = attrs.field(default=8, validator=positive_or_auto)  # global, in sequences
@@ -271,9 +284,19 @@ class TrainingSpec:
     # recompute each mixer block in the backward pass; "auto": only where the planner finds that
     # not even one sequence per forward fits without it
     activation_checkpointing: bool | Literal["auto"] = False
-    # FSDP2: ranks each parameter is sharded over (a node's GPUs); replicated across such groups (HSDP). 0: all ranks
-    shard_size: int = attrs.field(default=0, validator=non_negative)
+    # FSDP2: ranks each parameter is sharded over (a node's GPUs); replicated across such groups (HSDP). 0: all
+    # ranks; "auto": the fastest layout that fits, from the planner (unetlm/train/plan.py)
+    shard_size: int | Literal["auto"] = attrs.field(default=0, validator=non_negative_or_auto)
     tensorboard: bool = False  # also write TensorBoard events to RUN_DIR/tensorboard
+    # checkpoints kept in RUN_DIR/checkpoints/ (the oldest go once a newer one is committed)
+    keep_checkpoints: int = attrs.field(default=2, validator=positive)
+    # also checkpoint when this many minutes have passed since the last checkpoint (rank 0's clock; 0: off)
+    checkpoint_every_minutes: float = attrs.field(default=0.0, validator=non_negative)
+    log_every: int = attrs.field(default=1, validator=positive)  # steps per metrics record (reductions, host syncs)
+    dist_timeout_minutes: float = attrs.field(default=30.0, validator=positive)  # a collective waiting longer fails
+    wandb: WandbSpec | None = None  # absent: no Weights & Biases
+    # dtype of FSDP2's gradient reduce-scatter and all-reduce (several processes); gradients accumulate in float32
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @attrs.define

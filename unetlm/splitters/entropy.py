@@ -22,7 +22,14 @@ first starting with BOS, the next ones every ``context // 2`` tokens; each posit
 entropy from the window where it has at least ``context // 2`` tokens of history (or all of
 it), and that window depends on the position only, so cropping or extending a document never
 changes an earlier entropy. Entropies can be cached on disk (``cache_dir``), keyed by a hash
-of the checkpoint, the context and the bytes.
+of the checkpoint, the context and the bytes (whole documents only: a document fed in chunks,
+:meth:`EntropySplitter.scan`, is not cached).
+
+Chunks: the scan keeps the document's newest ``context`` tokens, the entropy after the last one
+and the open patch's length; each chunk runs the windows that own its positions, a window cut
+by the chunk's end running again, with more tokens, for the positions it owns in the next one.
+Identity: the checkpoint counts by its content (the sha256 of its files), and ``device`` and
+``cache_dir`` not at all (they change where the work runs, not the boundaries).
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ import torch
 from unetlm.core.tokens import BOS, PAD
 from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.validators import positive
-from unetlm.splitters.base import Splitter
+from unetlm.splitters.base import Splitter, SplitterIdentityError
 from unetlm.splitters.entropy_models import entropy_models
 
 BLT_THRESHOLD = 1.335  # nats; BLT's published global threshold
@@ -79,23 +86,35 @@ def entropy_boundaries(
 ) -> np.ndarray:
     """Boundaries (n,) from entropies (n + 1,): ``entropy[i]`` follows token i of BOS + data,
     so the decision at data byte t reads ``entropy[t + 1]`` (and ``entropy[t]``)."""
+    return patch_ends(entropy, parent, threshold, relative, max_patch)[0]
+
+
+def patch_ends(
+    entropy: np.ndarray,
+    parent: np.ndarray,
+    threshold: float | None,
+    relative: float | None = None,
+    max_patch: int | None = None,
+    since: int = 0,
+) -> tuple[np.ndarray, int]:
+    """:func:`entropy_boundaries` of bytes that follow an open patch of ``since`` parent
+    positions; also the open patch's length after them."""
     entropy = np.asarray(entropy, dtype=np.float64)  # compare as EntropyState does
     after, before = entropy[1:], entropy[:-1]
-    fire = parent.copy()
+    fire = np.asarray(parent, dtype=bool).copy()
     if threshold is not None:
         fire &= after > threshold
     if relative is not None:
         fire &= after - before > relative
     if max_patch is None:
-        return fire
+        return fire, 0
     out = np.zeros_like(fire)
-    since = 0
     for t in np.flatnonzero(parent):
         since += 1
         if fire[t] or since == max_patch:
             out[t] = True
             since = 0
-    return out
+    return out, since
 
 
 @functools.lru_cache(maxsize=8)
@@ -135,10 +154,24 @@ class EntropySplitter(Splitter):
         {"checkpoint": EXAMPLE_CHECKPOINT, "threshold": 3.5, "relative_threshold": 0.1, "max_patch": 3},
         {"checkpoint": EXAMPLE_CHECKPOINT, "threshold": 4.0, "context": 16},
     ]
+    needs_model = True
+    placement_options = frozenset({"device", "cache_dir"})
 
     @property
     def model(self):
         return load_entropy_model(self.config.checkpoint, self.config.device)
+
+    def identity(self) -> dict:
+        """The options with the checkpoint known by its content, wherever it lies."""
+        out = super().identity()
+        path = Path(self.config.checkpoint)
+        if not path.exists():
+            raise SplitterIdentityError(
+                f"entropy splitter: checkpoint {str(path)!r} does not exist, so the boundaries it decides cannot "
+                f"be identified; {TRAIN_HINT}"
+            )
+        out["options"]["checkpoint"] = {"sha256": _digest(_stamp(path))}
+        return out
 
     def window(self) -> tuple[int, int]:
         """(context, stride) in tokens."""
@@ -158,10 +191,20 @@ class EntropySplitter(Splitter):
 
     def _window_entropy(self, tokens: np.ndarray, start: int, context: int) -> np.ndarray:
         """Entropies after each token of ``tokens[start:start + context]`` (PAD-filled to ``context``)."""
-        chunk = np.full(context, PAD, dtype=np.int64)
-        piece = tokens[start : start + context]
-        chunk[: len(piece)] = piece
-        return self._rows_entropy(chunk[None])[0, : len(piece)]
+        return self._run_windows([(tokens, start)], context, 1)[0, : len(tokens[start : start + context])]
+
+    def _run_windows(self, windows: list[tuple[np.ndarray, int]], context: int, rows: int | None = None) -> np.ndarray:
+        """(len(windows), context) entropies of the windows ``tokens[start:start + context]`` (PAD-filled),
+        ``rows`` (default :data:`BATCH_ROWS` of the device) per forward."""
+        rows = rows or BATCH_ROWS.get(torch.device(self.config.device).type, 64)
+        out = np.empty((len(windows), context), dtype=np.float32)
+        for a in range(0, len(windows), rows):
+            x = np.full((min(rows, len(windows) - a), context), PAD, dtype=np.int64)
+            for j, (tokens, start) in enumerate(windows[a : a + rows]):
+                piece = tokens[start : start + context]
+                x[j, : len(piece)] = piece
+            out[a : a + len(x)] = self._rows_entropy(x)
+        return out
 
     @staticmethod
     def owner(i: int, context: int, stride: int) -> int:
@@ -169,45 +212,34 @@ class EntropySplitter(Splitter):
         return 0 if i < context else (i - context + stride) // stride * stride
 
     @staticmethod
-    def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-        """(start, lo, hi) per window over n tokens: positions ``start + lo .. start + hi - 1`` own
-        their entropy from the window starting at ``start`` (see :meth:`owner`)."""
-        out = [(0, 0, min(n, context))]
-        start = stride
-        while start + context - stride < n:
-            out.append((start, context - stride, min(context, n - start)))
+    def windows(n: int, context: int, stride: int, first: int = 0) -> list[tuple[int, int, int]]:
+        """(start, lo, hi) per window that gives tokens ``first .. n - 1`` their entropy: positions
+        ``start + lo .. start + hi - 1`` take theirs from the window starting at ``start`` (see :meth:`owner`)."""
+        out, start = [], EntropySplitter.owner(first, context, stride)
+        while True:
+            lo = 0 if start == 0 else context - stride
+            if start + lo >= n:
+                return out
+            out.append((start, max(lo, first - start), min(context, n - start)))
             start += stride
-        return out
 
     @staticmethod
     def _tokens(data: bytes) -> np.ndarray:
         return np.concatenate([[BOS], np.frombuffer(data, dtype=np.uint8)]).astype(np.int64)
 
     def _compute(self, data: bytes) -> np.ndarray:
-        tokens = self._tokens(data)
-        context, stride = self.window()
-        out = np.empty(len(tokens), dtype=np.float32)
-        for start, lo, hi in self.windows(len(tokens), context, stride):
-            out[start + lo : start + hi] = self._window_entropy(tokens, start, context)[lo:hi]
-        return out
+        return self.batch_entropies([data])[0]
 
     def batch_entropies(self, documents: list[bytes], rows: int | None = None) -> list[np.ndarray]:
         """:meth:`entropies` of each document (equal up to float rounding), the windows of all the
         documents run ``rows`` at a time (default :data:`BATCH_ROWS` of the device) through the model."""
-        rows = rows or BATCH_ROWS.get(torch.device(self.config.device).type, 64)
         context, stride = self.window()
         tokens = [self._tokens(d) for d in documents]
-        outs = [np.empty(len(t), dtype=np.float32) for t in tokens]
         jobs = [(d, *w) for d, t in enumerate(tokens) for w in self.windows(len(t), context, stride)]
-        for a in range(0, len(jobs), rows):
-            part = jobs[a : a + rows]
-            x = np.full((len(part), context), PAD, dtype=np.int64)
-            for j, (d, start, _, _) in enumerate(part):
-                piece = tokens[d][start : start + context]
-                x[j, : len(piece)] = piece
-            values = self._rows_entropy(x)
-            for j, (d, start, lo, hi) in enumerate(part):
-                outs[d][start + lo : start + hi] = values[j, lo:hi]
+        values = self._run_windows([(tokens[d], start) for d, start, _, _ in jobs], context, rows)
+        outs = [np.empty(len(t), dtype=np.float32) for t in tokens]
+        for j, (d, start, lo, hi) in enumerate(jobs):
+            outs[d][start + lo : start + hi] = values[j, lo:hi]
         return outs
 
     def for_documents(self, documents: list[bytes]) -> list[Splitter]:
@@ -221,7 +253,10 @@ class EntropySplitter(Splitter):
             return self._compute(data)
         path = Path(self.config.cache_dir) / f"{self._cache_key(data)}.npy"
         if path.is_file():
-            return np.load(path)
+            try:
+                return np.load(path, allow_pickle=False)
+            except (OSError, ValueError):  # a damaged or foreign file: computed again below
+                pass
         values = self._compute(data)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -241,15 +276,51 @@ class EntropySplitter(Splitter):
             return np.zeros(0, dtype=bool)
         return self.rules(self.entropies(data), parent)
 
-    def rules(self, entropy: np.ndarray, parent: np.ndarray) -> np.ndarray:
+    def rules(self, entropy: np.ndarray, parent: np.ndarray, since: int = 0) -> np.ndarray:
         """Boundaries from a document's entropies (see :func:`entropy_boundaries`)."""
+        return self._rules(entropy, parent, since)[0]
+
+    def _rules(self, entropy: np.ndarray, parent: np.ndarray, since: int) -> tuple[np.ndarray, int]:
         cfg = self.config
-        return entropy_boundaries(
-            entropy, np.asarray(parent, dtype=bool), cfg.global_threshold(), cfg.relative_threshold, cfg.max_patch
-        )
+        return patch_ends(entropy, parent, cfg.global_threshold(), cfg.relative_threshold, cfg.max_patch, since)
+
+    def scan(self) -> EntropyScan:
+        return EntropyScan(self)
 
     def start(self) -> EntropyState:
         return EntropyState(self)
+
+
+class EntropyScan:
+    """The document's newest ``context`` tokens (token ``first`` on), the entropy after the last
+    one and the open patch's length; each chunk runs the windows owning its positions in batches."""
+
+    def __init__(self, splitter: EntropySplitter) -> None:
+        self.splitter = splitter
+        self.context, self.stride = splitter.window()
+        self.tokens, self.first = np.array([BOS], dtype=np.int64), 0
+        self.last: float | None = None  # entropy after the last token fed
+        self.since = 0
+
+    def feed(self, data: bytes, parent: np.ndarray) -> np.ndarray:
+        if not len(data):
+            return np.zeros(0, dtype=bool)
+        seen = self.first + len(self.tokens)  # tokens of BOS + data so far
+        self.tokens = np.concatenate([self.tokens, np.frombuffer(bytes(data), dtype=np.uint8).astype(np.int64)])
+        n = seen + len(data)
+        lo = seen if self.last is not None else 0  # the entropy after BOS is computed with the first byte
+        entropy = np.empty(n - lo, dtype=np.float32)
+        wanted = self.splitter.windows(n, self.context, self.stride, lo)
+        values = self.splitter._run_windows([(self.tokens, start - self.first) for start, _, _ in wanted], self.context)
+        for (start, a, b), row in zip(wanted, values):
+            entropy[start + a - lo : start + b - lo] = row[a:b]
+        if self.last is not None:
+            entropy = np.concatenate([[self.last], entropy])
+        self.last = float(entropy[-1])
+        out, self.since = self.splitter._rules(entropy, parent, self.since)
+        keep = max(0, n - self.context)  # every later window starts at or after this token
+        self.tokens, self.first = self.tokens[keep - self.first :], keep
+        return out
 
 
 class _FixedEntropies(Splitter):

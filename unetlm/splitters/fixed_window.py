@@ -20,13 +20,28 @@ class FixedWindowSplitter(Splitter):
     Config = FixedWindowConfig
     examples = [{"size": 1}, {"size": 3}, {"size": 4, "first": True}]
 
-    def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
-        index = np.cumsum(parent) - 1  # rank of each parent position (causal)
-        phase = 0 if self.config.first else self.config.size - 1
-        return parent & (index % self.config.size == phase)
+    @property
+    def phase(self) -> int:
+        return 0 if self.config.first else self.config.size - 1
+
+    def scan(self) -> FixedWindowScan:
+        return FixedWindowScan(self.config.size, self.phase)
 
     def start(self) -> FixedWindowState:
-        return FixedWindowState(self.config.size, 0 if self.config.first else self.config.size - 1)
+        return FixedWindowState(self.config.size, self.phase)
+
+
+class FixedWindowScan:
+    """Counts parent positions across chunks."""
+
+    def __init__(self, size: int, phase: int) -> None:
+        self.size, self.phase, self.seen = size, phase, 0
+
+    def feed(self, data: bytes, parent: np.ndarray) -> np.ndarray:
+        parent = np.asarray(parent, dtype=bool)
+        index = self.seen + np.cumsum(parent) - 1  # rank of each parent position in the document (causal)
+        self.seen += int(parent.sum())
+        return parent & (index % self.size == self.phase)
 
 
 class FixedWindowState:

@@ -71,8 +71,13 @@ class DynamicChunking(LearnedSplitter):
     def __init__(self, config: LearnedConfig, dim: int) -> None:
         super().__init__(config, dim)
         # plain parameters, so the model's normal initialisation leaves the identity in place
-        self.w_q = nn.Parameter(torch.eye(dim))
-        self.w_k = nn.Parameter(torch.eye(dim))
+        self.w_q = nn.Parameter(torch.empty(dim, dim))
+        self.w_k = nn.Parameter(torch.empty(dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.eye_(self.w_q)
+        nn.init.eye_(self.w_k)
 
     @staticmethod
     def _dtype(h: torch.Tensor) -> torch.dtype:

@@ -28,6 +28,8 @@ def space_boundaries(data: bytes) -> np.ndarray:
 class SpaceSplitter(Splitter):
     """No options: the rule is fixed by the papers."""
 
+    context = 2
+
     def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
         return space_boundaries(data) & parent
 

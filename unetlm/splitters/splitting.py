@@ -1,7 +1,8 @@
 """Running the stage splitters over token rows, one document at a time.
 
 Splitters see the bytes of one document only (a BOS token is a boundary at every stage and
-is not shown to them), so packed documents never influence each other's boundaries.
+is not shown to them), so packed documents never influence each other's boundaries. A document
+too long to hold goes through :class:`ChainScan` in chunks, with the same masks.
 """
 from __future__ import annotations
 
@@ -20,6 +21,23 @@ def split_document(splitters: list[Splitter], data: bytes) -> np.ndarray:
         parent = np.asarray(splitter.boundaries(data, parent), dtype=bool) & parent
         out[s] = parent
     return out
+
+
+class ChainScan:
+    """:func:`split_document` of one document fed in consecutive chunks: each splitter's scan
+    (:meth:`~unetlm.splitters.base.Splitter.scan`) reads the previous one's marks as its parent."""
+
+    def __init__(self, splitters: list[Splitter]) -> None:
+        self.scans = [splitter.scan() for splitter in splitters]
+
+    def feed(self, data: bytes) -> np.ndarray:
+        """(n_splitters, len(data)) masks of the document's next bytes."""
+        out = np.zeros((len(self.scans), len(data)), dtype=bool)
+        parent = np.ones(len(data), dtype=bool)
+        for s, scan in enumerate(self.scans):
+            parent = np.asarray(scan.feed(data, parent), dtype=bool) & parent
+            out[s] = parent
+        return out
 
 
 def split_row(splitters: list[Splitter], tokens: np.ndarray, doc: np.ndarray) -> np.ndarray:

@@ -10,11 +10,20 @@ sliding-window attention).
 """
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import attrs
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from unetlm.model.build import build_model
+from unetlm.model.stack import Stack
+from unetlm.recipe.structure import unstructure
+from unetlm.train.parallelize import apply_activation_checkpointing, mixer_stacks
 
 
 class MeasurementError(ValueError):
@@ -22,8 +31,6 @@ class MeasurementError(ValueError):
 
 
 def _storage_key(t: torch.Tensor):
-    from torch.multiprocessing.reductions import StorageWeakRef
-
     return StorageWeakRef(t.untyped_storage())
 
 
@@ -38,8 +45,6 @@ class SavedBytes:
 def count_saved_bytes(model: torch.nn.Module, run: Callable[[], object]) -> SavedBytes:
     """Run ``run()`` (a forward of ``model``) and count the distinct storages saved for backward,
     leaving out the model's parameters; real and fake tensors alike."""
-    from unetlm.model.stack import Stack
-
     params = {_storage_key(p) for p in model.parameters()}
     seen: set = set()
     kept: list[torch.Tensor] = []  # alive until the count ends, so no storage address is reused
@@ -88,8 +93,6 @@ def example_inputs(model, rows: int, seq_len: int) -> tuple:
 def saved_by_forward(model, inputs: tuple, checkpointing: bool, autocast: bool = True) -> SavedBytes:
     """Saved bytes of one training forward of ``inputs`` (the CPU's code path), under bfloat16
     autocast or in float32."""
-    from unetlm.train.parallelize import apply_activation_checkpointing, mixer_stacks
-
     stacks = mixer_stacks(model)
     before = [list(s.blocks) for s in stacks]
     if checkpointing:  # wrapped exactly as training wraps them, unwrapped afterwards
@@ -131,8 +134,6 @@ class ActivationProfile:
 
 @contextmanager
 def _fake_mode():
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     with FakeTensorMode():
         yield
 
@@ -143,10 +144,6 @@ _PROFILES: dict[str, ActivationProfile] = {}
 def measure_activations(model_spec, autocast: bool = True) -> ActivationProfile:
     """The profile of ``model_spec`` (a ModelSpec) under bfloat16 autocast (or float32), measured on a
     fake model: nothing is allocated. Remembered per process by the spec's content."""
-    import json
-
-    from unetlm.recipe.structure import unstructure
-
     key = json.dumps([unstructure(model_spec), autocast], sort_keys=True, default=str)
     if key not in _PROFILES:
         try:
@@ -160,10 +157,6 @@ def measure_activations(model_spec, autocast: bool = True) -> ActivationProfile:
 
 
 def _measure(model_spec, autocast: bool) -> ActivationProfile:
-    import warnings
-
-    from unetlm.model.build import build_model
-
     with _fake_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # autocast's dtype notices, once per op kind: not the user's concern
         model = build_model(model_spec)
@@ -172,8 +165,6 @@ def _measure(model_spec, autocast: bool) -> ActivationProfile:
             for rows in (1, 2):
                 inputs = example_inputs(model, rows, model_spec.seq_len)
                 runs[ckpt, rows] = saved_by_forward(model, inputs, ckpt, autocast)
-    from unetlm.model.stack import Stack
-
     blocks = {name: len(m.blocks) for name, m in model.named_modules() if isinstance(m, Stack)}
     one, two = runs[False, 1], runs[False, 2]
     block_peak = max(

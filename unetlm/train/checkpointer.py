@@ -1,17 +1,20 @@
-"""The checkpointer of a training run: what its checkpoint holds, writing it, resuming from it.
+"""The checkpointer of a training run: what its checkpoints hold, writing them, resuming from one.
 
 Usage, every rank alike (all methods but :meth:`saved` are collective)::
 
-    ckpt = Checkpointer(run_dir, world, async_save=False)
-    saved = ckpt.saved()            # train record of the existing checkpoint, or None
+    ckpt = Checkpointer(run_dir, world, async_save=False, verify=False)
+    saved = ckpt.saved()            # train record of the newest valid checkpoint, or None
     ...                             # build, parallelize the model, make optimizer and scheduler
     ckpt.track(model, optimizer, scheduler, recipe, tokenizer, batch_size)
     step = ckpt.load() if saved else 0
     ckpt.save(step)                 # every checkpoint_every steps, at the end, on Ctrl-C
     ckpt.close()                    # waits for a background save
 
-The format (sharded, atomic, resharded on load, read without running code) is
-:mod:`unetlm.train.checkpoint`'s.
+A checkpoint holds ``model`` (parameter name -> tensor, DTensor shards under FSDP2),
+``optimizer`` (its state keyed by parameter name) and ``train`` (JSON text: ``step``,
+``scheduler``, ``rng``, ``recipe``, ``tokenizer``, ``world_size``, ``batch_size``). Where they go,
+how they are committed, kept (``training.keep_checkpoints``) and checked is
+:mod:`unetlm.checkpoint`'s.
 """
 from __future__ import annotations
 
@@ -26,27 +29,43 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from unetlm.train import checkpoint as fmt
-from unetlm.train.parallel import World, barrier
+from unetlm.checkpoint import store
+from unetlm.checkpoint.errors import CheckpointError
+from unetlm.checkpoint.manifest import recipe_sha256
+from unetlm.checkpoint.sharded import read_into, read_train_state, wait_written, write_shards
+from unetlm.train.distributed import World, barrier
+from unetlm.train.rng import rng_state, set_rng_state
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, world: World, async_save: bool = False) -> None:
+    def __init__(self, run_dir: str | Path, world: World, async_save: bool = False, verify: bool = False) -> None:
         self.run_dir = Path(run_dir)
         self.world = world
         self.async_save = async_save
-        self._pending = None  # (future, step) of a background save not yet committed
+        self.verify = verify  # check every file's sha256 before resuming
+        self._pending = None  # (future, folder, step) of a background save not yet committed
         self._group = None
         self._tracked: tuple | None = None
+        self._latest: Path | None = None  # the checkpoint resumed from, then the newest committed
+        self._base = 0  # the step of that checkpoint
 
     @property
     def path(self) -> Path:
-        return self.run_dir / fmt.CHECKPOINT
+        """The newest checkpoint folder this run read or committed, else where its checkpoints go."""
+        return self._latest or self.run_dir / store.CHECKPOINTS
+
+    def _on_skip(self, message: str) -> None:
+        if self.world.main:
+            store.warn(message)
 
     def saved(self) -> dict | None:
-        """The train record (step, recipe, tokenizer, ...) of the run's checkpoint; None if there is none."""
-        directory = fmt.find_checkpoint(self.run_dir)
-        return None if directory is None else fmt.read_train_state(directory)
+        """The train record (step, recipe, tokenizer, ...) of the run's newest valid checkpoint
+        (damaged ones are skipped with a warning); None if there is none."""
+        found = store.latest(self.run_dir, read_train_state, self.verify, self._on_skip)
+        if found is None:
+            return None
+        self._latest, record = found
+        return record
 
     def track(self, model: nn.Module, optimizer, scheduler, recipe, tokenizer, batch_size: int) -> None:
         """What :meth:`save` writes and :meth:`load` restores (``tokenizer``: a trained one, or None;
@@ -62,27 +81,29 @@ class Checkpointer:
         }
 
     def save(self, step: int) -> None:
-        """Write the tracked state at ``step``: each rank its shards, atomically; in the background
-        with ``async_save`` (committed when done, at the latest by the next save or :meth:`close`)."""
+        """Write the tracked state at ``step``: each rank its shards, committed atomically; in the
+        background with ``async_save`` (committed when done, at the latest by the next save or
+        :meth:`close`)."""
         self.wait()
         model, optimizer, scheduler, recipe, tokenizer, batch_size = self._tracked
         train = {
             "step": step,
             "scheduler": scheduler.state_dict(),
-            "rng": fmt.rng_state(),
+            "rng": rng_state(),
             "recipe": recipe.to_dict(),
             "tokenizer": None if tokenizer is None else tokenizer.to_json(),
             "world_size": self.world.size,
             "batch_size": batch_size,
         }
-        directory = fmt.begin_write(self.run_dir, self.world.main)
+        directory = store.begin(self.run_dir, step, self.world.main)
         barrier(self.world)
         state = self._state(json.dumps(train))
-        future = fmt.write_shards(state, directory, self.world.distributed, self._async_group())
+        future = write_shards(state, directory, self.world.distributed, step, recipe_sha256(train["recipe"]),
+                              self._async_group())
         if future is None:
-            self._commit()
+            self._commit(step)
         else:
-            self._pending = future
+            self._pending = (future, directory, step)
 
     def _async_group(self):
         if not self.async_save:
@@ -95,34 +116,41 @@ class Checkpointer:
             self._group = dist.new_group(backend="gloo")
         return self._group
 
-    def _commit(self) -> None:
+    def _commit(self, step: int) -> None:
         if self.world.main:
-            fmt.commit(self.run_dir)
+            store.commit(self.run_dir, step, self._tracked[3].training.keep_checkpoints, self._base)
         barrier(self.world)
+        self._latest, self._base = store.step_dir(self.run_dir, step), step
 
     def wait(self) -> None:
         """Finish and commit a background save."""
         if self._pending is not None:
-            future, self._pending = self._pending, None
-            result = getattr(future, "upload_completion", future)
-            result.result()
-            self._commit()
+            (future, directory, step), self._pending = self._pending, None
+            wait_written(future, directory)
+            self._commit(step)
 
     def load(self) -> int:
-        """Restore the tracked model, optimizer, scheduler and generators; returns the step to continue
-        from. Shards are read straight into this run's layout, whatever world size wrote them."""
+        """Restore the tracked model, optimizer, scheduler and generators from the checkpoint
+        :meth:`saved` chose (or, if it fails to read, the next older valid one); returns the step to
+        continue from. Shards are read straight into this run's layout, whatever world size wrote them."""
         model, optimizer, scheduler = self._tracked[:3]
-        directory = fmt.find_checkpoint(self.run_dir)
-        if directory is None:
-            raise fmt.CheckpointError(f"no checkpoint in {self.run_dir}")
+        directories = store.candidates(self.run_dir)
+        if self._latest not in directories:
+            raise CheckpointError(f"no checkpoint in {self.run_dir}")
         state = self._state("")
-        fmt.read_into(state, directory, self.world.distributed)
+
+        def read(directory: Path) -> dict:
+            read_into(state, directory, self.world.distributed)
+            return json.loads(state["train"])
+
+        older = directories[directories.index(self._latest):]
+        self._latest, train = store.first_usable(older, read, self.verify, self._on_skip, checked=(self._latest,))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
-        train = json.loads(state["train"])
         scheduler.load_state_dict(train["scheduler"])
-        fmt.set_rng_state(train["rng"])
-        return int(train["step"])
+        set_rng_state(train["rng"])
+        self._base = int(train["step"])
+        return self._base
 
     def close(self) -> None:
         self.wait()
@@ -131,4 +159,3 @@ class Checkpointer:
 
             dist.destroy_process_group(self._group)
             self._group = None
-

@@ -33,7 +33,9 @@ def make_optimizer(model: nn.Module, spec: TrainingSpec, lr: float) -> torch.opt
             {"params": decay, "weight_decay": spec.weight_decay, "lr": lr * mult, "lr_multiplier": mult},
             {"params": no_decay, "weight_decay": 0.0, "lr": lr * mult, "lr_multiplier": mult},
         ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(spec.beta1, spec.beta2))
+    # fused: one kernel per device, and its found_inf flag lets a non-finite step be skipped on the
+    # device (unetlm/train/guard.py)
+    return torch.optim.AdamW(groups, lr=lr, betas=(spec.beta1, spec.beta2), fused=True)
 
 
 def lr_factor(step: int, spec: TrainingSpec) -> float:

@@ -12,10 +12,13 @@
    more is an error, never a silent fall back to eager;
 3. FSDP2 (several processes): ``fully_shard`` per block, then the hash-embedding tables, the
    byte embedding and the head as units of their own, then the root (poolers, upsamplers,
-   norms). With bfloat16 training the units gather bfloat16 parameters and reduce gradients
-   in float32 (``MixedPrecisionPolicy``). ``training.shard_size`` below the world size gives
-   HSDP over a 2-D mesh: parameters sharded within groups of ``shard_size`` ranks (a node) and
-   replicated across groups.
+   norms). With bfloat16 training the units gather bfloat16 parameters; gradients are reduced
+   in ``training.reduce_dtype`` (``MixedPrecisionPolicy``). A shard size below the world size
+   gives HSDP over a 2-D mesh: parameters sharded within groups of ``shard_size`` ranks (a node)
+   and replicated across groups.
+
+Training builds the model on the meta device, parallelizes it, then materialises each rank's
+shards (:mod:`unetlm.train.materialize`).
 
 The model code knows none of this: :class:`~unetlm.model.stack.Stack` builds what its blocks
 share before calling them, so a wrapped, compiled or sharded block behaves like the plain one.
@@ -27,61 +30,48 @@ import functools
 import attrs
 import torch
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from unetlm.core.errors import RunError
 from unetlm.model.stack import Stack
-from unetlm.recipe.schema import TrainingSpec
-from unetlm.train.errors import TrainingError
-from unetlm.train.parallel import World
+from unetlm.train.distributed import World
 
 
 @attrs.frozen
-class ParallelPlan:
-    """How :func:`parallelize` treats a model; :func:`plan_parallelism` derives it from the recipe."""
+class Parallelism:
+    """How :func:`parallelize` treats a model, as the run's resolution
+    (:func:`unetlm.train.resolve.resolve_run`) decided it."""
 
     checkpointing: bool  # recompute each block in the backward pass
     compile: bool  # torch.compile the model (compile_regions)
-    shard: bool  # FSDP2 units (several processes)
-    param_dtype: torch.dtype | None  # FSDP2 gathers parameters in this dtype (None: as stored, float32)
-    shard_size: int  # ranks a parameter is sharded over; fewer than the world size: HSDP
+    shard: bool = False  # FSDP2 units (the run has a process group)
     world_size: int = 1
+    shard_size: int = 1  # ranks a parameter is sharded over; fewer than the world size: HSDP
+    param_dtype: torch.dtype | None = None  # FSDP2 gathers parameters in this dtype (None: as stored, float32)
+    reduce_dtype: torch.dtype = torch.float32  # FSDP2 reduces gradients in this dtype
+
+    @property
+    def replicas(self) -> int:
+        return self.world_size // self.shard_size if self.shard else 1
 
     def describe(self) -> str:
         parts = []
         if self.shard:
             parts.append("FSDP2" if self.replicas == 1 else f"HSDP ({self.replicas} replicas x {self.shard_size} shards)")
             if self.param_dtype is not None:
-                parts.append(f"{str(self.param_dtype).removeprefix('torch.')} parameters, float32 reduction")
+                parts.append(f"{dtype_name(self.param_dtype)} parameters")
+            parts.append(f"{dtype_name(self.reduce_dtype)} reduction")
         if self.checkpointing:
             parts.append("activation checkpointing")
         if self.compile:
             parts.append("compiled blocks and transitions" if self.shard else "compiled model")
         return ", ".join(parts) or "eager, unsharded"
 
-    @property
-    def replicas(self) -> int:
-        return self.world_size // self.shard_size if self.shard else 1
 
-
-def plan_parallelism(
-    spec: TrainingSpec, world: World, checkpointing: bool, compiled: bool, dtype: torch.dtype | None
-) -> ParallelPlan:
-    """The plan for ``spec`` on ``world``; ``checkpointing``, ``compiled`` and the autocast ``dtype``
-    as the loop resolved them."""
-    shard_size = spec.shard_size or world.size
-    if world.size % shard_size:
-        raise TrainingError(
-            f"training.shard_size = {spec.shard_size} is invalid: it must divide the {world.size} processes "
-            f"(0 shards over all of them)"
-        )
-    return ParallelPlan(
-        checkpointing=checkpointing,
-        compile=compiled,
-        shard=world.distributed,
-        param_dtype=dtype if world.distributed else None,
-        shard_size=shard_size,
-        world_size=world.size,
-    )
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def mixer_stacks(model: nn.Module) -> list[Stack]:
@@ -90,8 +80,6 @@ def mixer_stacks(model: nn.Module) -> list[Stack]:
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Wrap every mixer block so the backward pass recomputes it (parameter names stay as they were)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
     for stack in mixer_stacks(model):
         for i, block in enumerate(stack.blocks):
             stack.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
@@ -169,13 +157,12 @@ def limit_graphs(graphs: int) -> int:
     return config.recompile_limit
 
 
-def device_mesh(plan: ParallelPlan, world: World):
+def device_mesh(parallelism: Parallelism, world: World):
     """1-D mesh over all ranks, or for HSDP 2-D ("replicate", "shard") with ``shard_size`` ranks per group."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if plan.replicas == 1:
+    if parallelism.replicas == 1:
         return init_device_mesh(world.device.type, (world.size,), mesh_dim_names=("shard",))
-    return init_device_mesh(world.device.type, (plan.replicas, plan.shard_size), mesh_dim_names=("replicate", "shard"))
+    shape = (parallelism.replicas, parallelism.shard_size)
+    return init_device_mesh(world.device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
 @attrs.frozen
@@ -217,29 +204,29 @@ def unit_parameters(units: list[ShardUnit]) -> list[int]:
     return counts
 
 
-def shard(model: nn.Module, plan: ParallelPlan, world: World) -> None:
-    """``fully_shard`` each of :func:`shard_units`, with the plan's mesh and mixed-precision policy."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = device_mesh(plan, world)
-    policy = MixedPrecisionPolicy(param_dtype=plan.param_dtype, reduce_dtype=torch.float32)
+def shard(model: nn.Module, parallelism: Parallelism, world: World) -> None:
+    """``fully_shard`` each of :func:`shard_units`, with the mesh and mixed-precision policy of ``parallelism``."""
+    mesh = device_mesh(parallelism, world)
+    policy = MixedPrecisionPolicy(param_dtype=parallelism.param_dtype, reduce_dtype=parallelism.reduce_dtype)
     for unit in shard_units(model):
         fully_shard(unit.module, mesh=mesh, mp_policy=policy, reshard_after_forward=unit.reshard_after_forward)
 
 
-def parallelize(model: nn.Module, plan: ParallelPlan, world: World) -> nn.Module:
-    """Apply ``plan`` to ``model`` (already on ``world.device``): checkpointing, compile, FSDP2, in that order."""
-    if plan.checkpointing:
+def parallelize(model: nn.Module, parallelism: Parallelism, world: World) -> nn.Module:
+    """Apply ``parallelism`` to ``model`` (on the meta device or ``world.device``): checkpointing, compile,
+    FSDP2, in that order."""
+    if parallelism.checkpointing:
         apply_activation_checkpointing(model)
-    if plan.compile:
-        compile_regions(model, plan.shard)
-    if plan.shard:
-        shard(model, plan, world)
+    if parallelism.compile:
+        compile_regions(model, parallelism.shard)
+    if parallelism.shard:
+        shard(model, parallelism, world)
     return model
 
 
-def set_gradient_sync(model: nn.Module, sync: bool, plan: ParallelPlan) -> None:
-    """Under FSDP2, whether the next backward reduces gradients across ranks (off for all but the
-    last micro-batch of a step); unsharded: nothing to do."""
-    if plan.shard:
-        model.set_requires_gradient_sync(sync)
+def set_last_micro_batch(model: nn.Module, last: bool, parallelism: Parallelism) -> None:
+    """Before a micro-batch's backward. Each one reduce-scatters its gradients within the shard
+    group, where FSDP2 sums them into the sharded gradients; under HSDP the replicas all-reduce only
+    in the step's ``last`` micro-batch (their partial sums kept until then). Unsharded: nothing to do."""
+    if parallelism.shard and parallelism.replicas > 1:
+        model.set_requires_all_reduce(last)

@@ -110,10 +110,11 @@ def split_batch(global_batch: int, processes: int, micro_batch: int = 0) -> Batc
     if global_batch % processes:
         below = global_batch - global_batch % processes
         options = " or ".join(str(b) for b in (below, below + processes) if b > 0)
+        counts = ", ".join(str(n) for n in range(1, global_batch + 1) if global_batch % n == 0)
         raise ValueError(
-            f"training.batch_size = {global_batch} does not split over {processes} processes; the global batch "
-            f"never depends on the process count, so set training.batch_size to a multiple of {processes} "
-            f"(e.g. {options}) or run on a process count that divides {global_batch}"
+            f"training.batch_size = {global_batch} does not split over {processes} processes (each takes whole "
+            f"sequences); the global batch never depends on the process count, so run on a process count that "
+            f"divides {global_batch} ({counts}) or set training.batch_size to a multiple of {processes} (e.g. {options})"
         )
     local = global_batch // processes
     micro = micro_batch or local

@@ -37,7 +37,11 @@ class Upsampler(nn.Module):
         super().__init__()
         self.config = config
         self.coarse_dim, self.fine_dim = coarse_dim, fine_dim
-        self.start = nn.Parameter(torch.zeros(coarse_dim))
+        self.start = nn.Parameter(torch.empty(coarse_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.start)
 
     def with_start(self, coarse: torch.Tensor) -> torch.Tensor:
         """(B, Lc, d) -> (B, Lc + 1, d) with the learned start vector at index 0."""

@@ -12,14 +12,16 @@ A whitespace run yields at most one event. The boundary goes to the first parent
 after the event (with the word stage as parent that is the event byte itself: whitespace after
 a word and every newline are word boundaries). So the result is nested in ``parent``.
 
-One state machine (:class:`SentenceState`) reads the bytes in order, and ``boundaries`` is
-defined by running it: the decision at byte t reads ``data[:t+1]`` and ``parent[:t+1]`` only,
-so it is stable by construction, and cached generation pushes the same state one byte at a time.
+One state machine (:class:`SentenceState`) reads the bytes in order: the decision at byte t reads
+``data[:t+1]`` and ``parent[:t+1]`` only, so it is stable by construction. The splitter defines
+only ``start``; the base class derives ``boundaries`` (the state run over a document) and the
+chunked evaluation ``scan`` (the state carried from chunk to chunk) from it, and cached
+generation pushes the same state one byte at a time. ``version`` is part of the splitter's
+identity, with its options and a digest of this file: a change here makes prepared data stale.
 """
 from __future__ import annotations
 
 import attrs
-import numpy as np
 
 from unetlm.recipe.errors import RecipeError
 from unetlm.splitters.base import Splitter
@@ -52,6 +54,8 @@ class SentenceSplitter(Splitter):
         {"terminators": ".!?\u2026", "closers": "\u201d)"},  # multi-byte terminator and closer
     ]
 
+    version = 1  # bump it when the rule changes in a way this file does not show
+
     def __init__(self, config: SentenceConfig) -> None:
         super().__init__(config)
         # (UTF-8 sequence, is_closer) grouped by last byte, so most bytes need no check at all
@@ -61,10 +65,6 @@ class SentenceSplitter(Splitter):
                 seq = char.encode("utf-8")
                 self.rules.setdefault(seq[-1], []).append((seq, is_closer))
         self.longest = max(len(seq) for rules in self.rules.values() for seq, _ in rules)
-
-    def boundaries(self, data: bytes, parent: np.ndarray) -> np.ndarray:
-        push = self.start().push
-        return np.fromiter(map(push, data, np.asarray(parent, dtype=bool).tolist()), dtype=bool, count=len(data))
 
     def start(self) -> SentenceState:
         return SentenceState(self)

@@ -1,11 +1,12 @@
 """The prepared-data format: names of files, the version, what identifies a preparation.
 
-A prepared directory holds ``plan.json`` (what was prepared: sources, shard plan, splitters,
-tokenizer), ``tokenizer.json`` for BPE recipes, and ``shards/NNNNN/`` per shard with
-``tokens.u8|u16|u32`` (document bytes or token ids, no BOS), ``docs.i64`` ((documents, 2):
-token and stream-byte offset of each document's BOS in the shard), ``maskK.bits`` (stage K's
-boundary mask over the shard's tokens, BOS included, ``np.packbits``) and ``manifest.json``
-(sizes, sha256 checksums, counts). docs/data.md describes every field.
+A prepared directory holds ``preparation.json`` (what was prepared: sources, the units of
+input, splitters, tokenizer), ``tokenizer.json`` for BPE recipes, and ``shards/UUUUU-PPPP/`` per shard
+(part ``P`` of input unit ``U``) with ``tokens.u8|u16|u32`` (document bytes or token ids, no BOS),
+``docs.i64`` ((documents, 2): token and stream-byte offset of each document's BOS in the shard),
+``maskK.bits`` (stage K's boundary mask over the shard's tokens, BOS included, ``np.packbits``)
+and ``manifest.json`` (sizes, sha256 checksums, counts, whether it is its unit's last part).
+docs/data.md describes every field.
 """
 from __future__ import annotations
 
@@ -16,25 +17,33 @@ import tempfile
 from pathlib import Path
 
 from unetlm.data.errors import PreparationIncomplete, PreparedDataError
+from unetlm.splitters.base import SplitterIdentityError
 
 FORMAT = "unetlm-prepared"
-VERSION = 1
-PLAN = "plan.json"
+VERSION = 2
+PREPARATION = "preparation.json"
 TOKENIZER = "tokenizer.json"
 SHARDS = "shards"
 MANIFEST = "manifest.json"
 DOCS = "docs.i64"
-
-# entropy-splitter options that change where work runs, not which boundaries come out
-_NOT_DECISIONS = {"device", "cache_dir"}
 
 
 def reprepare_hint(out) -> str:
     return f"re-prepare with: unetlm prepare RECIPE --out {out}"
 
 
-def shard_dir(out: Path, index: int) -> Path:
-    return Path(out) / SHARDS / f"{index:05d}"
+def stale_hint(out) -> str:
+    """How to replace a directory prepared with other splitters or tokenizer."""
+    return f"delete {out} and re-prepare with: unetlm prepare RECIPE --out {out}"
+
+
+def shard_dir(out: Path, unit: int, part: int) -> Path:
+    return Path(out) / SHARDS / f"{unit:05d}-{part:04d}"
+
+
+def unit_shards(out: Path, unit: int) -> list[Path]:
+    """The finished shard folders of ``unit`` (whatever their part numbers)."""
+    return sorted((Path(out) / SHARDS).glob(f"{unit:05d}-*"))
 
 
 def token_file(dtype) -> str:
@@ -56,15 +65,6 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def content_digest(path: str | Path) -> str:
-    """sha256 of a file, or of a folder's files (their relative names and digests, in sorted order)."""
-    path = Path(path)
-    if path.is_file():
-        return file_digest(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return digest_of([[str(p.relative_to(path)), file_digest(p)] for p in files])
-
-
 def digest_of(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
@@ -79,17 +79,37 @@ def byte_splitter_components(recipe) -> list:
     return out
 
 
-def splitter_identity(component) -> dict:
-    """What decides a splitter's boundaries: its name and options (an entropy model by content)."""
-    table = {k: v for k, v in component.to_table().items() if k not in _NOT_DECISIONS}
-    checkpoint = table.get("checkpoint") if component.name == "entropy" else None
-    if checkpoint and Path(checkpoint).exists():  # a model by its content, wherever it lies
-        table["checkpoint"] = {"sha256": content_digest(checkpoint)}
-    return table
+def splitter_identity(component, stage: int) -> dict:
+    """What decides the boundaries of stage ``stage``'s splitter: its name, options and code
+    (:meth:`~unetlm.splitters.base.Splitter.identity`)."""
+    try:
+        return {"name": component.name} | component.build_class()(component.config).identity()
+    except SplitterIdentityError as exc:
+        raise SplitterIdentityError(f"model.stages[{stage}].splitter {component.name!r}: {exc}") from None
 
 
 def splitter_identities(recipe) -> list[dict]:
-    return [splitter_identity(c) for c in byte_splitter_components(recipe)]
+    return [splitter_identity(c, s + 1) for s, c in enumerate(byte_splitter_components(recipe))]
+
+
+def show_splitter(identity: dict | None) -> str:
+    """A splitter identity as its recipe table, e.g. {name = 'regex', preset = 'word'}."""
+    if identity is None:
+        return "(none)"
+    return show({"name": identity["name"], **identity["options"]})
+
+
+def code_change(old: dict, new: dict) -> str | None:
+    """What differs between two identities' code, when their options agree (None otherwise)."""
+    if {k: old.get(k) for k in ("name", "options")} != {k: new.get(k) for k in ("name", "options")}:
+        return None
+    a, b = old["code"], new["code"]
+    changes = [f"{key} {a.get(key)!r}, now {b.get(key)!r}" for key in ("class", "version") if a.get(key) != b.get(key)]
+    if a.get("source_sha256") != b.get("source_sha256"):
+        short = lambda d: (d or "none")[:12]  # noqa: E731
+        changes.append(f"its source changed (sha256 {short(a.get('source_sha256'))}..., now "
+                       f"{short(b.get('source_sha256'))}...)")
+    return "; ".join(changes)
 
 
 def tokenizer_identity(recipe) -> dict | None:
@@ -148,8 +168,8 @@ def check_version(data: dict, path: Path, out) -> None:
         )
 
 
-def open_shard(folder: Path, plan: dict, out) -> dict:
-    """The manifest of a finished shard of ``plan``, after checking that every file it lists has its
+def open_shard(folder: Path, preparation: dict, out) -> dict:
+    """The manifest of a finished shard of ``preparation``, after checking that every file it lists has its
     recorded size. Raises :class:`PreparationIncomplete` when the shard is not written yet."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -159,11 +179,14 @@ def open_shard(folder: Path, plan: dict, out) -> dict:
         )
     manifest = read_json(manifest_path, out)
     check_version(manifest, manifest_path, out)
-    if manifest.get("key") != plan["key"]:
-        raise PreparedDataError(f"{folder} belongs to another preparation than {Path(out) / PLAN}; {reprepare_hint(out)}")
-    if manifest.get("tokenizer_sha256") != plan["tokenizer_sha256"]:
+    if manifest.get("key") != preparation["key"]:
         raise PreparedDataError(
-            f"{folder} was tokenized with another {TOKENIZER} than {Path(out) / PLAN} records; {reprepare_hint(out)}"
+            f"{folder} belongs to another preparation than {Path(out) / PREPARATION}; {reprepare_hint(out)}"
+        )
+    if manifest.get("tokenizer_sha256") != preparation["tokenizer_sha256"]:
+        raise PreparedDataError(
+            f"{folder} was tokenized with another {TOKENIZER} than {Path(out) / PREPARATION} records; "
+            f"{reprepare_hint(out)}"
         )
     rewrite = "rerun the same unetlm prepare command to rewrite that shard"
     for entry in manifest["files"]:

@@ -16,19 +16,20 @@ import numpy as np
 from unetlm.core.tokens import BOS, BYTES
 from unetlm.data.packing import TokenStream
 from unetlm.data.prepared.format import (
-    DOCS, PLAN, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, file_digest, mask_file, open_shard,
-    read_json,
-    reprepare_hint, shard_dir, show, splitter_identities, token_file,
+    DOCS, PREPARATION, TOKENIZER, PreparationIncomplete, PreparedDataError, check_version, code_change, file_digest,
+    mask_file, open_shard, read_json, reprepare_hint, shard_dir, show, show_splitter, splitter_identities,
+    stale_hint, token_file,
 )
 
 _OPEN_SHARDS = 16  # memory maps kept open per corpus
+_TOKEN_BLOCK = 1 << 22  # tokens read at a time when walking one document
 
 
 @attrs.define
 class _Shard:
     folder: Path
-    token_start: int  # global token offset of the shard's first BOS
-    doc_start: int  # global id of its first document
+    token_start: int  # global token offset of the shard's first token
+    doc_start: int  # global id of its first BOS's document (a shard may start inside the one before)
     num_tokens: int  # tokens used (fewer than written when max_bytes cuts the shard)
     dtype: str
     files: list[dict]
@@ -37,17 +38,17 @@ class _Shard:
 class PreparedCorpus:
     """A prepared directory as one token stream ``BOS doc0 BOS doc1 ...`` with document ids and masks."""
 
-    def __init__(self, path: Path, plan: dict, shards: list[_Shard], doc_starts, doc_byte_starts, num_tokens,
+    def __init__(self, path: Path, preparation: dict, shards: list[_Shard], doc_starts, doc_byte_starts, num_tokens,
                  num_bytes, tokenizer) -> None:
         self.path = path
-        self.plan = plan
+        self.preparation = preparation
         self.shards = shards
         self.doc_starts = doc_starts
         self.doc_byte_starts = doc_byte_starts
         self.num_tokens = num_tokens
         self.num_bytes = num_bytes
         self.num_documents = len(doc_starts)
-        self.num_masks = plan["num_masks"]
+        self.num_masks = preparation["num_masks"]
         self.tokenizer = tokenizer
         self._shard_starts = np.array([s.token_start for s in shards], dtype=np.int64)
         self._maps: OrderedDict = OrderedDict()
@@ -59,20 +60,21 @@ class PreparedCorpus:
         """Open ``path`` (checking format, every shard's files and sizes); with ``recipe``, refuse
         one whose byte-level splitters or tokenizer differ from those the data was prepared with."""
         path = Path(path)
-        plan_path = path / PLAN
-        if not plan_path.is_file():
-            what = "holds no plan.json (not prepared, or prepare has not started)" if path.exists() else "does not exist"
+        record_path = path / PREPARATION
+        if not record_path.is_file():
+            what = f"holds no {PREPARATION} (not prepared, or prepare has not started)" if path.exists() else \
+                "does not exist"
             raise PreparedDataError(f"prepared data {path} {what}; prepare it with: unetlm prepare RECIPE --out {path}")
-        plan = read_json(plan_path, path)
-        check_version(plan, plan_path, path)
+        preparation = read_json(record_path, path)
+        check_version(preparation, record_path, path)
         if recipe is not None:
-            check_recipe(plan, recipe, path)
-        if plan["num_shards"] is None:
+            check_recipe(preparation, recipe, path)
+        if preparation["num_units"] is None:
             raise PreparationIncomplete(
                 f"{path}: prepare has not finished streaming the source; rerun the same unetlm prepare command"
             )
-        tokenizer = _tokenizer(path, plan)
-        return cls(path, plan, *_index(path, plan), tokenizer)
+        tokenizer = _tokenizer(path, preparation)
+        return cls(path, preparation, *_index(path, preparation), tokenizer)
 
     def __getstate__(self) -> dict:
         return self.__dict__ | {"_maps": OrderedDict()}  # memory maps are reopened in the new process
@@ -157,15 +159,22 @@ class PreparedCorpus:
         if self.doc_byte_starts[d] == n:
             return first
         end = int(self.doc_starts[d + 1]) if d + 1 < self.num_documents else self.num_tokens
-        ids = self.read(first + 1, end).tokens
-        ends = int(self.doc_byte_starts[d]) + 1 + np.cumsum(self.tokenizer.lengths[ids])
-        return first + 1 + int(np.searchsorted(ends, n, "right"))
+        at, pos = first + 1, int(self.doc_byte_starts[d]) + 1  # a token, and the stream byte it starts at
+        while at < end:  # the document's tokens a block at a time, however long it is
+            ids = self.read(at, min(end, at + _TOKEN_BLOCK)).tokens
+            ends = pos + np.cumsum(self.tokenizer.lengths[ids])
+            k = int(np.searchsorted(ends, n, "right"))
+            if k < len(ids):
+                return at + k
+            at, pos = at + len(ids), int(ends[-1])
+        return end
 
     def verify(self) -> None:
         """Check every file's sha256 against its manifest; an error names the first corrupt file."""
-        if self.plan.get("tokenizer_sha256") and file_digest(self.path / TOKENIZER) != self.plan["tokenizer_sha256"]:
+        recorded = self.preparation.get("tokenizer_sha256")
+        if recorded and file_digest(self.path / TOKENIZER) != recorded:
             raise PreparedDataError(
-                f"{self.path / TOKENIZER} is corrupt (sha256 differs from plan.json); {reprepare_hint(self.path)}"
+                f"{self.path / TOKENIZER} is corrupt (sha256 differs from {PREPARATION}); {reprepare_hint(self.path)}"
             )
         for shard in self.shards:
             for entry in shard.files:
@@ -190,9 +199,10 @@ def _memmap(path: Path, dtype):
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def check_recipe(plan: dict, recipe, path: Path) -> None:
-    """Refuse ``recipe`` if its byte-level splitters or tokenizer are not those ``plan`` was prepared with."""
-    old, new = plan["tokenizer"], recipe.model.tokenizer
+def check_recipe(preparation: dict, recipe, path: Path) -> None:
+    """Refuse ``recipe`` if its byte-level splitters (options or code) or tokenizer are not those
+    the ``preparation`` record names."""
+    old, new = preparation["tokenizer"], recipe.model.tokenizer
     same = (old is None and new is None) or (
         old is not None and new is not None and (old["name"], old["vocab_size"]) == (new.name, new.vocab_size)
     )
@@ -200,21 +210,28 @@ def check_recipe(plan: dict, recipe, path: Path) -> None:
         shown = None if new is None else {"name": new.name, "vocab_size": new.vocab_size}
         raise PreparedDataError(
             f"{path} was prepared with tokenizer {show(old) if old else 'bytes'}, but the recipe's tokenizer is "
-            f"{show(shown) if shown else 'bytes'}; {reprepare_hint(path)}"
+            f"{show(shown) if shown else 'bytes'}; {stale_hint(path)}"
         )
-    have, want = plan["splitters"], splitter_identities(recipe)
+    have, want = preparation["splitters"], splitter_identities(recipe)
     for s in range(max(len(have), len(want))):
         old = have[s] if s < len(have) else None
         new = want[s] if s < len(want) else None
-        if old != new:
+        if old == new:
+            continue
+        change = None if old is None or new is None else code_change(old, new)
+        if change:
             raise PreparedDataError(
-                f"{path} was prepared with stage {s + 1} splitter {show(old)}, but the recipe's stage {s + 1} "
-                f"splitter is {show(new)}; {reprepare_hint(path)}"
+                f"{path} was prepared with another version of stage {s + 1} splitter {show_splitter(new)} "
+                f"({change}); its boundaries may differ: {stale_hint(path)}"
             )
+        raise PreparedDataError(
+            f"{path} was prepared with stage {s + 1} splitter {show_splitter(old)}, but the recipe's stage {s + 1} "
+            f"splitter is {show_splitter(new)}; {stale_hint(path)}"
+        )
 
 
-def _tokenizer(path: Path, plan: dict):
-    if plan["tokenizer"] is None:
+def _tokenizer(path: Path, preparation: dict):
+    if preparation["tokenizer"] is None:
         return BYTES
     from unetlm.data.bpe import BpeTokenizer
 
@@ -224,31 +241,45 @@ def _tokenizer(path: Path, plan: dict):
     return BpeTokenizer.from_json(file.read_text(encoding="utf-8"))
 
 
-def _index(path: Path, plan: dict):
+def _parts(path: Path, preparation: dict):
+    """(folder, manifest) of every shard of the stream in order: each unit's parts up to its last."""
+    for unit in range(preparation["num_units"]):
+        part = 0
+        while True:
+            folder = shard_dir(path, unit, part)
+            manifest = open_shard(folder, preparation, path)
+            yield folder, manifest
+            if manifest["last"]:
+                break
+            part += 1
+
+
+def _index(path: Path, preparation: dict):
     """Shards, document starts (tokens and stream bytes), tokens and bytes of the stream, up to the
-    document that crosses ``max_bytes``; checks every file of every shard used."""
-    max_bytes = plan["max_bytes"]
+    end of the document that crosses ``max_bytes``; checks every file of every shard used."""
+    max_bytes = preparation["max_bytes"]
     shards, starts, byte_starts = [], [], []
-    tokens = n_bytes = docs = content = 0
-    for i in range(plan["num_shards"]):
-        folder = shard_dir(path, i)
-        manifest = open_shard(folder, plan, path)
+    tokens = n_bytes = docs = 0
+    for folder, manifest in _parts(path, preparation):
         index = np.fromfile(folder / DOCS, dtype=np.int64).reshape(-1, 2)
-        used = len(index)
+        used, cut = len(index), False
         if max_bytes:
-            ends = np.append(index[1:, 1], manifest["num_bytes"])  # stream bytes after each document
-            lengths = ends - index[:, 1] - 1
-            crossing = np.flatnonzero(content + np.cumsum(lengths) >= max_bytes)
-            if len(crossing):
-                used = int(crossing[0]) + 1
-            content += int(lengths[:used].sum())
+            # a document ends at each BOS after the stream's first, and at the shard's end unless it
+            # continues: (stream bytes there, BOS before it, BOS of this shard kept when cut there)
+            ends = [(int(b), docs + k, k) for k, b in enumerate(index[:, 1]) if docs + k > 0]
+            if not manifest["continues"] and docs + len(index) > 0:
+                ends.append((manifest["num_bytes"], docs + len(index), len(index)))
+            for end_byte, before, kept in ends:
+                if n_bytes + end_byte - before >= max_bytes:  # content bytes of the documents ended so far
+                    used, cut = kept, True
+                    break
         shard_tokens = manifest["num_tokens"] if used == len(index) else int(index[used, 0])
         shard_bytes = manifest["num_bytes"] if used == len(index) else int(index[used, 1])
         shards.append(_Shard(folder, tokens, docs, shard_tokens, manifest["token_dtype"], manifest["files"]))
         starts.append(index[:used, 0] + tokens)
         byte_starts.append(index[:used, 1] + n_bytes)
         tokens, n_bytes, docs = tokens + shard_tokens, n_bytes + shard_bytes, docs + used
-        if max_bytes and content >= max_bytes:
+        if cut:
             break
     if docs == 0:
         raise PreparedDataError(f"{path} holds no documents (the data sources were empty); nothing to read")

@@ -1,9 +1,18 @@
-"""Writing one shard: token ids, document index, bit-packed boundary masks, manifest last.
+"""Writing one unit of input as shards: token ids, document index, bit-packed boundary masks, manifest last.
+
+A unit's documents arrive as pieces (:mod:`unetlm.data.sources`). Documents held in one piece
+are gathered into groups of about :data:`GROUP_BYTES` and split together (an entropy model runs
+over many documents' windows per forward); a longer document is split piece by piece, its
+splitters' scans and the tokenizer carrying their state from one piece to the next
+(:class:`~unetlm.splitters.splitting.ChainScan`), so memory stays O(piece) however long it is.
+The unit's stream is cut into shards (parts ``0, 1, ...``) of about ``shard_bytes`` stream bytes,
+between pieces, so one document may span many shards; the last part's manifest says it is last.
 
 A shard is written into a temporary folder next to its final place and renamed when complete,
 so a shard folder either holds a whole shard or does not exist. Every byte goes through
-:func:`write_bytes` (one place to see a full disk); on any failure the temporary folder is
-removed and a full disk becomes a :class:`PreparedDataError` naming the file.
+:func:`write_bytes` (one place to see a full disk); on any failure the temporary folder and the
+unit's shards written so far are removed, and a full disk becomes a :class:`PreparedDataError`
+naming the file.
 """
 from __future__ import annotations
 
@@ -16,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from unetlm.core.tokens import BYTES
 from unetlm.data.prepared.format import (
-    DOCS, FORMAT, MANIFEST, VERSION, PreparedDataError, mask_file, shard_dir, token_file, write_json_atomic,
+    DOCS, FORMAT, MANIFEST, VERSION, PreparedDataError, mask_file, shard_dir, token_file, unit_shards,
+    write_json_atomic,
 )
-from unetlm.splitters.splitting import split_document
+from unetlm.splitters.splitting import ChainScan, split_document
 
-GROUP_BYTES = 4 << 20  # documents are tokenized and split in groups of about this many bytes
+GROUP_BYTES = 4 << 20  # documents held in one piece are tokenized and split in groups of about this many bytes
 
 
 def write_bytes(f, data: bytes) -> None:
@@ -80,86 +91,142 @@ def document_masks(splitters, documents: list[bytes]) -> list[np.ndarray]:
     return [split_document([p[i] for p in per_document], data) for i, data in enumerate(documents)]
 
 
-def _groups(documents: Iterable[bytes]) -> Iterable[list[bytes]]:
-    group, size = [], 0
-    for data in documents:
-        group.append(data)
-        size += len(data)
-        if size >= GROUP_BYTES:
-            yield group
-            group, size = [], 0
-    if group:
-        yield group
+class Encoder:
+    """A document's token ids from its pieces: bytes as they are; a BPE tokenizer's ids of the text
+    up to the last place where cutting cannot change them (:meth:`BpeTokenizer.safe_cut`), the rest
+    carried to the next piece, so the ids equal those of the whole document."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.carry = tokenizer, b""
+
+    def feed(self, data: bytes, end: bool) -> np.ndarray:
+        if self.tokenizer is BYTES:
+            return np.frombuffer(data, dtype=np.uint8)
+        text = self.carry + data
+        cut = len(text) if end else self.tokenizer.safe_cut(text)
+        self.carry = text[cut:]
+        return self.tokenizer.encode(text[:cut])
 
 
-def write_shard(
+class _Shard:
+    """One shard being written in its temporary folder: the stream's tokens, BOS offsets and masks."""
+
+    def __init__(self, out: Path, unit: int, part: int, n_masks: int, dtype) -> None:
+        self.final = shard_dir(out, unit, part)
+        self.tmp = self.final.with_name(f".{self.final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self.dtype, self.current = dtype, self.tmp
+        self.tokens = _File(self.tmp / token_file(dtype))
+        self.masks = [_BitFile(self.tmp / mask_file(s + 1)) for s in range(n_masks)]
+        self.bos: list[tuple[int, int]] = []  # (token, stream byte) offset of each document's BOS
+        self.n_tokens = self.n_bytes = 0
+
+    def write(self, bos: bool, ids: np.ndarray, masks: np.ndarray | None, n_bytes: int) -> None:
+        """A document's start (``bos``) and/or its next ``n_bytes`` bytes, as ``ids`` and ``masks``."""
+        if bos:
+            self.bos.append((self.n_tokens, self.n_bytes))
+        self.current = self.tokens.path
+        self.tokens.write(np.asarray(ids, dtype=self.dtype).tobytes())
+        for mask, bits in zip(self.masks, masks if masks is not None else ()):
+            self.current = mask.path
+            mask.write_bits(np.concatenate([[True], bits]) if bos else bits)  # a BOS is a boundary at every stage
+        self.n_tokens += len(ids) + bos
+        self.n_bytes += n_bytes + bos
+
+    def close(self, header: dict, last: bool, continues: bool) -> dict:
+        self.current = self.tmp / DOCS
+        docs = _File(self.current)
+        docs.write(np.asarray(self.bos, dtype=np.int64).reshape(-1, 2).tobytes())
+        files = [f.close() for f in (self.tokens, docs, *self.masks)]
+        manifest = header | {
+            "format": FORMAT,
+            "version": VERSION,
+            "last": last,
+            "continues": continues,
+            "num_tokens": self.n_tokens,
+            "num_bytes": self.n_bytes,
+            "num_documents": len(self.bos),
+            "token_dtype": np.dtype(self.dtype).name,
+            "files": files,
+        }
+        self.current = self.tmp / MANIFEST
+        write_json_atomic(self.current, manifest)
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError:
+            if not (self.final / MANIFEST).is_file():
+                raise
+            shutil.rmtree(self.tmp, ignore_errors=True)  # another job finished the same shard first
+        return manifest
+
+
+def write_unit(
     out: Path,
-    index: int,
-    documents: Iterable[bytes],
+    unit: int,
+    pieces: Iterable[tuple[bytes, bool]],
     splitters: list,
     tokenizer,
     header: dict,
+    shard_bytes: int,
     details: Callable[[], dict] = dict,
-    on_bytes: Callable[[int], None] | None = None,
-) -> dict:
-    """Write shard ``index`` of ``out`` from ``documents``; returns its manifest.
+) -> list[dict]:
+    """Write unit ``unit`` of ``out`` from its document pieces as shards of about ``shard_bytes``
+    stream bytes; returns their manifests. ``header`` (the preparation's key, the unit's input, ...) and
+    ``details()``, called once the pieces are read, are copied into the last manifest (the others
+    get ``header``)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    manifests: list[dict] = []
+    shard = _Shard(out, unit, 0, len(splitters), dtype)
+    group: list[bytes] = []
+    scan = encoder = None  # the open document's, when it spans pieces
 
-    ``header`` (the plan's key, the shard's input, ...) and ``details()``, called once the
-    documents are read, are copied into the manifest.
-    """
-    final = shard_dir(out, index)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    current = tmp
+    def room(open_document: bool) -> None:
+        nonlocal shard
+        if shard.n_bytes >= shard_bytes:
+            part = len(manifests)
+            manifests.append(shard.close(header | {"unit": unit, "part": part}, last=False, continues=open_document))
+            shard = _Shard(out, unit, part + 1, len(splitters), dtype)
+
+    def write_group() -> None:
+        masks = document_masks(splitters, group) if splitters else [None] * len(group)
+        for data, bits in zip(group, masks):
+            room(False)
+            shard.write(True, Encoder(tokenizer).feed(data, True), bits, len(data))
+        group.clear()
+
     try:
-        dtype = token_dtype(tokenizer.vocab_size)
-        tokens = _File(tmp / token_file(dtype))
-        masks = [_BitFile(tmp / mask_file(s + 1)) for s in range(len(splitters))]
-        index_rows: list[tuple[int, int]] = []
-        n_tokens = n_bytes = 0
-        for group in _groups(documents):
-            group_masks = document_masks(splitters, group) if splitters else None
-            for i, data in enumerate(group):
-                ids = tokenizer.encode(data)
-                index_rows.append((n_tokens, n_bytes))
-                n_tokens += len(ids) + 1
-                n_bytes += len(data) + 1
-                current = tokens.path
-                tokens.write(np.asarray(ids, dtype=dtype).tobytes())
-                for mask, bits in zip(masks, group_masks[i] if group_masks is not None else ()):
-                    current = mask.path
-                    mask.write_bits(np.concatenate([[True], bits]))  # the BOS is a boundary at every stage
-            if on_bytes is not None:
-                on_bytes(sum(len(d) for d in group))
-        current = tmp / DOCS
-        docs = _File(current)
-        docs.write(np.asarray(index_rows, dtype=np.int64).reshape(-1, 2).tobytes())
-        files = [f.close() for f in (tokens, docs, *masks)]
-        manifest = header | details() | {
-            "format": FORMAT,
-            "version": VERSION,
-            "shard": index,
-            "num_tokens": n_tokens,
-            "num_bytes": n_bytes,
-            "num_documents": len(index_rows),
-            "token_dtype": np.dtype(dtype).name,
-            "files": files,
-        }
-        current = tmp / MANIFEST
-        write_json_atomic(current, manifest)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / MANIFEST).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another job finished the same shard first
-        return manifest
+        size = 0
+        for data, end in pieces:
+            if scan is None and end:  # a whole document
+                group.append(data)
+                size += len(data)
+                if size >= GROUP_BYTES:
+                    write_group()
+                    size = 0
+                continue
+            if group:
+                write_group()
+                size = 0
+            starts = scan is None
+            if starts:
+                scan, encoder = ChainScan(splitters), Encoder(tokenizer)
+            room(not starts)
+            shard.write(starts, encoder.feed(data, end), scan.feed(data) if splitters else None, len(data))
+            if end:
+                scan = encoder = None
+        if group:
+            write_group()
+        last = header | details() | {"unit": unit, "part": len(manifests)}
+        manifests.append(shard.close(last, last=True, continues=False))
+        return manifests
     except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(shard.tmp, ignore_errors=True)
+        for folder in unit_shards(out, unit):
+            shutil.rmtree(folder, ignore_errors=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise PreparedDataError(
-                f"no space left on the device while writing {current} ({exc.strerror}); the unfinished shard "
+                f"no space left on the device while writing {shard.current} ({exc.strerror}); the unfinished shard "
                 f"was removed, finished shards are kept: free space and rerun the same command to continue"
             ) from None
         raise
