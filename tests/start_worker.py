@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from unetlm.core.process import end_process
 from unetlm.core.tokens import PAD
 from unetlm.data.packing import Batch
 from unetlm.recipe import load_recipe
@@ -88,4 +89,4 @@ def main(out: Path, tiny: Path, big: Path | None = None) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
-    distributed.end_process(0)
+    end_process(0)

@@ -164,3 +164,17 @@ def test_generate_writes_raw_bytes(tmp_path, monkeypatch):
         argv = ["generate", "x.pt", "--prompt-file", str(prompt), *extra, "--max-bytes", "4", "--seed", "0"]
         assert main(argv) == 0
         assert b"caf\xe9 \xff" in raw.getvalue() and raw.getvalue().endswith(b"\n")
+
+
+def test_a_torchrun_worker_ends_without_interpreter_finalisation(monkeypatch, capsys):
+    """One of several torchrun processes leaves through ``end_process`` with the command's status (a
+    gloo thread still releasing tensors at finalisation would abort it and lose the status); one
+    process returns the status as usual."""
+    import unetlm.cli as cli
+
+    ended = []
+    monkeypatch.setattr(cli, "end_process", ended.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["train", "no-such-recipe.toml"]) == 2 and ended == [2]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli.main(["train", "no-such-recipe.toml"]) == 2 and ended == [2]

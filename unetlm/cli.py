@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from unetlm.core.process import end_process, several_processes
+
 DEFAULT_RECIPE = "recipes/tiny/au2.toml"
 AUTO_NOTE = "99.9th percentile of boundaries per window, rounded up to a multiple of 16"
 
@@ -761,11 +763,9 @@ def exit_status(exc: BaseException) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unetlm.train import distributed
-
     status = run_command(argv)
-    if distributed.several_processes():
-        distributed.end_process(status)
+    if several_processes():
+        end_process(status)
     return status
 
 

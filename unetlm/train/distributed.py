@@ -8,11 +8,8 @@ the model is sharded is :mod:`unetlm.train.parallelize`'s; checkpoints are
 """
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from datetime import timedelta
-from typing import NoReturn
 
 import attrs
 import torch
@@ -91,23 +88,6 @@ def init_world(device_name: str, timeout_minutes: float = 30.0) -> World:
 def close_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def several_processes() -> bool:
-    """Whether this process is one of several started by torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def end_process(status: int) -> NoReturn:
-    """End a torchrun worker with ``status``, output flushed, skipping interpreter finalisation.
-
-    A gloo group outlives ``destroy_process_group`` while FSDP2's device meshes hold it, and its worker
-    threads release the Python tensors of the last collectives under the GIL; one still waiting when
-    finalisation starts aborts the process (SIGABRT), and the exit status (75: resume me) is lost."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(status)
 
 
 def max_over_ranks(values: list[float], world: World) -> list[float]:
