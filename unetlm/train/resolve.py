@@ -83,9 +83,9 @@ class ResolvedRun:
 
 
 def mask_buffers(meta_model) -> tuple[ExtraBuffer, ...]:
-    """Each stage's attention block mask, built once per micro-batch and kept until the backward."""
-    return tuple(ExtraBuffer(f"stage {s} attention mask", per_row=size)
-                 for s, size in enumerate(stage_mask_bytes(meta_model, rows=1)) if size)
+    """The stages' attention block masks (one per stage), built once per micro-batch and kept until the backward."""
+    per_row = sum(stage_mask_bytes(meta_model, rows=1))
+    return (ExtraBuffer("attention block masks", per_row=per_row),) if per_row else ()
 
 
 def resolve_run(
