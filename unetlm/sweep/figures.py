@@ -47,12 +47,7 @@ def _held_out(out: Path, rows: list[dict]) -> Path:
     ax.errorbar([r["bpb"] for r in rows], y, xerr=err, fmt="o", capsize=3, color="tab:blue")
     ax.set_yticks(y, [f"{r['name']}\n{sci(r['flops'])} FLOPs" for r in rows], fontsize="x-small")
     ax.set_xlabel("held-out bits per byte (lower is better)")
-    ax.set_title("held-out bits per byte of each run (95% intervals)")
-    ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, out, "held-out bits per byte of each run (95% intervals)")
 
 
 def _scaling(out: Path, rows: list[dict], fits: list[PowerLaw], crossings: list[dict]) -> Path:
@@ -91,13 +86,8 @@ def _scaling(out: Path, rows: list[dict], fits: list[PowerLaw], crossings: list[
     ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("held-out bits per byte")
-    ax.set_title("held-out bits per byte against training compute (95% intervals)")
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _finish(fig, ax, out, "held-out bits per byte against training compute (95% intervals)", which="both")
 
 
 def _differences(out: Path, pairs: list[dict]) -> Path:
@@ -113,8 +103,18 @@ def _differences(out: Path, pairs: list[dict]) -> Path:
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(y, [f"{p['a']}\n - {p['b']}" for p in pairs], fontsize="x-small")
     ax.set_xlabel("A - B held-out bits per byte (negative: A better); grey: interval contains 0")
-    ax.set_title("paired differences on the same held-out blocks (95% intervals)")
-    ax.grid(True, axis="x", alpha=0.3)
+    return _finish(fig, ax, out, "paired differences on the same held-out blocks (95% intervals)")
+
+
+def _finish(fig, ax, out: Path, title: str, which: str | None = None) -> Path:
+    """Title and grid (along x, or on both axes' major and minor ticks), then write ``out`` and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    if which:
+        ax.grid(True, which=which, alpha=0.3)
+    else:
+        ax.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
