@@ -110,6 +110,29 @@ def test_recipe_error_is_reported_once(tmp_path):
     assert done.stderr.count("training.lr = 'fast' is invalid") == 1
 
 
+def late_rank_program(rank: int, seconds: float) -> tuple[str, ...]:
+    """torchrun's program: the command line, started ``seconds`` late on rank ``rank``."""
+    code = (f"import os, sys, time\nif os.environ['RANK'] == '{rank}': time.sleep({seconds})\n"
+            "from unetlm.cli import main\nsys.exit(main(sys.argv[1:]))")
+    return ("--no-python", sys.executable, "-c", code)
+
+
+def test_an_error_every_rank_meets_is_reported_once_when_rank_0_meets_it_last(tmp_path):
+    """torchrun ends the other ranks when one fails: rank 1 failing first must not silence rank 0."""
+    done = torchrun(["train", "no-such-recipe.toml"], tmp_path, program=late_rank_program(0, 1.5))
+    assert done.returncode != 0
+    assert done.stderr.count("unetlm: error: ") == 1 and "no-such-recipe.toml" in done.stderr
+    assert "(rank 1)" not in done.stderr
+
+
+def test_an_error_of_one_rank_other_than_0_is_reported_with_its_rank(tmp_path):
+    """Rank 0 still busy (never failing on its own), rank 1 fails: its error is written, naming it."""
+    done = torchrun(["train", "no-such-recipe.toml"], tmp_path, program=late_rank_program(0, 120))
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("unetlm: error: ")]
+    assert len(lines) == 1 and lines[0].endswith("(rank 1)") and "no-such-recipe.toml" in lines[0]
+
+
 def test_sigterm_to_one_rank_saves_the_current_step_and_the_same_command_finishes(runs):
     """SIGTERM to rank 1 alone: both ranks agree at the next step boundary, save that step (no
     checkpoint is otherwise due before the end) and exit 75; the same command again finishes a

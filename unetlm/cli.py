@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from unetlm.core.process import end_process, several_processes
+from unetlm.core.process import end_process, report_error, several_processes
 
 DEFAULT_RECIPE = "recipes/tiny/au2.toml"
 AUTO_NOTE = "99.9th percentile of boundaries per window, rounded up to a multiple of 16"
@@ -777,8 +777,7 @@ def run_command(argv: list[str] | None) -> int:
         status = exit_status(exc)
         if status is None:
             raise
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank reads the recipe; one reports
-            print(f"unetlm: error: {exc}", file=sys.stderr)
+        report_error(f"unetlm: error: {exc}")
         return status
 
 
