@@ -84,6 +84,7 @@ def test_an_edited_plugin_rule_is_prepared_again(edited_plugin, tmp_path, capsys
     out = capsys.readouterr().out
     first = Path(out.split("prepared data: preparing ")[1].split(" ")[0])
     assert first.name == cache_key(recipe) and "(new:" in out
+    assert out.count("prepared data: ") == 1  # said once, not again when the trainer opens it
     open_corpora(recipe)
     assert f"prepared data: reusing {first} " in capsys.readouterr().out  # the same rule: the same data
 

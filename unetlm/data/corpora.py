@@ -19,6 +19,7 @@ from unetlm.core.tokens import BYTES
 from unetlm.data.errors import PreparedDataError
 from unetlm.data.prepared import PreparedCorpus, cache_key, prepare
 from unetlm.data.rows import Rows
+from unetlm.data.sources import require_source
 from unetlm.data.windows import Source, TrainingData, source_rows
 from unetlm.recipe import Recipe
 
@@ -81,6 +82,19 @@ def _touch(path: Path) -> None:
         pass  # a read-only cache: the time is simply not recorded
 
 
+def ready_data(recipe: Recipe, progress: bool = True) -> None:
+    """Make the recipe's data ready before a run's processes form a group: its sources prepared into
+    the cache (or found there), or its ``data.prepared`` directories named; with ``progress`` one line
+    says which."""
+    parts = recipe.data.prepared_dirs
+    if parts:
+        if progress:
+            print(f"prepared data: reading {', '.join(part.path for part in parts)} (data.prepared)")
+        return
+    require_source(recipe.data)
+    prepare_cached(recipe, progress)
+
+
 def open_corpora(
     recipe: Recipe, on_main: Callable[[Callable[[], str]], str] = lambda make: make(), progress: bool = True
 ) -> list[tuple[PreparedCorpus, float]]:
@@ -90,8 +104,6 @@ def open_corpora(
     if not parts:
         path = on_main(lambda: str(prepare_cached(recipe, progress)))
         return [(PreparedCorpus.open(path, recipe), 1.0)]
-    if progress:
-        print(f"prepared data: reading {', '.join(part.path for part in parts)} (data.prepared)")
     return [(PreparedCorpus.open(part.path, recipe), part.weight) for part in parts]
 
 
@@ -150,4 +162,5 @@ def open_training_data(
     return TrainingData.build(corpora, limits, seq_len, batch_size, valid_fraction, seed, rows_of=cached_source)
 
 
-__all__ = ["cache_root", "open_corpora", "open_training_data", "prepare_cached", "shared_tokenizer", "tokenizer_text"]
+__all__ = ["cache_root", "open_corpora", "open_training_data", "prepare_cached", "ready_data", "shared_tokenizer",
+           "tokenizer_text"]

@@ -24,8 +24,7 @@ from unetlm.model.build import build_model
 from unetlm.core.tokens import PAD
 from unetlm.data.loader import step_batches
 from unetlm.data.boundaries import with_auto_lengths
-from unetlm.data.corpora import open_corpora, open_training_data, prepare_cached, shared_tokenizer, tokenizer_text
-from unetlm.data.sources import require_source
+from unetlm.data.corpora import open_corpora, open_training_data, ready_data, shared_tokenizer, tokenizer_text
 from unetlm.data.windows import TrainingData
 from unetlm.model.generate import generate
 from unetlm.recipe import Recipe, dump_recipe
@@ -215,9 +214,7 @@ def train(
     """
     out = Path(out_dir)
     rank, _, _ = distributed.launch_rank()  # several processes without torchrun are refused here
-    if not recipe.data.prepared_dirs:
-        require_source(recipe.data)
-        prepare_cached(recipe, progress and rank == 0)
+    ready_data(recipe, progress and rank == 0)
     world = distributed.init_world(recipe.training.device, recipe.training.dist_timeout_minutes)
     try:
         with StopSignals() as signals:
@@ -274,7 +271,7 @@ class Trainer:
         checkpointer = Checkpointer(out, world, async_save=background_checkpoints(recipe.training, world.device),
                                     verify=verify)
         saved = check_resume(checkpointer.saved(), checkpointer.path, recipe, resume, force)
-        corpora = open_corpora(recipe, lambda make: from_rank0(make, world), progress and world.main)
+        corpora = open_corpora(recipe, lambda make: from_rank0(make, world), progress=False)  # said by ready_data
         tokenizer = run_tokenizer(corpora, saved) if recipe.model.tokenizer is not None else None
         try:
             run = resolve_run(recipe, world, tokenizer, (saved or {}).get("batch_size"))
