@@ -84,6 +84,39 @@ def test_compressed_files_and_jsonl_are_read_as_streams(tmp_path, monkeypatch, k
         assert "\n" not in str(info.value), what
 
 
+@pytest.mark.parametrize("kind", [".gz", ".xz", ".zst"])
+def test_damage_after_the_first_frame_and_an_empty_file_are_errors(tmp_path, kind):
+    """Readers that stop quietly at a damaged later stream (``LZMAFile``) or take an empty file for an
+    empty document would drop data without a word."""
+    first, second = compress(kind, b"first part\n" * 500), bytearray(compress(kind, b"second part\n" * 500))
+    second[0] ^= 0xFF  # the second frame's magic number
+    cases = {"damaged-later.txt": first + bytes(second), "trailing.txt": first + b"garbage!"}
+    for name, content in cases.items():
+        (tmp_path / f"{name}{kind}").write_bytes(content)
+        with pytest.raises(SourceError, match=rf"^{tmp_path / name}{kind}: corrupt \w+ data near compressed byte "):
+            load_documents(data_spec(source="files", paths=[str(tmp_path / f"{name}{kind}")]))
+    (tmp_path / f"empty.txt{kind}").write_bytes(b"")
+    with pytest.raises(SourceError, match=rf"^{tmp_path / 'empty.txt'}{kind}: empty file, not \w+ data$"):
+        load_documents(data_spec(source="files", paths=[str(tmp_path / f"empty.txt{kind}")]))
+
+
+@pytest.mark.parametrize("kind", [".xz", ".zst"])
+def test_highly_compressed_data_is_decompressed_a_bounded_step_at_a_time(tmp_path, kind):
+    """256 MiB of zeros in about 10 KB (256 frames): reading it never holds more than a few MiB of it."""
+    import tracemalloc
+
+    frame = compress(kind, bytes(1 << 20)) if kind == ".xz" else __import__("zstandard").ZstdCompressor().compress(
+        bytes(1 << 20))
+    (tmp_path / f"zeros{kind}").write_bytes(frame * 256)
+    tracemalloc.start()
+    try:
+        read = sum(len(piece) for piece, _ in sources.file_pieces(tmp_path / f"zeros{kind}"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert read == 256 << 20 and peak < 48 << 20
+
+
 def test_a_glob_over_many_files_reads_one_at_a_time(tmp_path, monkeypatch):
     for i in range(3000):
         (tmp_path / f"{i:05d}.txt").write_bytes(b"document %d" % i)

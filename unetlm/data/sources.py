@@ -32,7 +32,7 @@ from unetlm.recipe.errors import RecipeError
 from unetlm.recipe.schema import DataSpec
 
 READ_BYTES = 1 << 18  # bytes of a document per piece (larger pieces cost more in page faults than they save)
-ZSTD_INPUT = 1 << 16  # compressed bytes per zstd step (bounds what one step decompresses)
+FRAME_INPUT = 256  # compressed bytes per xz/zstd step: 4 bytes of zstd expand to at most a 128 KiB block
 COMPRESSION = {".gz": "gzip", ".xz": "xz", ".zst": "zstd"}
 
 Piece = tuple[bytes, bool]
@@ -51,29 +51,45 @@ def _zstd():
     return zstandard
 
 
-class _ZstdReader:
-    """Decompresses a stream of zstd frames, at most :data:`ZSTD_INPUT` compressed bytes a step;
-    a stream that ends inside a frame is an error (the library's readers end it silently)."""
+class _Frames:
+    """Decompresses concatenated frames (xz streams, zstd frames), :data:`FRAME_INPUT` compressed bytes
+    a step, so what one step adds is bounded by the format's largest expansion, not by the document.
+    A file that ends inside a frame, or data after a frame that does not start another, is an error:
+    the library readers stop silently at both (``LZMAFile`` at a damaged later stream, zstandard's
+    readers at a cut frame)."""
 
-    def __init__(self, raw) -> None:
-        self.zstd = _zstd()
-        self.raw, self.out, self.frame = raw, bytearray(), None
+    def __init__(self, raw, new_frame: Callable[[], object], padding: bytes = b"") -> None:
+        self.raw, self.new_frame, self.padding = raw, new_frame, padding
+        self.frame, self.out, self.start = None, bytearray(), 0
 
     def read(self, n: int) -> bytes:
-        while len(self.out) < n:
-            data = self.raw.read(ZSTD_INPUT)
+        while len(self.out) - self.start < n:
+            data = self.raw.read(FRAME_INPUT)
             if not data:
                 if self.frame is not None and not self.frame.eof:
-                    raise EOFError("compressed file ended before the end of its last frame")
+                    raise EOFError("compressed file ended inside a frame")
                 break
             while data:
                 if self.frame is None or self.frame.eof:
-                    self.frame = self.zstd.ZstdDecompressor().decompressobj()
+                    data = data.lstrip(self.padding) if self.padding else data  # xz stream padding
+                    if not data:
+                        break
+                    self.frame = self.new_frame()
                 self.out += self.frame.decompress(data)
                 data = self.frame.unused_data if self.frame.eof else b""
-        out = bytes(self.out[:n])
-        del self.out[:n]
+        out = bytes(self.out[self.start : self.start + n])
+        self.start += len(out)
+        if self.start > len(self.out) // 2:  # drop what was read in one move, not at every read
+            del self.out[: self.start]
+            self.start = 0
         return out
+
+
+def _frames(kind: str, raw) -> _Frames:
+    if kind == "xz":
+        return _Frames(raw, lzma.LZMADecompressor, padding=b"\0")
+    zstd = _zstd()
+    return _Frames(raw, lambda: zstd.ZstdDecompressor().decompressobj())
 
 
 def _corrupt_errors() -> tuple[type, ...]:
@@ -102,12 +118,13 @@ class InputFile:
             self.raw.close()
             raise SourceError(f"{self.path} changed after the data was cut into units ({self._change(tuple(expect))}); "
                               f"prepare again into an empty --out")
+        if self.kind is not None and self.stat[0] == 0:
+            self.raw.close()
+            raise SourceError(f"{self.path}: empty file, not {self.kind} data")
         if self.kind == "gzip":
             self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")
-        elif self.kind == "xz":
-            self.stream = lzma.LZMAFile(self.raw)
-        elif self.kind == "zstd":
-            self.stream = _ZstdReader(self.raw)
+        elif self.kind is not None:
+            self.stream = _frames(self.kind, self.raw)
         else:
             self.stream = self.raw
         self.offset = 0  # content bytes read
