@@ -131,6 +131,10 @@ BAD_INPUTS = [  # (argv, exit status, the message's fragment, load_checkpoint st
     (["plan", str(TINY / "au2.toml"), "--gpus", "1", "--gpu-memory", "1KiB"], 2,
      "--gpu-memory '1KiB' is invalid: expected a GPU's memory, at least 1GiB (e.g. 80GiB)", None),
     (["plan", str(TINY / "au2.toml"), "--gpus", "1", "--gpu-memory", "1MiB"], 2, "--gpu-memory '1MiB' is invalid", None),
+    (["plan", str(TINY / "au2.toml"), "--gpus", "1", "--peak-tflops", "nan"], 2,
+     "--peak-tflops nan is invalid: it must be positive and finite", None),
+    (["plan", str(TINY / "au2.toml"), "--gpus", "1", "--inter-node-bandwidth", "1e400GB/s"], 2,
+     "--inter-node-bandwidth '1e400GB/s' is invalid: expected a finite rate", None),
     (["export", "no-such-run", "--out", "unused"], 2, "checkpoint 'no-such-run' does not exist", None),
 ]
 

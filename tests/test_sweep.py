@@ -102,6 +102,8 @@ def test_toml_values_read_back_as_themselves(value):
     ({"grid": {"training.lr": [0.001, 1e-3]}}, "two runs would share the name"),
     ({"grid": {"data.max_bytes": [10]}}, "the data is the sweep's \\[data\\] table"),
     ({"resourcez": {}}, "resourcez: unknown key; did you mean 'resources'"),
+    ({"resources": {"gpus": 1, "gpu_memory": "80 gigs"}}, "resources.gpu_memory '80 gigs' is invalid"),
+    ({"set": ["training.steps=5"], "budgets": [1e12]}, "with training.steps=5.*: training.steps is set by the sweep's budgets"),
 ])
 def test_bad_sweep_files_are_one_line_each(tiny, tmp_path, capsys, keys, message):
     recipe, corpus = tiny
@@ -127,6 +129,17 @@ def test_slurm_without_submitit_names_the_pip_command(tiny, tmp_path, capsys, mo
     path = write_sweep(tmp_path / "s.toml", recipe, corpus)
     assert main(["sweep", path, "--executor", "slurm", "--out", str(tmp_path / "out")]) == 2
     assert "pip install 'unetlm[slurm]'" in capsys.readouterr().err
+
+
+@needs_submitit
+def test_slurm_without_sbatch_is_one_line_before_the_sweep_directory_exists(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))
+    recipe, corpus = tiny
+    path = write_sweep(tmp_path / "s.toml", recipe, corpus)
+    assert main(["sweep", path, "--executor", "slurm", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sbatch, which is not on this machine's PATH" in err
+    assert not (tmp_path / "out").exists()
 
 
 @needs_submitit

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -269,8 +270,8 @@ def cmd_plan(args) -> int:
         return 2
     for option, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node),
                           ("--peak-tflops", args.peak_tflops)):
-        if value <= 0:
-            print(f"unetlm: error: {option} {value} is invalid: it must be positive", file=sys.stderr)
+        if not 0 < value < math.inf:  # NaN fails too
+            print(f"unetlm: error: {option} {value} is invalid: it must be positive and finite", file=sys.stderr)
             return 2
     recipe = load_recipe(args.recipe, args.overrides)
     name = recipe.name or Path(args.recipe).stem

@@ -185,7 +185,8 @@ def expand(spec: SweepSpec, where: str = "sweep") -> list[Run]:
                 for label, part, axis in zip(labels, point, axes) if len(axis) > 1
             }
             overrides = base + [f"{key}={toml_value(value)}" for key, value in assigned]
-            what = f"{where}: recipe {path} with {', '.join(overrides[len(base):]) or 'no overrides'}"
+            shown = [*spec.set, *overrides[len(base):]]
+            what = f"{where}: recipe {path} with {', '.join(shown) or 'no overrides'}"
             recipe = _load(path, overrides, what)
             key = json.dumps(recipe.to_dict()["model"], sort_keys=True) + str(recipe.training.batch_size)
             per_step = flops_cache[key] if key in flops_cache else flops_cache.setdefault(key, step_flops(recipe))
@@ -218,7 +219,7 @@ def expand(spec: SweepSpec, where: str = "sweep") -> list[Run]:
                     o for o in other.overrides if o not in run.overrides]
                 what = f"{other.recipe_path} {' '.join(theirs)} and {run.recipe_path} {' '.join(mine)}"
             raise SweepError(f"{where}: two runs would share the name {run.name!r} ({what}); give the recipes "
-                             f"different file names or the grid values different labels")
+                             f"different file names, or grid values that differ in the short form run names show")
         seen[run.name] = run
     return runs
 

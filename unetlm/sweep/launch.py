@@ -1,6 +1,7 @@
 """``unetlm sweep SWEEP.toml``: expand, plan, then run locally or submit to Slurm (or only show it all)."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from unetlm.core.errors import RunError
@@ -10,7 +11,8 @@ from unetlm.sweep.directory import SweepDir
 from unetlm.sweep.expand import expand, sci
 from unetlm.sweep.local import Outcome, run_local
 from unetlm.sweep.memory import Memory, plan_key, planned_memory
-from unetlm.sweep.spec import SweepSpec
+from unetlm.sweep.slurm import active, require_submitit, sbatch_script, submit
+from unetlm.sweep.spec import SweepError, SweepSpec
 
 EXECUTORS = ("local", "slurm")
 
@@ -75,8 +77,6 @@ def dry_run(sweep: SweepDir, executor: str, progress: bool = True) -> str:
     if resources.nodes > 1:
         text.append("  (NODE: the node's SLURM_NODEID; FIRST_NODE: the first host of SLURM_JOB_NODELIST; PORT: one per job)")
     if executor == "slurm":
-        from unetlm.sweep.slurm import sbatch_script
-
         text += ["", "the job script submitit would submit (one array task per run):", "",
                  sbatch_script(sweep, sweep.runs)]
     print("\n".join(text), flush=True)
@@ -87,13 +87,15 @@ def dry_run(sweep: SweepDir, executor: str, progress: bool = True) -> str:
 def launch(sweep_dir: SweepDir, executor: str = "local", parallel: int | None = None, progress: bool = True,
            cluster: str = "slurm") -> Outcome | list:
     """Write the sweep directory and run (local) or submit (Slurm) its unfinished runs."""
+    if executor != "local":
+        require_submitit()
+        if cluster == "slurm" and shutil.which("sbatch") is None:
+            raise SweepError("--executor slurm submits with Slurm's sbatch, which is not on this machine's PATH: "
+                             "run it where jobs are submitted (a login node), or add --dry-run to see the job script")
     sweep = SweepDir.create(sweep_dir.root, sweep_dir.spec, sweep_dir.runs, sweep_dir.data)
     resources = sweep.spec.resources
     if executor == "local":
         return run_local(sweep, resources.parallel if parallel is None else parallel, resources.gpus, progress)
-    from unetlm.sweep.slurm import active, require_submitit, submit
-
-    require_submitit()
     todo = [r for r in sweep.runs if not sweep.finished(r) and not active(sweep, r.name)]
     busy = [r.name for r in sweep.runs if active(sweep, r.name)]
     if busy and progress:

@@ -38,7 +38,7 @@ def planned_memory(recipe: Recipe, resources: Resources) -> Memory:
     from unetlm.train.resolve import resolve_run
 
     if resources.gpus:
-        hardware = Hardware(resources.processes, parse_memory(resources.gpu_memory), resources.peak_tflops * 1e12,
+        hardware = Hardware(resources.processes, parse_memory(resources.gpu_memory, "resources.gpu_memory"), resources.peak_tflops * 1e12,
                             gpus_per_node=resources.gpus)
     else:
         hardware = attrs.evolve(host_hardware(max(resources.parallel, 1)), gpus=resources.nodes)

@@ -7,6 +7,7 @@ everything between nodes goes over InfiniBand, one NIC per GPU.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -92,21 +93,22 @@ def hardware_for(device: torch.device, processes: int) -> Hardware:
     return attrs.evolve(host_hardware(local), gpus=processes)
 
 
-def parse_memory(text: str) -> int:
-    """``"80GiB"``, ``"80GB"``, ``"141 GB"`` or ``"80"`` (GiB) -> bytes; at least 1 GiB (a GPU's memory)."""
+def parse_memory(text: str, option: str = "--gpu-memory") -> int:
+    """``"80GiB"``, ``"80GB"``, ``"141 GB"`` or ``"80"`` (GiB) -> bytes; at least 1 GiB (a GPU's memory).
+    ``option``: where the text came from, for the error."""
     units = {"gib": GIB, "gb": 10**9, "tib": 2**40, "tb": 10**12, "mib": 2**20, "mb": 10**6, "kib": 2**10,
              "kb": 10**3, "b": 1, "": GIB}
     t = text.strip().lower().replace(" ", "")
     number = t.rstrip("abgikmt")
     unit = t[len(number):]
     if unit not in units or not number:
-        raise ValueError(f"--gpu-memory {text!r} is invalid: expected a size such as 80GiB or 141GB")
+        raise ValueError(f"{option} {text!r} is invalid: expected a size such as 80GiB or 141GB")
     try:
         value = float(number)
     except ValueError:
-        raise ValueError(f"--gpu-memory {text!r} is invalid: expected a size such as 80GiB or 141GB") from None
+        raise ValueError(f"{option} {text!r} is invalid: expected a size such as 80GiB or 141GB") from None
     if not GIB <= value * units[unit] < 2**60:  # NaN and inf included
-        raise ValueError(f"--gpu-memory {text!r} is invalid: expected a GPU's memory, at least 1GiB (e.g. 80GiB)")
+        raise ValueError(f"{option} {text!r} is invalid: expected a GPU's memory, at least 1GiB (e.g. 80GiB)")
     return int(value * units[unit])
 
 
@@ -123,4 +125,7 @@ def parse_bandwidth(text: str, option: str) -> float:
         )
     prefix, unit = match.group(2), match.group(3)
     scale = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[prefix or ""] if unit else 1e9
-    return value * scale / (8 if unit == "b" else 1)
+    rate = value * scale / (8 if unit == "b" else 1)
+    if not math.isfinite(rate):
+        raise ValueError(f"{option} {text!r} is invalid: expected a finite rate such as 450GB/s or 400Gb/s")
+    return rate
