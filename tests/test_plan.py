@@ -194,6 +194,20 @@ def test_plan_arithmetic_and_the_refusal_names_what_would_fit():
         plan.choose_plan(one, units, profile, 8, 1024, 1e13, micro_batch=1, checkpointing=False)
 
 
+@pytest.mark.parametrize("gpus, shard_size", [(8, 0), (64, 8)])
+def test_what_cannot_overlap_is_counted_once(gpus, shard_size):
+    """A model that is its root alone: its gathers come before any compute and its reductions after
+    the backward, so the communication not hidden is all of it, once (compute too short to matter)."""
+    gib = 2**30
+    units = plan.UnitSizes((plan.UnitSize("", 10**9, False),))
+    profile = activations.ActivationProfile(gib, 0, gib // 10, 0, gib // 20)
+    chosen = plan.choose_plan(hardware.Hardware(gpus, 80 * gib, 1e15), units, profile, gpus, 1024, 1e11,
+                              micro_batch=1, checkpointing=False, shard_size=shard_size)
+    t = chosen.timing()
+    expected = (chosen.gathered + chosen.reduce_scattered) / t.shard_bandwidth + chosen.all_reduced / t.replica_bandwidth
+    assert t.exposed == pytest.approx(expected)
+
+
 def test_hsdp_shards_within_a_node_and_all_reduces_across_nodes():
     """64 GPUs in nodes of 8: sharding within a node keeps the gathers on NVLink and sends one
     all-reduce of the shard over InfiniBand; "auto" picks the fastest layout that fits."""

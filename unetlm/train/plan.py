@@ -239,13 +239,16 @@ class Plan:
             return Timing(compute, 0.0, optimizer, shard_link, shard_bw, replica_link, replica_bw)
         u, share, rshare = self.units, self._share(self.shard_size), self._share(self.replicas)
         pb, rb = self.param_bytes, self.reduce_bytes
-        gather_forward = pb * u.total * share / shard_bw
+        # not hidden: the gathers before the first block computes, the root's reductions after the last
+        first = pb * (u.held + u.largest) * share / shard_bw
+        root = rb * u.root * share / shard_bw
+        root_local = -(-u.root // self.shard_size)
+        root_all_reduce = 2 * rb * root_local * rshare / replica_bw
+        # the rest, beside the compute
+        gather_forward = pb * max(u.total - u.held - u.largest, 0) * share / shard_bw
         gather_backward = pb * (u.total - u.held) * share / shard_bw
-        reduce_scatter = rb * u.total * share / shard_bw
-        all_reduce = 2 * rb * self.local * rshare / replica_bw
-        first = pb * (u.held + u.largest) * share / shard_bw  # before the first block can compute
-        root = rb * u.root * share / shard_bw  # the root's gradients, reduced after the backward
-        root_all_reduce = 2 * rb * -(-u.root // self.shard_size) * rshare / replica_bw
+        reduce_scatter = rb * (u.total - u.root) * share / shard_bw
+        all_reduce = 2 * rb * (self.local - root_local) * rshare / replica_bw
         elapsed = 0.0
         for last in [False] * (self.accumulation - 1) + [True]:
             if last and shard_link == replica_link:  # one link carries both
