@@ -180,6 +180,25 @@ def test_two_runs_on_one_run_directory_are_refused_and_a_killed_run_leaves_no_st
     assert (out / LOCK).is_file()  # the directory was there before: it stays as it was
 
 
+def test_a_forked_child_does_not_keep_its_dead_parents_lock(tmp_path):
+    """A data loader's worker, forked while the run held its lock, outlives a killed run for a while:
+    the lock must still be free for the same command again."""
+    code = ("import os, sys, time; from unetlm.core.locks import FileLock; FileLock(sys.argv[1]).acquire()\n"
+            "child = os.fork()\nif child == 0:\n    null = os.open(os.devnull, os.O_WRONLY)\n"
+            "    os.dup2(null, 1), os.dup2(null, 2)\n    time.sleep(60)\n    os._exit(0)\n"
+            "print(child, flush=True); os._exit(0)")
+    parent = subprocess.run([sys.executable, "-c", code, str(tmp_path / LOCK)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(unetlm.__file__).parents[1])}, timeout=60)
+    child = int(parent.stdout)
+    try:
+        assert Path(f"/proc/{child}").exists()  # the child lives on
+        lock = FileLock(tmp_path / LOCK)
+        assert lock.acquire(wait=False)
+        lock.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_several_processes_without_torchrun_are_refused_with_one_line(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")

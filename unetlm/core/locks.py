@@ -4,6 +4,8 @@ killed process never leaves a stale one behind.
 ``FileLock(path).acquire(wait=False)`` is True when this process now holds the lock, False when
 another holds it; :class:`LocksUnsupported` when the filesystem has no ``flock`` (some Lustre and
 NFS mounts), which callers report and run without. The lock file stays; its text names the holder.
+A forked child (a data loader's worker) closes its copies of the locks at once: a lock belongs to the
+open file, so a child still holding it would keep it after its parent died.
 """
 from __future__ import annotations
 
@@ -14,6 +16,19 @@ import socket
 from pathlib import Path
 
 _UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+_HELD: set[FileLock] = set()  # the locks this process holds; FileLock alone adds and removes
+
+
+def _forget_in_child() -> None:
+    for lock in list(_HELD):
+        os.close(lock._fd)  # not LOCK_UN: that would unlock the parent's lock too
+        lock._fd = None
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class LocksUnsupported(OSError):
@@ -45,6 +60,7 @@ class FileLock:
                 raise LocksUnsupported(exc.errno, f"{self.path}: the filesystem does not support file locks") from None
             raise
         self._fd = fd
+        _HELD.add(self)
         os.ftruncate(fd, 0)
         os.write(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode())
         return True
@@ -59,6 +75,7 @@ class FileLock:
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
+            _HELD.discard(self)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
