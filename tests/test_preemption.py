@@ -267,6 +267,10 @@ def test_different_recipe_refusal_is_one_line_naming_the_keys(corpus, tmp_path):
     assert "\n" not in text and "model.stages[1].dim: 32 -> 48; training.beta1: 0.9 -> 0.8" in text
     assert "training.lr: 0.003 -> 0.1; and 2 more" in text
     assert "eval_every" not in text and "log_every" not in text and "steps" not in text  # these may change
+    assert text.startswith(f"{tmp_path} holds a checkpoint of another recipe") and f"({tmp_path / 'recipe.toml'})" in text
+    renamed = tiny_recipe_dict(corpus, steps=2)
+    renamed.update(name="a-copy", description="the same recipe under another name")
+    loop.train(recipe_from_dict(renamed), tmp_path, progress=False, sample=False)  # a copied file resumes
 
 
 # ----------------------------------------------------------------------------------- Slurm

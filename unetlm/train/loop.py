@@ -19,6 +19,7 @@ from pathlib import Path
 import attrs
 import torch
 
+from unetlm.checkpoint import store
 from unetlm.checkpoint.trained import load_trained
 from unetlm.model.build import build_model
 from unetlm.core.tokens import PAD
@@ -146,9 +147,10 @@ def evaluate(model, batches, device, world: World | None = None, dtype: torch.dt
     return float(total[0] / total[1].clamp(min=1))
 
 
-# what a resumed run may change: how it runs and reports, not what it computes (new keys are
-# absent from older checkpoints' recipes and compare as changed)
-RESUMABLE_KEYS = tuple(f"training.{key}" for key in (
+# what a resumed run may change: its name and description (a copied or renamed recipe file), how it
+# runs and reports, not what it computes (new keys are absent from older checkpoints' recipes and
+# compare as changed)
+RESUMABLE_KEYS = ("name:", "description:") + tuple(f"training.{key}" for key in (
     "steps", "eval_every", "eval_batches", "checkpoint_every", "checkpoint_every_minutes", "async_checkpoint",
     "log_every", "tensorboard", "wandb", "sample_prompt", "sample_bytes", "threads", "compile",
     "micro_batch_size", "activation_checkpointing", "shard_size", "dist_timeout_minutes", "keep_checkpoints",
@@ -164,30 +166,31 @@ def describe_differences(diffs: list[str], width: int = 60) -> str:
     return "; ".join(shown) + (f"; and {more} more" if more else "")
 
 
-def check_resume(saved: dict | None, path: Path, recipe: Recipe, resume: bool | str, force: bool) -> dict | None:
+def check_resume(saved: dict | None, out: Path, recipe: Recipe, resume: bool | str, force: bool) -> dict | None:
     """The saved train record to resume from (None: a fresh run); an error when the request and
-    the run directory disagree. ``resume``: True (a checkpoint must exist), False (none may exist)
-    or ``"auto"`` (continue if there is one, else start fresh: a command safe to repeat)."""
+    the run directory ``out`` disagree. ``resume``: True (a checkpoint must exist), False (none may
+    exist) or ``"auto"`` (continue if there is one, else start fresh: a command safe to repeat)."""
     if resume == "auto":
         resume = saved is not None
     if not resume:
         if saved is not None:
-            raise TrainingError(f"{path} holds a checkpoint (step {saved.get('step')}) and --resume no was given; "
+            raise TrainingError(f"{out} holds a checkpoint (step {saved.get('step')}) and --resume no was given; "
                                 f"continue it (--resume auto) or choose another --out")
         return None
+    checkpoints = out / store.CHECKPOINTS
     if saved is None:
-        legacy = path.parent / "checkpoint.pt"
+        legacy = out / "checkpoint.pt"
         if legacy.is_file():
             raise TrainingError(
                 f"--resume: {legacy} is a single-file checkpoint of an older unetlm, which this version does "
-                f"not resume from (it resumes from sharded {path}/); start a new run with another --out"
+                f"not resume from (it resumes from sharded {checkpoints}/); start a new run with another --out"
             )
-        raise TrainingError(f"--resume: no checkpoint at {path}")
+        raise TrainingError(f"--resume: no checkpoint at {checkpoints}")
     diffs = [d for d in recipe_differences(saved["recipe"], recipe.to_dict()) if not d.startswith(RESUMABLE_KEYS)]
     if diffs and not force:
         raise TrainingError(
-            f"{path.parent} holds a checkpoint of another recipe ({describe_differences(diffs)}); train its own "
-            f"recipe ({path.parent / 'recipe.toml'}), choose another --out, or pass --force to continue with this one"
+            f"{out} holds a checkpoint of another recipe ({describe_differences(diffs)}); train its own "
+            f"recipe ({out / 'recipe.toml'}), choose another --out, or pass --force to continue with this one"
         )
     return saved
 
@@ -270,7 +273,7 @@ class Trainer:
         recipe = with_auto_lengths(recipe)  # max_len = "auto" sized from the data
         checkpointer = Checkpointer(out, world, async_save=background_checkpoints(recipe.training, world.device),
                                     verify=verify)
-        saved = check_resume(checkpointer.saved(), checkpointer.path, recipe, resume, force)
+        saved = check_resume(checkpointer.saved(), out, recipe, resume, force)
         corpora = open_corpora(recipe, lambda make: from_rank0(make, world), progress=False)  # said by ready_data
         tokenizer = run_tokenizer(corpora, saved) if recipe.model.tokenizer is not None else None
         try:
