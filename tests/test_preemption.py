@@ -124,6 +124,18 @@ def test_the_train_command_exits_75_after_saving_on_sigint_and_the_same_command_
     assert "holds a checkpoint (step 3) and --resume no" in capsys.readouterr().err
 
 
+def test_ctrl_c_while_a_finished_run_writes_its_sample_ends_it_as_finished(corpus, tmp_path, monkeypatch, capsys):
+    def sample(recipe, out):
+        os.kill(os.getpid(), signal.SIGINT)  # the run trained to its end; the sample is being written
+        return "sampled"
+
+    monkeypatch.setattr(loop, "sample_text", sample)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(tomli_w.dumps(tiny_recipe_dict(corpus, steps=2, sample_bytes=8)), encoding="utf-8")
+    assert cli.main(["train", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "interrupted" not in capsys.readouterr().err
+
+
 def test_sigusr1_to_a_training_process_saves_the_current_step_and_exits_75(corpus, tmp_path):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text(tomli_w.dumps(tiny_recipe_dict(corpus, steps=500, checkpoint_every=1000, eval_every=1000,

@@ -230,9 +230,9 @@ def train(
                     trainer.close()
             finally:
                 lock.release()
-        finished = "loss" in last and last["step"] == recipe.training.steps
-        if sample and recipe.training.sample_bytes > 0 and world.main and finished:
-            last["sample"] = sample_text(recipe, out)
+            finished = "loss" in last and last["step"] == recipe.training.steps
+            if sample and recipe.training.sample_bytes > 0 and world.main and finished and not signals.received:
+                last["sample"] = sample_text(recipe, out)  # complete: a signal meanwhile waits for the sample, then ends nothing
         return last
     finally:
         distributed.close_world(world)
