@@ -7,6 +7,9 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -253,6 +256,26 @@ def test_a_failed_run_is_reported_and_the_rest_goes_on(tiny, tmp_path, capsys):
     assert main(["sweep", "report", str(out), "--quiet"]) == 1  # reported, then the failure named
     assert "- tiny-lr=1e30: failed, exit status 1" in (out / "results.md").read_text()
     assert "1 run(s) not scored: tiny-lr=1e30 (failed)" in capsys.readouterr().err
+
+
+def test_a_run_still_running_from_an_earlier_start_is_not_started_again(tiny, tmp_path, capsys):
+    """The sweep's terminal closed, its training process lives on: the same command again trains the
+    other runs and leaves that one alone, neither a second copy nor a failure."""
+    recipe, corpus = tiny
+    path = write_sweep(tmp_path / "s.toml", recipe, corpus, set=["training.steps=2", "training.eval_every=2"],
+                       grid={"training.seed": [1, 2]})
+    planned = plan_sweep(load_sweep(path), tmp_path / "out", path)
+    sweep = SweepDir.create(planned.root, planned.spec, planned.runs, planned.data)
+    orphan, other = sweep.runs
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        sweep.attempt_started(orphan.name, socket.gethostname(), stand_in.pid)
+        assert main(["sweep", path, "--out", str(tmp_path / "out"), "--quiet"]) == 75
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    assert f"still running from an earlier start ({orphan.name})" in capsys.readouterr().err
+    assert sweep.finished(other) and not sweep.run_dir(orphan.name).exists()
 
 
 def test_status_reads_job_records(tiny, tmp_path):

@@ -498,12 +498,17 @@ def cmd_sweep(args) -> int:
         return 75
     if args.executor == "slurm":
         return 0
+    busy = (f"{len(outcome.busy)} still running from an earlier start ({', '.join(outcome.busy)}): run the same "
+            f"command again once they end") if outcome.busy else ""
     if outcome.failed:
         for name, why in outcome.failed:
             print(f"{name}: {why}", file=sys.stderr)
         print(f"unetlm: error: {len(outcome.failed)} of {len(sweep.runs)} runs failed (their logs: {args.out}/logs/); "
-              f"the others finished", file=sys.stderr)
+              + (busy or "the others finished"), file=sys.stderr)
         return 1
+    if busy:
+        print(f"unetlm: {len(outcome.done)} of {len(sweep.runs)} runs finished; {busy}", file=sys.stderr)
+        return 75
     print(f"all {len(sweep.runs)} runs finished; `unetlm sweep report {args.out}` scores and compares them")
     return 0
 

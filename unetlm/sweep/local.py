@@ -18,6 +18,7 @@ from unetlm.data.corpora import prepare_cached
 from unetlm.sweep.command import TrainProcess, node_command, train_args
 from unetlm.sweep.directory import FINISHED, SweepDir
 from unetlm.sweep.expand import Run
+from unetlm.sweep.status import run_status
 from unetlm.train.progress import Progress
 
 POLL_SECONDS = 0.5
@@ -32,6 +33,7 @@ class SweepInterrupted(Exception):
 class Outcome:
     done: list[str] = attrs.field(factory=list)
     failed: list[tuple[str, str]] = attrs.field(factory=list)  # (name, why)
+    busy: list[str] = attrs.field(factory=list)  # still running from an earlier start: not started again
 
 
 def wait_a_moment() -> None:
@@ -54,12 +56,17 @@ def run_local(sweep: SweepDir, parallel: int = 1, gpus: int = 0, progress: bool 
     """Train every unfinished run of ``sweep``; returns which finished and which failed (and why)."""
     todo = [r for r in sweep.runs if not sweep.finished(r)]
     outcome = Outcome(done=[r.name for r in sweep.runs if r not in todo])
+    live = [r for r in todo if run_status(sweep, r).state == "running"]  # e.g. a sweep whose terminal closed
+    outcome.busy = [r.name for r in live]
+    todo = [r for r in todo if r not in live]
     parallel = parallel or len(todo) or 1
     total = sum(r.steps for r in todo)
     bar = Progress(total, enabled=progress, unit="step", desc=f"{sweep.spec.name or 'sweep'}", log_every=max(1, total // 20))
     say = bar.write
     if outcome.done and progress:
         say(f"{len(outcome.done)} of {len(sweep.runs)} runs already finished")
+    if live:
+        say(f"still running from an earlier start, not started again: {', '.join(outcome.busy)}")
     if parallel > 1 and len(todo) > 1:
         prepare_data(todo, progress)
     running: list[_Running] = []
