@@ -326,10 +326,18 @@ def test_the_sbatch_script_starts_one_torchrun_per_node_at_a_rendezvous_on_the_f
         assert directive in header
 
 
-def test_the_sbatch_script_saves_and_requeues_at_the_time_limit_warning(tmp_path):
-    # the stand-in for srun runs until the job's steps are signalled, then ends as torchrun does after a save
-    env = fake_slurm(tmp_path, f"for i in $(seq 200); do [[ -e {tmp_path}/stop ]] && exit 1; sleep 0.05; done; exit 9")
-    script = subprocess.Popen(["bash", str(SBATCH), "recipes/au4.toml", "/runs/au4"], env=env,
+@pytest.mark.parametrize("saves", [True, False])
+def test_the_sbatch_script_requeues_at_the_time_limit_warning_only_after_a_save(tmp_path, saves):
+    """torchrun, itself signalled, ends with status 1 whatever its workers did: the new step folder
+    is what tells a saved stop from a failed one (say, a full disk during the save)."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000050").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000120.tmp").mkdir()  # a save in progress is not a checkpoint
+    save = f"mkdir {run}/checkpoints/step-0000100; " if saves else ""
+    # the stand-in for srun runs until the job's steps are signalled, then ends as torchrun does
+    env = fake_slurm(tmp_path, f"for i in $(seq 200); do [[ -e {tmp_path}/stop ]] && {{ {save}exit 1; }}; "
+                               f"sleep 0.05; done; exit 9")
+    script = subprocess.Popen(["bash", str(SBATCH), "recipes/au4.toml", str(run)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
     while not (tmp_path / "calls.log").is_file() or "srun" not in (tmp_path / "calls.log").read_text():
@@ -338,8 +346,13 @@ def test_the_sbatch_script_saves_and_requeues_at_the_time_limit_warning(tmp_path
     script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends the batch shell
     output, _ = script.communicate(timeout=30)
     calls = (tmp_path / "calls.log").read_text().splitlines()
-    assert script.returncode == 0, output
-    assert "scancel --signal=TERM 4242" in calls and calls[-1] == "scontrol requeue 4242"
+    assert "scancel --signal=TERM 4242" in calls
+    if saves:
+        assert script.returncode == 0 and calls[-1] == "scontrol requeue 4242", output
+        assert "with step-0000100 saved" in output
+    else:
+        assert script.returncode == 1 and not any(c.startswith("scontrol requeue") for c in calls), output
+        assert "without a new checkpoint (status 1): not requeued" in output
 
 
 def test_the_sbatch_script_reports_a_failed_run_without_requeueing(tmp_path):
@@ -350,19 +363,31 @@ def test_the_sbatch_script_reports_a_failed_run_without_requeueing(tmp_path):
     assert not any("requeue" in c for c in (tmp_path / "calls.log").read_text().splitlines())
     usage = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and usage.stderr.startswith("usage:")
+    env.pop("SLURM_JOB_NODELIST")
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/bash\nexit 1\n")  # no hostnames to show
+    by_hand = subprocess.run(["bash", str(SBATCH), "recipes/au4.toml", "/runs/au4"], env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert by_hand.returncode == 2 and "no first node in SLURM_JOB_NODELIST" in by_hand.stderr
 
 
-def test_the_prepare_array_script_gives_each_task_its_share(tmp_path):
+@pytest.mark.parametrize("array, shard", [
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}, "3/8"),  # --array=0-7
+    ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "4",
+      "SLURM_ARRAY_TASK_COUNT": "4"}, "3/4"),  # --array=1-4
+    ({"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "6",
+      "SLURM_ARRAY_TASK_STEP": "2"}, "3/4"),  # --array=0-6:2, no count given
+])
+def test_the_prepare_array_script_gives_each_task_its_share(tmp_path, array, shard):
     script = ROOT / "scripts" / "slurm" / "prepare.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     fake_python = tmp_path / "python"
     fake_python.write_text(f'#!/bin/bash\necho "$*" > {tmp_path}/args\n')
     fake_python.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake_python), "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8",
-           "SLURM_CPUS_PER_TASK": "4"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY")}
+    env |= {"PYTHON": str(fake_python), "SLURM_CPUS_PER_TASK": "4", **array}
     done = subprocess.run(["bash", str(script), "recipes/au4.toml", "/data/au4", "--set", "data.source=files"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "args").read_text().split() == [
-        "-m", "unetlm.cli", "prepare", "recipes/au4.toml", "--out", "/data/au4", "--shard", "3/8", "--workers", "4",
+        "-m", "unetlm.cli", "prepare", "recipes/au4.toml", "--out", "/data/au4", "--shard", shard, "--workers", "4",
         "--quiet", "--set", "data.source=files"]
