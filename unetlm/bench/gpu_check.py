@@ -142,6 +142,8 @@ def check_training(name: str, device: torch.device, steps: int, peak: float | No
     problems = []
     if result["graph_breaks"]:
         problems.append(f"{result['graph_breaks']} graph breaks: {dict(counters['graph_break'])}")
+    if not dry and not result["graphs"]:
+        problems.append("no graph was compiled: the step ran eagerly")
     if device.type == "cuda":
         measured = torch.cuda.max_memory_allocated(device)
         result |= {"measured_bytes": measured, "measured_over_planned": measured / plan.total}
