@@ -316,7 +316,7 @@ def test_the_sbatch_script_starts_one_torchrun_per_node_at_a_rendezvous_on_the_f
     assert done.returncode == 0, done.stderr
     calls = (tmp_path / "calls.log").read_text().splitlines()
     srun = next(c for c in calls if c.startswith("srun "))
-    assert "--ntasks-per-node=1" in srun and "--kill-on-bad-exit=1" in srun
+    assert "--ntasks-per-node=1" in srun and "--kill-on-bad-exit=1" in srun and "--cpus-per-task=32" in srun
     assert "-m torch.distributed.run --nnodes 2 --nproc-per-node 4" in srun
     assert "--rdzv-backend c10d --rdzv-endpoint gpu017:29500 --rdzv-id 4242" in srun
     assert srun.endswith("-m unetlm.cli train recipes/au4.toml --out /runs/au4 --resume auto --set data.prepared=/data/au4")
